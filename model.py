@@ -1,0 +1,267 @@
+"""VEGA: an SDT-style multimodal fusion transformer plus the VEGA visual-anchor branch (spec section 2).
+
+Every per-utterance layer runs on the valid utterances only, packed into rows (N, H); only attention needs
+the padded (B, L) layout. `compute_padding=True` pushes every padded position through every layer as the
+reference does (same parameters, same code), which the parity tests and the benchmark baseline use.
+
+Parameter names follow the reference exactly (`state_dict_manifest.json`): published checkpoints load strictly.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODALITIES = ("t", "a", "v")
+# Encoder `s_x` builds a representation of target x attending to source s. Per target, the order
+# (self, other, other) is the concatenation order of the reduce layer.
+ENCODERS_BY_TARGET = {"t": ("t_t", "a_t", "v_t"), "a": ("a_a", "t_a", "v_a"), "v": ("v_v", "t_v", "a_v")}
+ENCODER_NAMES = tuple(n for names in ENCODERS_BY_TARGET.values() for n in names)
+INPUT_LAYERS = {"t": "textf_input", "a": "acouf_input", "v": "visuf_input"}
+MAX_LEN = 512
+NEG_FILL = -1e4  # padded-key score; small enough in magnitude for fp16 autocast
+
+
+def make_activation(name):
+    return {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU(), "tanh": nn.Tanh(),
+            "leaky_relu": nn.LeakyReLU(), "elu": nn.ELU(), "none": nn.Identity()}[name]
+
+
+def make_mlp(n_layers, d_in, d_hidden, d_out, activation, drop):
+    """Linear layers d_in -> d_hidden ... -> d_out with activation (+ dropout when drop > 0) between them.
+
+    Dropout modules exist only when drop > 0: that decides the index numbers in parameter names.
+    """
+    layers, d = [], d_in
+    for _ in range(n_layers - 1):
+        layers += [nn.Linear(d, d_hidden), make_activation(activation)]
+        if drop > 0:
+            layers.append(nn.Dropout(drop))
+        d = d_hidden
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
+
+
+def is_backbone_key(name):
+    """What a best-epoch checkpoint holds: everything but the VEGA branch and the unused gate logit."""
+    return not ("_clip_proj." in name or name.endswith("_clip_temp") or name == "prob_gate_logit")
+
+
+@dataclass
+class Layout:
+    """How packed rows map to the padded batch. Built once per forward pass, passed to every encoder."""
+    rows: torch.Tensor        # (N,) flat indices into B*L of the positions computed; None = all positions
+    key_pad: torch.Tensor     # (B, L) bool, True = padding: keys the attention must ignore
+    positions: torch.Tensor   # (N,) utterance index inside its dialogue
+    B: int
+    L: int
+
+    def to_rows(self, x):
+        """(B, L, ...) -> (N, ...)."""
+        x = x.flatten(0, 1)
+        return x if self.rows is None else x.index_select(0, self.rows)
+
+    def to_padded(self, x):
+        """(N, ...) -> (B, L, ...), zeros at positions not computed."""
+        if self.rows is not None:
+            x = x.new_zeros((self.B * self.L,) + x.shape[1:]).index_copy(0, self.rows, x)
+        return x.view(self.B, self.L, *x.shape[1:])
+
+
+class PositionalEncoding(nn.Module):
+    def __init__(self, dim, max_len=MAX_LEN):
+        super().__init__()
+        position = torch.arange(max_len, dtype=torch.float).unsqueeze(1)           # (max_len, 1)
+        freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float) * -(math.log(10000.0) / dim))
+        pe = torch.zeros(max_len, dim)
+        pe[:, 0::2] = torch.sin(position * freq)
+        pe[:, 1::2] = torch.cos(position * freq)
+        self.register_buffer("pe", pe.unsqueeze(0))                                 # (1, max_len, H)
+
+    def forward(self, positions):
+        return self.pe[0].index_select(0, positions)                               # (N, H)
+
+
+class MultiHeadedAttention(nn.Module):
+    def __init__(self, n_head, dim, dropout):
+        super().__init__()
+        self.n_head, self.d_head = n_head, dim // n_head
+        self.linear_k = nn.Linear(dim, dim)
+        self.linear_v = nn.Linear(dim, dim)
+        self.linear_q = nn.Linear(dim, dim)
+        self.linear = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, source, target, lay):
+        B, L, h, dh = lay.B, lay.L, self.n_head, self.d_head
+        q = self.linear_q(target) / math.sqrt(dh)                                  # (N, H)
+        k, v = self.linear_k(source), self.linear_v(source)                        # (N, H)
+        q, k, v = (lay.to_padded(x).view(B, L, h, dh).transpose(1, 2) for x in (q, k, v))  # (B, h, L, dh)
+        scores = q @ k.transpose(-2, -1)                                           # (B, h, L, L)
+        scores = scores.masked_fill(lay.key_pad[:, None, None, :], NEG_FILL)
+        attn = self.dropout(torch.softmax(scores, dim=-1))
+        context = (attn @ v).transpose(1, 2).reshape(B, L, h * dh)                 # (B, L, H)
+        return self.linear(lay.to_rows(context))                                   # (N, H)
+
+
+class PositionwiseFeedForward(nn.Module):
+    """Pre-norm feed-forward with a residual: x + drop(W2(drop(gelu_tanh(W1(LN(x))))))."""
+
+    def __init__(self, dim, d_ff, dropout):
+        super().__init__()
+        self.w_1 = nn.Linear(dim, d_ff)
+        self.w_2 = nn.Linear(d_ff, dim)
+        self.layer_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.dropout_1 = nn.Dropout(dropout)
+        self.dropout_2 = nn.Dropout(dropout)
+
+    def forward(self, x):
+        inter = self.dropout_1(F.gelu(self.w_1(self.layer_norm(x)), approximate="tanh"))
+        return self.dropout_2(self.w_2(inter)) + x
+
+
+class TransformerEncoderLayer(nn.Module):
+    def __init__(self, dim, n_head, d_ff, dropout):
+        super().__init__()
+        self.self_attn = MultiHeadedAttention(n_head, dim, dropout)
+        self.feed_forward = PositionwiseFeedForward(dim, d_ff, dropout)
+        # The reference normalises the target here only in layers after the first; with its single layer
+        # this norm is never used, but its weights are part of every checkpoint.
+        self.layer_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, source, target, lay):
+        x = self.dropout(self.self_attn(source, target, lay)) + target
+        return self.feed_forward(x)
+
+
+class TransformerEncoder(nn.Module):
+    """One cross-modal encoder: target attends to source (both (N, H) rows)."""
+
+    def __init__(self, dim, n_head, dropout):
+        super().__init__()
+        self.pos_emb = PositionalEncoding(dim)
+        self.transformer_inter = nn.ModuleList([TransformerEncoderLayer(dim, n_head, dim, dropout)])
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, source, target, speaker_emb, lay):
+        pos = self.pos_emb(lay.positions)                                          # (N, H)
+        # (x + pos) + speaker, in this order: float addition is not associative and parity is checked to 1e-6.
+        if source is target:   # self-attention: positions, speakers and dropout applied once
+            target = source = self.dropout(target + pos + speaker_emb)
+        else:                  # cross-attention: each side gets its own positions+speakers+dropout
+            source = self.dropout(source + pos + speaker_emb)
+            target = self.dropout(target + pos + speaker_emb)
+        return self.transformer_inter[0](source, target, lay)
+
+
+class UnimodalGate(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x)) * x
+
+
+class MultimodalGate(nn.Module):
+    """Per channel, softmax over the modalities of W h_m, then the weighted sum of the h_m."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, *hs):
+        stacked = torch.stack(hs, dim=-2)                                          # (N, 3, H)
+        weights = torch.softmax(self.fc(stacked), dim=-2)                          # (N, 3, H)
+        return (weights * stacked).sum(dim=-2)                                     # (N, H)
+
+
+class VEGA(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        H, C = cfg.hidden_dim, cfg.n_classes
+        self.n_speakers, self.n_classes = cfg.n_speakers, C
+        for m in ("a", "v", "t"):
+            self.register_parameter(f"{m}_cls_temp", nn.Parameter(torch.tensor(math.log(2.0))))
+        for m in ("a", "v", "t"):
+            self.register_parameter(f"{m}_clip_temp", nn.Parameter(torch.tensor(math.log(2.0))))
+        self.prob_gate_logit = nn.Parameter(torch.tensor(0.0))  # kept for checkpoint compatibility
+        self.speaker_embeddings = nn.Embedding(cfg.n_speakers + 1, H, padding_idx=cfg.n_speakers)
+        for name in ENCODER_NAMES:
+            self.add_module(name, TransformerEncoder(H, cfg.n_head, cfg.dropout))
+        for name in ENCODER_NAMES:
+            self.add_module(f"{name}_gate", UnimodalGate(H))
+        for m in MODALITIES:
+            self.add_module(f"features_reduce_{m}", nn.Linear(3 * H, H))
+        self.last_gate = MultimodalGate(H)
+        dims = {"t": cfg.text_dim, "a": cfg.audio_dim, "v": cfg.visual_dim}
+        for m in MODALITIES:
+            self.add_module(INPUT_LAYERS[m], nn.Conv1d(dims[m], H, kernel_size=1, bias=False))
+        self.clip_dim = cfg.clip_dim
+        for m in ("all",) + MODALITIES:
+            self.add_module(f"{m}_clip_proj", make_mlp(cfg.clip_proj_layer_num, H, H, cfg.clip_dim,
+                                                       cfg.clip_proj_activation_fn, cfg.clip_proj_drop))
+        for m in MODALITIES + ("all",):
+            self.add_module(f"{m}_output_layer", make_mlp(cfg.outlayer_num, H, H, C,
+                                                          cfg.outlayer_activation_fn, cfg.outlayer_drop))
+
+    def layout(self, pad_mask, compute_padding):
+        B, L = pad_mask.shape
+        if L > MAX_LEN:
+            raise ValueError(f"a dialogue of {L} utterances exceeds the positional table ({MAX_LEN})")
+        rows = None if compute_padding else (~pad_mask).flatten().nonzero().squeeze(1)  # (N,)
+        positions = torch.arange(L, device=pad_mask.device).repeat(B)              # (B*L,)
+        if rows is not None:
+            positions = positions.index_select(0, rows)                            # (N,)
+        return Layout(rows=rows, key_pad=pad_mask, positions=positions, B=B, L=L)
+
+    def backbone(self, batch, lay):
+        """Fused features per modality and overall, as rows: {'t','a','v','all'} -> (N, H)."""
+        speaker_emb = self.speaker_embeddings(lay.to_rows(batch.speakers))         # (N, H)
+        feats = {"t": batch.text, "a": batch.audio, "v": batch.visual}
+        # Each row as a length-1 sequence through the reference's Conv1d: a plain matmul rounds differently.
+        x = {m: getattr(self, INPUT_LAYERS[m])(lay.to_rows(feats[m]).unsqueeze(-1)).squeeze(-1)
+             for m in MODALITIES}                                                   # (N, D, 1) -> (N, H)
+        h = {}
+        for target, names in ENCODERS_BY_TARGET.items():
+            gated = []
+            for name in names:
+                source = x[name.split("_")[0]]
+                y = getattr(self, name)(source, x[target], speaker_emb, lay)       # (N, H)
+                gated.append(getattr(self, f"{name}_gate")(y))
+            h[target] = getattr(self, f"features_reduce_{target}")(torch.cat(gated, dim=-1))  # (N, 3H) -> (N, H)
+        h["all"] = self.last_gate(h["t"], h["a"], h["v"])
+        return h
+
+    def forward(self, batch, anchors=None, compute_padding=False):
+        """batch: dataloader.Batch. anchors: (C, K) L2-normalised, or None to skip the VEGA branch
+        (it never changes predictions). Returns a dict of (B, L, ...) tensors, zero where not computed."""
+        lay = self.layout(batch.pad_mask, compute_padding)
+        h = self.backbone(batch, lay)
+        rows = {f"{m}_logit": getattr(self, f"{m}_output_layer")(h[m]) for m in MODALITIES + ("all",)}  # (N, C)
+        rows["all_transformer_out"] = h["all"]                                      # (N, H)
+        if anchors is not None:
+            anchors = anchors.to(h["all"].dtype)
+            for m in MODALITIES + ("all",):
+                proj = F.normalize(getattr(self, f"{m}_clip_proj")(h[m]), dim=-1)   # (N, K)
+                rows[f"{m}_clip_logit"] = 100.0 * proj @ anchors.t()                # (N, C)
+            rows.update(self.probability_mixes(rows["all_logit"], rows["all_clip_logit"]))
+        out = {k: lay.to_padded(v) for k, v in rows.items()}                        # (B, L, ...)
+        temps = ("cls", "clip") if anchors is not None else ("cls",)
+        for kind in temps:
+            for m in ("a", "v", "t"):
+                out[f"{m}_{kind}_temp"] = getattr(self, f"{m}_{kind}_temp").exp()
+        return out
+
+    def probability_mixes(self, cls_logit, clip_logit):
+        """The reference's two unused outputs (spec 2.2), kept so its outputs can be compared."""
+        p, q = torch.softmax(cls_logit.float(), -1), torch.softmax(clip_logit.float(), -1)  # (N, C)
+        g = torch.sigmoid(self.prob_gate_logit)
+        average = g * p + (1 - g) * q
+        p_wins = p.max(-1, keepdim=True).values > q.max(-1, keepdim=True).values   # Q on a tie
+        return {"average_prob": average, "max_prob": torch.where(p_wins, p, q)}
+
+    def backbone_state_dict(self):
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if is_backbone_key(k)}

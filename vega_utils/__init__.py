@@ -1,0 +1,1 @@
+"""Helpers for the VEGA reimplementation: config, anchors, checkpoints, reports, synthetic data."""

@@ -1,0 +1,112 @@
+"""Things every module needs: the user-facing error type, dataset facts, devices, atomic writes."""
+import os
+import random
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class VegaError(Exception):
+    """A problem the user can fix (bad file, bad flag). Entry points print it as one line and exit 2."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    class_names: tuple
+    text_dim: int
+    audio_dim: int
+    visual_dim: int
+    n_speakers: int
+    class_weights: tuple  # fixed CE weights of the reference, in class-id order
+    default_data_path: str
+
+
+DATASETS = {
+    "IEMOCAP": DatasetInfo(
+        name="IEMOCAP",
+        class_names=("happy", "sad", "neutral", "anger", "excited", "frustration"),
+        text_dim=1024, audio_dim=1582, visual_dim=342, n_speakers=2,
+        class_weights=(2.85339499, 1.70571959, 1.08255267, 1.67633724, 1.77617681, 1.0),
+        default_data_path="data/IEMOCAP.pkl",
+    ),
+    "MELD": DatasetInfo(
+        name="MELD",
+        class_names=("neutral", "surprise", "fear", "sad", "happy", "disgust", "anger"),
+        text_dim=1024, audio_dim=300, visual_dim=342, n_speakers=9,
+        class_weights=(1.0, 3.93398523, 17.97765350, 6.42315388, 2.78856158, 17.82825470, 4.00497818),
+        default_data_path="data/meld.pkl",
+    ),
+}
+
+
+def dataset_info(name):
+    if name not in DATASETS:
+        raise VegaError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def resolve_device(name="auto"):
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise VegaError("--device cuda was asked for, but no CUDA device is available")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise VegaError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT,
+                             capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _atomic_write(path, write_fn, mode):
+    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    except OSError as e:
+        raise VegaError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise VegaError(f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text), "w")

@@ -1,0 +1,222 @@
+"""The one run configuration: a flat dataclass whose defaults live in configs/<Dataset>.json.
+
+Flags only override what they name. The resolved config (with dataset sizes filled in) is saved in every
+run folder and checkpoint, so a model can be rebuilt from a checkpoint alone.
+"""
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from .common import PROJECT_ROOT, VegaError, dataset_info
+
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "leaky_relu", "elu", "none")
+KNOWN_CLIP_DIMS = {
+    "openai/clip-vit-base-patch32": 512, "openai/clip-vit-base-patch16": 512,
+    "openai/clip-vit-large-patch14": 768, "openai/clip-vit-large-patch14-336": 768,
+}
+
+
+@dataclass
+class Config:
+    name: str
+    seed: int
+    Dataset: str
+    num_workers: int
+    epochs: int
+    patience: int                      # early stop after this many epochs without a better F1
+    batch_size: int
+    scheduler: bool
+    optimizer: str
+    lr: float
+    l2: float
+    momentum: float                    # SGD only
+    cls_lambda: float
+    cls_all_lambda: float
+    cls_t_lambda: float
+    cls_a_lambda: float
+    cls_v_lambda: float
+    cls_all_cls_kl_lambda: float
+    t_cls_all_cls_kl_lambda: float
+    a_cls_all_cls_kl_lambda: float
+    v_cls_all_cls_kl_lambda: float
+    clip_lambda: float
+    t_clip_lambda: float
+    a_clip_lambda: float
+    v_clip_lambda: float
+    all_clip_lambda: float
+    clip_all_clip_kl_lambda: float
+    t_clip_all_clip_kl_lambda: float
+    a_clip_all_clip_kl_lambda: float
+    v_clip_all_clip_kl_lambda: float
+    CLIP_Model: str
+    clip_dim: Optional[int]
+    clip_proj_layer_num: int
+    clip_proj_activation_fn: str
+    clip_proj_drop: float
+    expr_img_folder: str
+    rand: float
+    hidden_dim: int
+    n_head: int
+    dropout: float
+    outlayer_drop: float
+    outlayer_num: int
+    outlayer_activation_fn: str
+    cls_loss: bool
+    cls_all_cls_kl_loss: bool
+    clip_loss: bool
+    clip_all_clip_kl_loss: bool
+    data_path: Optional[str]
+    anchor_path: Optional[str]
+    output_dir: str
+    device: str
+    amp: str
+    valid_ratio: float
+    # Filled by resolve() from the dataset table; part of every saved config.
+    text_dim: Optional[int] = None
+    audio_dim: Optional[int] = None
+    visual_dim: Optional[int] = None
+    n_speakers: Optional[int] = None
+    n_classes: Optional[int] = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise VegaError(f"unknown config keys: {', '.join(unknown)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in d and f.default is dataclasses.MISSING)
+        if missing:
+            raise VegaError(f"config lacks keys: {', '.join(missing)}")
+        return cls(**d)
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
+def preset_path(dataset):
+    return os.path.join(PROJECT_ROOT, "configs", f"{dataset}.json")
+
+
+def load_preset(dataset):
+    dataset_info(dataset)  # clear error for an unknown name
+    path = preset_path(dataset)
+    try:
+        with open(path) as f:
+            return Config.from_dict(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise VegaError(f"cannot read preset {path}: {e}") from e
+
+
+def clip_dim_for(model_name):
+    """Feature width K of a CLIP model: a known hub name, or projection_dim of a local folder; else None."""
+    if model_name in KNOWN_CLIP_DIMS:
+        return KNOWN_CLIP_DIMS[model_name]
+    cfg_file = os.path.join(model_name, "config.json")
+    if os.path.isfile(cfg_file):
+        try:
+            with open(cfg_file) as f:
+                return int(json.load(f)["projection_dim"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def resolve(cfg):
+    """Fill derived values (dataset sizes, default paths, clip_dim) and check value ranges."""
+    info = dataset_info(cfg.Dataset)
+    cfg = cfg.replace(
+        text_dim=info.text_dim, audio_dim=info.audio_dim, visual_dim=info.visual_dim,
+        n_speakers=info.n_speakers, n_classes=len(info.class_names),
+        data_path=cfg.data_path or info.default_data_path,
+        anchor_path=cfg.anchor_path or os.path.join("anchor", f"{cfg.expr_img_folder}_anchor.pt"),
+        clip_dim=cfg.clip_dim or clip_dim_for(cfg.CLIP_Model),
+    )
+    check(cfg)
+    return cfg
+
+
+def check(cfg):
+    def bad(msg):
+        raise VegaError(f"invalid setting: {msg}")
+    if cfg.hidden_dim <= 0 or cfg.n_head <= 0 or cfg.hidden_dim % cfg.n_head:
+        bad(f"hidden_dim {cfg.hidden_dim} must be a positive multiple of n_head {cfg.n_head}")
+    for key in ("dropout", "outlayer_drop", "clip_proj_drop"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            bad(f"{key} {getattr(cfg, key)} must be in [0, 1)")
+    if not 0.0 <= cfg.rand <= 1.0:
+        bad(f"rand {cfg.rand} must be in [0, 1]")
+    if not 0.0 <= cfg.valid_ratio < 1.0:
+        bad(f"valid_ratio {cfg.valid_ratio} must be in [0, 1)")
+    for key in ("outlayer_num", "clip_proj_layer_num", "batch_size", "epochs", "patience"):
+        if getattr(cfg, key) < 1:
+            bad(f"{key} must be at least 1")
+    for key in ("outlayer_activation_fn", "clip_proj_activation_fn"):
+        if getattr(cfg, key) not in ACTIVATIONS:
+            bad(f"{key} {getattr(cfg, key)!r} is not one of {', '.join(ACTIVATIONS)}")
+    if cfg.optimizer not in ("AdamW", "Adam", "SGD"):
+        bad(f"optimizer {cfg.optimizer!r} is not one of AdamW, Adam, SGD")
+    if cfg.amp not in ("auto", "off", "bf16", "fp16"):
+        bad(f"amp {cfg.amp!r} is not one of auto, off, bf16, fp16")
+    if cfg.clip_dim is not None and cfg.clip_dim < 1:
+        bad("clip_dim must be positive")
+
+
+# ---------------------------------------------------------------- command-line flags
+# Flags whose names differ from the config key (the reference's spelling).
+FLAG_ALIASES = {"batch_size": ["--batch-size", "--batch_size"]}
+DERIVED = {"text_dim", "audio_dim", "visual_dim", "n_speakers", "n_classes"}
+
+
+def _str2bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def add_config_flags(parser, skip=()):
+    """One flag per config key, default SUPPRESS so only flags actually given reach the config."""
+    for f in dataclasses.fields(Config):
+        if f.name in DERIVED or f.name in skip:
+            continue
+        flags = FLAG_ALIASES.get(f.name, [f"--{f.name}"])
+        kind = f.type if isinstance(f.type, type) else None
+        if f.type in (bool, "bool"):
+            parser.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS)
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS)
+            continue
+        if f.type in (int, "int"):
+            kind = int
+        elif f.type in (float, "float"):
+            kind = float
+        elif "int" in str(f.type):
+            kind = int
+        else:
+            kind = str
+        choices = None
+        if f.name == "Dataset":
+            choices = ["IEMOCAP", "MELD"]
+        elif f.name in ("outlayer_activation_fn", "clip_proj_activation_fn"):
+            choices = list(ACTIVATIONS)
+        elif f.name == "optimizer":
+            choices = ["AdamW", "Adam", "SGD"]
+        elif f.name == "amp":
+            choices = ["auto", "off", "bf16", "fp16"]
+        parser.add_argument(*flags, dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS)
+    return parser
+
+
+def config_from_args(args, skip=()):
+    """Preset of --Dataset (default IEMOCAP) updated with the config flags that were given."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+             if f.name not in skip and hasattr(args, f.name)}
+    cfg = load_preset(given.get("Dataset", "IEMOCAP"))
+    return resolve(cfg.replace(**given))
