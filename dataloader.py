@@ -168,7 +168,8 @@ class _FileChecker:
             self.fail(f"expected {expected}, found a {type(raw).__name__} of length {len(raw)}")
         for k, name in enumerate(TUPLE_FIELDS[:5]):
             if not isinstance(raw[k], Mapping):
-                self.fail(f"element {k} ({name}) is a {type(raw[k]).__name__}, expected a dict keyed by dialogue id")
+                self.fail(f"element {k} ({name}) is a {type(raw[k]).__name__}, "
+                          "expected a dict keyed by dialogue id")
         return raw
 
     def id_list(self, raw, split):
@@ -181,6 +182,8 @@ class _FileChecker:
             self.fail(f"the {split} ids are empty")
         seen = set()
         for vid in ids:
+            if isinstance(vid, bool) or not isinstance(vid, (str, int)):
+                self.fail(f"dialogue id {vid!r} in the {split} ids is a {type(vid).__name__}, expected str or int")
             if vid in seen:
                 self.fail(f"dialogue {vid!r} is listed twice in the {split} ids")
             seen.add(vid)

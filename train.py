@@ -66,3 +66,109 @@ def compute_losses(out, batch, cfg, class_weights):
         raise ValueError("every loss group is switched off: nothing to train")
     total = sum(weights[g] * v for g, v in groups.items())
     return {**terms, **groups, "total": total}
+
+
+# ---------------------------------------------------------------- precision
+def resolve_amp(amp, device):
+    """Autocast dtype (or None) for --amp on this device. On CUDA `auto` is the reference's fp16 + GradScaler."""
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+    if amp == "fp16":
+        from vega_utils.common import VegaError
+        raise VegaError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp off")
+    return torch.bfloat16  # CPU `auto`: see bench/README.md for the accuracy study behind this default
+
+
+def autocast(device, dtype):
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- epochs
+def _accumulate(sums, losses):
+    for k, v in losses.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+
+
+def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, device, amp_dtype, scaler=None,
+                scheduler=None, epoch=0, rng=None, progress=True):
+    """One pass over the training loader. Returns {term: mean over batches} and 'seconds'."""
+    model.train()
+    start, sums, n_batches = time.perf_counter(), {}, 0
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
+    for batch in bar:
+        batch = batch.to(device, non_blocking=True)
+        anchors = anchor_bank.pick(training=True, rand=cfg.rand, rng=rng) if anchor_bank is not None else None
+        with autocast(device, amp_dtype):
+            out = model(batch, anchors)
+        losses = compute_losses(out, batch, cfg, class_weights)
+        if not torch.isfinite(losses["total"]):
+            bad = [k for k, v in losses.items() if not torch.isfinite(torch.as_tensor(v))]
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, batch {n_batches + 1} "
+                                f"(terms: {', '.join(bad)}); stopping. Try a lower --lr or --amp off.")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(losses["total"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            losses["total"].backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        _accumulate(sums, {k: v.detach() for k, v in losses.items()})
+        n_batches += 1
+        bar.set_postfix(loss=f"{sums['total'] / n_batches:.3f}")
+    result = {k: v / max(n_batches, 1) for k, v in sums.items()}
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+@torch.inference_mode()
+def eval_epoch(model, loader, cfg, anchor_bank, class_weights, device, amp_dtype, with_losses=True,
+               desc="eval", progress=True):
+    """Evaluate with centre anchors. Returns mean loss terms (if with_losses), per-utterance predictions
+    of every head, `all`-head probabilities, labels and ids, and 'seconds'.
+
+    Without losses the VEGA branch is skipped: it never changes predictions.
+    """
+    model.eval()
+    start, sums, n_batches = time.perf_counter(), {}, 0
+    anchors = None
+    if with_losses and anchor_bank is not None and cfg.clip_loss:
+        anchors = anchor_bank.pick(training=False, rand=cfg.rand)
+    preds = {m: [] for m in ("all", "t", "a", "v")}
+    probs, labels, dialogue_ids, utt_index, speakers = [], [], [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        batch = batch.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            out = model(batch, anchors)
+        valid = ~batch.pad_mask                                                 # (B, L)
+        if with_losses:
+            _accumulate(sums, compute_losses(out, batch, cfg, class_weights))
+        for m in preds:
+            preds[m].append(out[f"{m}_logit"][valid].argmax(-1).cpu())
+        probs.append(torch.softmax(out["all_logit"][valid].float(), -1).cpu())
+        labels.append(batch.labels[valid].cpu())
+        speakers.append(batch.speakers[valid].cpu())
+        lengths = valid.sum(1).tolist()
+        for did, n in zip(batch.dialogue_ids, lengths):
+            dialogue_ids += [did] * n
+            utt_index += list(range(n))
+        n_batches += 1
+    result = {
+        "losses": {k: v / max(n_batches, 1) for k, v in sums.items()},
+        "preds": {m: torch.cat(v).numpy() for m, v in preds.items()},
+        "probs": torch.cat(probs).numpy(),
+        "labels": torch.cat(labels).numpy(),
+        "speakers": torch.cat(speakers).numpy(),
+        "dialogue_ids": dialogue_ids,
+        "utterance_index": np.asarray(utt_index),
+        "seconds": time.perf_counter() - start,
+    }
+    return result

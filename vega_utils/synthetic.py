@@ -111,7 +111,8 @@ def make_synthetic_anchor_cache(path, dataset="IEMOCAP", clip_dim=512, n_per_cla
     """
     info = dataset_info(dataset)
     gen = torch.Generator().manual_seed(seed)
-    directions = torch.nn.functional.normalize(torch.randn(len(info.class_names), clip_dim, generator=gen), dim=-1)
+    raw_directions = torch.randn(len(info.class_names), clip_dim, generator=gen)    # (C, K)
+    directions = torch.nn.functional.normalize(raw_directions, dim=-1)
     bank, centres = {}, []
     for c, name in enumerate(info.class_names):
         # noise of total norm about 0.5 around a unit direction: cosine to the direction about 0.9

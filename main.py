@@ -1,0 +1,278 @@
+"""The flow of one training run: data, anchors, model, the epoch loop, and everything written to the run folder.
+
+Run folder `<output_dir>/<name>/[MMDD-HHMM]/` (UK time, as the reference; `-2`, `-3` ... when taken):
+config.json, metrics.jsonl, summary.json, BEST_cls_f1_[<f1>]_epoch<n>.pth, last.pth, predictions.csv,
+curves.png, confusion.png (and valid_ids.json with a validation split).
+"""
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+import train
+from dataloader import load_dialogues, make_loaders, speaker_names, split_validation
+from model import VEGA
+from vega_utils import checkpoint, report
+from vega_utils.anchor_utils import ensure_anchor_cache
+from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text, dataset_info, git_commit, \
+    resolve_device, seed_everything
+from vega_utils.config import Config, resolve
+
+LAST = "last.pth"
+
+
+def log(msg):
+    from tqdm import tqdm
+    tqdm.write(msg)
+
+
+# ---------------------------------------------------------------- run folder
+def make_run_dir(cfg):
+    """Claim a fresh folder; two runs started in the same minute get `-2`, `-3`, ... (mkdir is atomic)."""
+    try:
+        import pytz
+        now = datetime.datetime.now(pytz.timezone("Europe/London"))
+    except ImportError:
+        now = datetime.datetime.now()
+    base = os.path.join(cfg.output_dir, cfg.name, now.strftime("[%m%d-%H%M]"))
+    try:
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+    except OSError as e:
+        raise VegaError(f"cannot create output folder {os.path.dirname(base)}: {e.strerror or e}") from None
+    for i in range(1, 1000):
+        path = base if i == 1 else f"{base}-{i}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise VegaError(f"cannot create run folder {path}: {e.strerror or e}") from None
+    raise VegaError(f"too many runs in {base}*")
+
+
+def append_jsonl(path, row):
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise VegaError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- building blocks
+def build_optimizer(cfg, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "AdamW":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.l2)
+    if cfg.optimizer == "Adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.l2)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.l2, momentum=cfg.momentum)
+
+
+def build_scheduler(cfg, optimizer, steps_per_epoch):
+    """Cosine decay with a 1% linear warm-up, stepped every batch (off by default, as the reference)."""
+    if not cfg.scheduler:
+        return None
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = max(1, int(0.01 * total))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def load_anchors(cfg):
+    """The anchor bank when the VEGA branch is on, and cfg with clip_dim settled."""
+    if not cfg.clip_loss:
+        return None, cfg.replace(clip_dim=cfg.clip_dim or 512)
+    bank = ensure_anchor_cache(cfg, device=cfg.device)
+    if cfg.clip_dim is not None and bank.clip_dim != cfg.clip_dim:
+        raise VegaError(f"anchor cache {cfg.anchor_path} has CLIP width {bank.clip_dim} but "
+                        f"{cfg.CLIP_Model} expects {cfg.clip_dim}")
+    return bank, cfg.replace(clip_dim=bank.clip_dim)
+
+
+def rng_state(loader_generator, anchor_rng):
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate(), "anchor": anchor_rng.getstate(),
+            "loader": loader_generator.get_state()}
+
+
+def set_rng_state(state, loader_generator, anchor_rng):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate(state["python"])
+    anchor_rng.setstate(state["anchor"])
+    loader_generator.set_state(state["loader"])
+
+
+# ---------------------------------------------------------------- metrics of one evaluation
+def eval_metrics(prefix, ev, class_names):
+    m = report.classification_metrics(ev["labels"], ev["preds"]["all"], class_names)
+    heads = report.head_f1s(ev["labels"], ev["preds"])
+    row = {f"{prefix}_{k}": v for k, v in ev["losses"].items() if k != "total"}
+    if "total" in ev["losses"]:
+        row[f"{prefix}_loss"] = ev["losses"]["total"]
+    row.update({f"{prefix}_f1_{h}": heads[h] for h in ("all", "t", "a", "v")})
+    row.update({f"{prefix}_accuracy": m["accuracy"], f"{prefix}_weighted_precision": m["weighted_precision"],
+                f"{prefix}_macro_f1": m["macro_f1"]})
+    return row, m
+
+
+def save_best_outputs(run_dir, cfg, ev, metrics, epoch, class_names, model, best_path):
+    f1 = metrics["weighted_f1"]
+    path = os.path.join(run_dir, f"BEST_cls_f1_[{100 * f1:.2f}]_epoch{epoch}.pth")
+    checkpoint.save_best(path, model, cfg, epoch, metrics)
+    if best_path and best_path != path and os.path.exists(best_path):
+        os.remove(best_path)  # an older, worse best: removed only after the new one is safely written
+    names = speaker_names(cfg.Dataset)
+    report.write_predictions_csv(os.path.join(run_dir, "predictions.csv"), ev["dialogue_ids"],
+                                 ev["utterance_index"], [names[s] for s in ev["speakers"]], ev["labels"],
+                                 ev["preds"]["all"], ev["probs"], class_names)
+    report.plot_confusion(metrics["confusion"], class_names, os.path.join(run_dir, "confusion.png"),
+                          title=f"{cfg.Dataset} test, epoch {epoch}, weighted F1 {100 * f1:.2f}")
+    return path
+
+
+# ---------------------------------------------------------------- the run
+def train_run(cfg, resume_dir=None, progress=True):
+    """Train one model; returns the summary dict (also written to summary.json)."""
+    started = time.time()
+    device = resolve_device(cfg.device)
+    amp_dtype = train.resolve_amp(cfg.amp, device)
+    seed_everything(cfg.seed)
+    info = dataset_info(cfg.Dataset)
+    data = load_dialogues(cfg.data_path, cfg.Dataset)
+    bank, cfg = load_anchors(cfg)
+    _, valid_ids = split_validation(data.train_ids, cfg.valid_ratio, cfg.seed)
+    loaders = make_loaders(data, cfg, valid_ids=valid_ids, pin_memory=device.type == "cuda")
+    model = VEGA(cfg).to(device)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, len(loaders["train"]))
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    class_weights = torch.tensor(info.class_weights, device=device)
+    anchor_rng = random.Random(cfg.seed)
+    bank = bank.to(device) if bank is not None else None
+    select_on = "valid" if valid_ids else "test"
+
+    state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "best_path": None, "history": []}
+    if resume_dir:
+        run_dir = resume_dir
+        last = checkpoint.read_checkpoint(os.path.join(run_dir, LAST))
+        model.load_state_dict(last["model"], strict=True)
+        optimizer.load_state_dict(last["optimizer"])
+        if scaler is not None and last.get("scaler"):
+            scaler.load_state_dict(last["scaler"])
+        if scheduler is not None and last.get("scheduler"):
+            scheduler.load_state_dict(last["scheduler"])
+        state = last["state"]
+        set_rng_state(last["rng"], loaders["train"].generator, anchor_rng)
+        log(f"resuming {run_dir} after epoch {state['epoch']}")
+    else:
+        run_dir = make_run_dir(cfg)
+        write_json(os.path.join(run_dir, "config.json"), {
+            **cfg.to_dict(), "git_commit": git_commit(), "torch_version": torch.__version__,
+            "resolved_device": str(device), "amp_dtype": str(amp_dtype), "command": " ".join(sys.argv)})
+        if valid_ids:
+            write_json(os.path.join(run_dir, "valid_ids.json"), valid_ids)
+    log(f"config: {json.dumps(cfg.to_dict())}")
+    log(f"git commit {git_commit()}, torch {torch.__version__}, device {device}, amp {amp_dtype}, "
+        f"{len(data.train_ids) - len(valid_ids)} train / {len(valid_ids)} valid / {len(data.test_ids)} test "
+        f"dialogues, selecting on {select_on}")
+
+    summary = {"run_dir": run_dir, "selected_on": select_on, "stopped": "max_epochs"}
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        while state["epoch"] < cfg.epochs:
+            epoch = state["epoch"] + 1
+            tr = train.train_epoch(model, loaders["train"], optimizer, cfg, bank, class_weights, device,
+                                   amp_dtype, scaler, scheduler, epoch, anchor_rng, progress)
+            row = {"epoch": epoch, "train_seconds": tr.pop("seconds"), "lr": optimizer.param_groups[0]["lr"]}
+            row["train_loss"] = tr.pop("total")
+            row.update({f"train_{k}": v for k, v in tr.items()})
+            eval_seconds = 0.0
+            evals = {}
+            for split in ["valid", "test"] if valid_ids else ["test"]:
+                ev = train.eval_epoch(model, loaders[split], cfg, bank, class_weights, device, amp_dtype,
+                                      desc=f"epoch {epoch} {split}", progress=progress)
+                eval_seconds += ev["seconds"]
+                split_row, split_metrics = eval_metrics(split, ev, info.class_names)
+                row.update(split_row)
+                evals[split] = (ev, split_metrics)
+            row["eval_seconds"] = eval_seconds
+            selected_f1 = row[f"{select_on}_f1_all"]
+            row["is_best"] = selected_f1 > state["best_f1"]
+            if row["is_best"]:
+                ev, test_metrics = evals["test"]
+                state.update(best_f1=selected_f1, best_epoch=epoch, bad_epochs=0)
+                state["best_metrics"] = {"test": test_metrics, "selected_f1": selected_f1,
+                                         **({"valid": evals["valid"][1]} if valid_ids else {})}
+                state["best_path"] = save_best_outputs(run_dir, cfg, ev, test_metrics, epoch, info.class_names,
+                                                       model, state["best_path"])
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch
+            state["history"].append(row)
+            append_jsonl(metrics_path, row)
+            atomic_torch_save({"format": checkpoint.FORMAT, "model": model.state_dict(),
+                               "optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict() if scaler else None,
+                               "scheduler": scheduler.state_dict() if scheduler else None,
+                               "config": cfg.to_dict(), "state": state,
+                               "rng": rng_state(loaders["train"].generator, anchor_rng)},
+                              os.path.join(run_dir, LAST))
+            report.plot_curves(state["history"], os.path.join(run_dir, "curves.png"), state["best_epoch"])
+            log(report.format_epoch_line(row))
+            if state["bad_epochs"] >= cfg.patience:
+                summary["stopped"] = f"early stop: {cfg.patience} epochs without a better {select_on} F1"
+                break
+    except KeyboardInterrupt:
+        summary["stopped"] = "interrupted"
+        log(f"interrupted after epoch {state['epoch']}; last.pth and the best checkpoint are kept")
+        raise
+    except train.NonFiniteLoss as e:
+        summary["stopped"] = f"non-finite loss: {e}"
+        raise VegaError(f"{e} Run folder {run_dir} keeps the epochs before it.") from None
+    finally:
+        summary.update(best_epoch=state["best_epoch"], best_checkpoint=state["best_path"],
+                       epochs_run=state["epoch"], best=state.get("best_metrics"),
+                       total_seconds=time.time() - started)
+        if os.path.isdir(run_dir):
+            write_json(os.path.join(run_dir, "summary.json"), summary)
+    best = state.get("best_metrics", {}).get("test", {})
+    log(f"best epoch {state['best_epoch']} (selected on {select_on}): test weighted F1 "
+        f"{100 * best.get('weighted_f1', 0):.2f}, accuracy {100 * best.get('accuracy', 0):.2f}, "
+        f"weighted precision {100 * best.get('weighted_precision', 0):.2f}")
+    log(f"run folder: {run_dir}")
+    return summary
+
+
+def config_of_run(run_dir):
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise VegaError(f"cannot resume from {run_dir}: {path} is missing or unreadable ({e})") from None
+    keys = set(Config.__dataclass_fields__)
+    return resolve(Config.from_dict({k: v for k, v in saved.items() if k in keys}))

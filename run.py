@@ -1,0 +1,121 @@
+"""Train VEGA. Flags carry the reference's names; every config key has a flag (see configs/).
+
+    python run.py --Dataset IEMOCAP --CLIP_Model openai/clip-vit-base-patch32 --cls_loss --clip_loss \
+        --clip_all_clip_kl_loss --cls_all_cls_kl_loss
+    python run.py --demo                      # synthetic data, about a minute on a laptop CPU
+    python run.py --seeds 1 2 3 4 5           # one run per seed plus an aggregate folder
+    python run.py --valid_ratio 0.1           # select the epoch on held-out training dialogues
+    python run.py --ablation no_vega          # the paper's ablations, see ABLATIONS
+    python run.py --resume "output/IEMOCAP/[1125-1952]"
+"""
+import argparse
+import datetime
+import os
+import sys
+import traceback
+
+from vega_utils.common import VegaError
+from vega_utils.config import add_config_flags, config_from_args, resolve
+
+ABLATIONS = {
+    "no_vega": {"clip_loss": False},                      # backbone only (SDT-style self-distillation)
+    "no_cls_kl": {"cls_all_cls_kl_loss": False},          # no distillation between classifier heads
+    "no_vega_kl": {"clip_all_clip_kl_loss": False},       # VEGA branch without its distillation
+    "no_stochastic_anchors": {"rand": 0.0},               # always the class centres
+}
+DEMO = {"name": "demo", "epochs": 12, "hidden_dim": 256, "data_path": "data/demo/IEMOCAP.pkl",
+        "anchor_path": "data/demo/demo_anchor.pt", "clip_dim": 512}
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p)
+    p.add_argument("--demo", action="store_true", help="generate a small synthetic IEMOCAP-layout set and train on it")
+    p.add_argument("--seeds", type=int, nargs="+", help="one complete run per seed, then aggregate statistics")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS), help="set the flags of one of the paper's ablations")
+    p.add_argument("--resume", metavar="RUN_FOLDER", help="continue an interrupted run from its last.pth")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars (epoch lines still print)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def build_config(args):
+    overrides = {}
+    if args.demo:
+        overrides.update(DEMO)
+    if args.ablation:
+        overrides.update(ABLATIONS[args.ablation])
+    given = {k: v for k, v in vars(args).items()}
+    for k, v in overrides.items():
+        given.setdefault(k, v)   # explicit flags win over demo / ablation settings
+    return config_from_args(argparse.Namespace(**given))
+
+
+def prepare_demo(cfg):
+    from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+    if not os.path.exists(cfg.data_path):
+        summary = make_synthetic_dataset(cfg.data_path, dataset=cfg.Dataset, seed=0)
+        print(f"demo: wrote synthetic {cfg.Dataset}-layout data to {cfg.data_path}: {summary}")
+    if not os.path.exists(cfg.anchor_path):
+        make_synthetic_anchor_cache(cfg.anchor_path, dataset=cfg.Dataset, clip_dim=cfg.clip_dim or 512, seed=0)
+        print(f"demo: wrote a synthetic anchor cache to {cfg.anchor_path}")
+
+
+def run_seeds(cfg, seeds, progress):
+    """One run per seed; a failed seed is reported and the others go on. Writes the aggregate folder."""
+    import main
+    from vega_utils import report
+    from vega_utils.common import dataset_info
+    per_seed = []
+    for seed in seeds:
+        print(f"===== seed {seed} ({len(per_seed) + 1}/{len(seeds)})")
+        try:
+            summary = main.train_run(cfg.replace(seed=seed), progress=progress)
+            per_seed.append({"seed": seed, "run_dir": summary["run_dir"], "metrics": summary["best"]["test"]})
+        except VegaError as e:
+            print(f"error: seed {seed} failed: {e}", file=sys.stderr)
+            per_seed.append({"seed": seed, "error": str(e)})
+    agg = report.aggregate_runs(per_seed)
+    class_names = list(dataset_info(cfg.Dataset).class_names)
+    stamp = datetime.datetime.now().strftime("%m%d-%H%M%S")
+    folder = os.path.join(cfg.output_dir, cfg.name, f"aggregate-{stamp}")
+    os.makedirs(folder, exist_ok=True)
+    main.write_json(os.path.join(folder, "aggregate.json"), agg)
+    markdown = report.aggregate_markdown(agg, class_names)
+    main.atomic_write_text(os.path.join(folder, "aggregate.md"), markdown)
+    if agg["n_seeds"]:
+        report.plot_per_class_f1(agg, class_names, os.path.join(folder, "per_class_f1.png"))
+    print(markdown)
+    print(f"aggregate folder: {folder}")
+    return 0 if agg["n_seeds"] == len(seeds) else 1
+
+
+def run(argv=None):
+    args = parser().parse_args(argv)
+    progress = not args.no_progress and sys.stderr.isatty()
+    try:
+        import main
+        if args.resume:
+            return 0 if main.train_run(main.config_of_run(args.resume), resume_dir=args.resume,
+                                       progress=progress) else 1
+        cfg = build_config(args)
+        if args.demo:
+            prepare_demo(cfg)
+            cfg = resolve(cfg)
+        if args.seeds:
+            return run_seeds(cfg, args.seeds, progress)
+        main.train_run(cfg, progress=progress)
+        return 0
+    except VegaError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the run folder keeps last.pth, the best checkpoint and the metrics so far",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run())
