@@ -26,8 +26,9 @@ NEG_FILL = -1e4  # padded-key score; small enough in magnitude for fp16 autocast
 class Dropout(nn.Dropout):
     """nn.Dropout with a faster CPU mask (same parameter-free module, so names are unchanged).
 
-    On the CPU, torch's bernoulli_ costs about 12 ns an element and was a fifth of a training step. Here the
-    keep decision compares 15 random bits with round(p * 2^15), so the realised rate is p to within 1.5e-5.
+    On the CPU, torch's bernoulli_ costs about 12 ns an element and was a fifth of a training step. Here each
+    keep decision compares 16 random bits with a threshold, so the realised rate is p to within 8e-6; the
+    comparison writes the 0/1 mask straight in x's dtype (a bool mask and its conversion cost 3x more).
     CUDA keeps torch's fused kernel.
     """
 
@@ -37,35 +38,70 @@ class Dropout(nn.Dropout):
         if x.is_cuda or self.p >= 1.0:
             return F.dropout(x, self.p, True)
         n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-        bits = bits.view(torch.int16)[:n].view(x.shape) & 0x7FFF                # uniform on [0, 2^15)
-        scaled_keep = (bits >= round(self.p * 32768)).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-        return x * scaled_keep
+        # the full int64 range: plain random_() leaves the top bit 0, which would bias every fourth int16
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+        bits = bits.view(torch.int16)[:n].view(x.shape)                           # uniform on [-2^15, 2^15)
+        keep = torch.ge(bits, round(self.p * 65536) - 32768,                      # P(keep) = 1 - p
+                        out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+        return x * keep.mul_(1.0 / (1.0 - self.p))
 
 
-class RowConv1x1(torch.autograd.Function):
-    """y = x W^T for rows x (N, D) and the reference's Conv1d weight (H, D, 1).
+def compute_dtype(x):
+    """The dtype matrix products run in: autocast's when it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
-    Forward goes through conv1d, which rounds exactly as the reference's padded Conv1d (a plain matmul
-    differs by ~1e-7 relative, too much for the 1e-6 parity); backward uses matmuls, since mkldnn's
-    conv backward for this shape is several times slower.
+
+class LinearFn(torch.autograd.Function):
+    """y = x W^T + b for rows x (N, D), in the compute dtype, with a backward written for the CPU.
+
+    What autocast + F.linear would do, except: the weight gradient is (grad^T contiguous) @ x, about 2x faster
+    on the CPU than the strided product autograd uses; and with exact_conv (the input projections, whose
+    weights are Conv1d's) float32 goes through conv1d, which rounds exactly as the reference's padded Conv1d
+    (a plain matmul differs by ~1e-7 relative, too much for the 1e-6 parity) while lower precision uses a
+    matmul (mkldnn's bf16 conv for this shape is ~15x slower).
     """
 
     @staticmethod
-    def forward(ctx, x, weight):
-        y = F.conv1d(x.unsqueeze(-1), weight).squeeze(-1)                          # (N, D, 1) -> (N, H)
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, exact_conv):
+        dt = compute_dtype(x)
+        xc, wc = x.to(dt), weight.to(dt)
+        bc = None if bias is None else bias.to(dt)
+        if exact_conv and dt == torch.float32:
+            y = F.conv1d(xc.unsqueeze(-1), wc.unsqueeze(-1), bc).squeeze(-1)       # (N, D, 1) -> (N, H)
+        else:
+            y = F.linear(xc, wc, bc)                                               # (N, H)
+        ctx.save_for_backward(xc, wc)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = None
+        xc, wc = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad = grad.to(wc.dtype)
+        grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight.squeeze(-1).to(grad.dtype)).to(x.dtype)       # (N, D)
+            grad_x = (grad @ wc).to(x_dtype)                                       # (N, D)
         if ctx.needs_input_grad[1]:
-            grad_w = (grad.t() @ x.to(grad.dtype)).unsqueeze(-1).to(weight.dtype)  # (H, D, 1)
-        return grad_x, grad_w
+            grad_w = (grad.t().contiguous() @ xc).to(w_dtype)                      # (H, D)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0).to(b_dtype)                                       # (H,)
+        return grad_x, grad_w, grad_b, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters) whose training-time product is LinearFn.
+
+    Without gradients it is plain F.linear, so autocast casts each weight once and, within one autocast
+    region (a whole evaluation pass), reuses the cast for every batch.
+    """
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        y = LinearFn.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias, False)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def make_activation(name):
@@ -80,11 +116,11 @@ def make_mlp(n_layers, d_in, d_hidden, d_out, activation, drop):
     """
     layers, d = [], d_in
     for _ in range(n_layers - 1):
-        layers += [nn.Linear(d, d_hidden), make_activation(activation)]
+        layers += [Linear(d, d_hidden), make_activation(activation)]
         if drop > 0:
             layers.append(Dropout(drop))
         d = d_hidden
-    layers.append(nn.Linear(d, d_out))
+    layers.append(Linear(d, d_out))
     return nn.Sequential(*layers)
 
 
@@ -99,6 +135,7 @@ class Layout:
     rows: torch.Tensor        # (N,) flat indices into B*L of the positions computed; None = all positions
     key_pad: torch.Tensor     # (B, L) bool, True = padding: keys the attention must ignore
     positions: torch.Tensor   # (N,) utterance index inside its dialogue
+    dialogue: torch.Tensor    # (N,) dialogue index in the batch
     B: int
     L: int
 
@@ -112,6 +149,24 @@ class Layout:
         if self.rows is not None:
             x = x.new_zeros((self.B * self.L,) + x.shape[1:]).index_copy(0, self.rows, x)
         return x.view(self.B, self.L, *x.shape[1:])
+
+    def to_heads(self, x, h):
+        """(N, H) -> (B, h, L, H/h), contiguous as batched matmuls want it; zeros at positions not computed.
+
+        Scattering straight into this layout saves the copy a transposed (B, L, h, dh) view would cost.
+        """
+        x = x.view(x.shape[0], h, -1)                                              # (N, h, dh)
+        if self.rows is None:
+            return x.view(self.B, self.L, h, -1).transpose(1, 2).contiguous()
+        out = x.new_zeros(self.B, h, self.L, x.shape[-1])
+        out[self.dialogue, :, self.positions] = x
+        return out
+
+    def from_heads(self, x):
+        """(B, h, L, dh) -> (N, h*dh)."""
+        if self.rows is None:
+            return x.transpose(1, 2).reshape(self.B * self.L, -1)
+        return x[self.dialogue, :, self.positions].flatten(1)                      # (N, h, dh) -> (N, H)
 
 
 class PositionalEncoding(nn.Module):
@@ -132,22 +187,21 @@ class MultiHeadedAttention(nn.Module):
     def __init__(self, n_head, dim, dropout):
         super().__init__()
         self.n_head, self.d_head = n_head, dim // n_head
-        self.linear_k = nn.Linear(dim, dim)
-        self.linear_v = nn.Linear(dim, dim)
-        self.linear_q = nn.Linear(dim, dim)
-        self.linear = nn.Linear(dim, dim)
+        self.linear_k = Linear(dim, dim)
+        self.linear_v = Linear(dim, dim)
+        self.linear_q = Linear(dim, dim)
+        self.linear = Linear(dim, dim)
         self.dropout = Dropout(dropout)
 
     def forward(self, source, target, lay):
-        B, L, h, dh = lay.B, lay.L, self.n_head, self.d_head
+        h, dh = self.n_head, self.d_head
         q = self.linear_q(target) / math.sqrt(dh)                                  # (N, H)
         k, v = self.linear_k(source), self.linear_v(source)                        # (N, H)
-        q, k, v = (lay.to_padded(x).view(B, L, h, dh).transpose(1, 2) for x in (q, k, v))  # (B, h, L, dh)
+        q, k, v = (lay.to_heads(x, h) for x in (q, k, v))                          # (B, h, L, dh)
         scores = q @ k.transpose(-2, -1)                                           # (B, h, L, L)
-        scores = scores.masked_fill(lay.key_pad[:, None, None, :], NEG_FILL)
+        scores.masked_fill_(lay.key_pad[:, None, None, :], NEG_FILL)               # matmul's backward keeps q, k
         attn = self.dropout(torch.softmax(scores, dim=-1))
-        context = (attn @ v).transpose(1, 2).reshape(B, L, h * dh)                 # (B, L, H)
-        return self.linear(lay.to_rows(context))                                   # (N, H)
+        return self.linear(lay.from_heads(attn @ v))                               # (N, H)
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -155,8 +209,8 @@ class PositionwiseFeedForward(nn.Module):
 
     def __init__(self, dim, d_ff, dropout):
         super().__init__()
-        self.w_1 = nn.Linear(dim, d_ff)
-        self.w_2 = nn.Linear(d_ff, dim)
+        self.w_1 = Linear(dim, d_ff)
+        self.w_2 = Linear(d_ff, dim)
         self.layer_norm = nn.LayerNorm(dim, eps=1e-6)
         self.dropout_1 = Dropout(dropout)
         self.dropout_2 = Dropout(dropout)
@@ -182,7 +236,12 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """One cross-modal encoder: target attends to source (both (N, H) rows)."""
+    """One cross-modal encoder: target attends to source (both (N, H) rows).
+
+    The reference adds positions and speakers inside every encoder. All nine hold the same sinusoid table, so
+    the backbone makes each modality's (x + pos) + speaker sum once and passes it in; each encoder still
+    applies its own dropout to it. Its pos_emb stays for the checkpoint's buffer names.
+    """
 
     def __init__(self, dim, n_head, dropout):
         super().__init__()
@@ -190,24 +249,18 @@ class TransformerEncoder(nn.Module):
         self.transformer_inter = nn.ModuleList([TransformerEncoderLayer(dim, n_head, dim, dropout)])
         self.dropout = Dropout(dropout)
 
-    def forward(self, source, target, speaker_emb, lay):
-        # Under autocast the residual stream stays in the compute dtype (no float32 round trips);
-        # in float32 these casts do nothing.
-        pos = self.pos_emb(lay.positions).to(target.dtype)                         # (N, H)
-        speaker_emb = speaker_emb.to(target.dtype)
-        # (x + pos) + speaker, in this order: float addition is not associative and parity is checked to 1e-6.
-        if source is target:   # self-attention: positions, speakers and dropout applied once
-            target = source = self.dropout(target + pos + speaker_emb)
-        else:                  # cross-attention: each side gets its own positions+speakers+dropout
-            source = self.dropout(source + pos + speaker_emb)
-            target = self.dropout(target + pos + speaker_emb)
+    def forward(self, source, target, lay):
+        if source is target:   # self-attention: dropout applied once
+            target = source = self.dropout(target)
+        else:                  # cross-attention: each side gets its own dropout
+            source, target = self.dropout(source), self.dropout(target)
         return self.transformer_inter[0](source, target, lay)
 
 
 class UnimodalGate(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.fc = nn.Linear(dim, dim, bias=False)
+        self.fc = Linear(dim, dim, bias=False)
 
     def forward(self, x):
         return torch.sigmoid(self.fc(x)) * x
@@ -218,7 +271,7 @@ class MultimodalGate(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.fc = nn.Linear(dim, dim, bias=False)
+        self.fc = Linear(dim, dim, bias=False)
 
     def forward(self, *hs):
         stacked = torch.stack(hs, dim=-2)                                          # (N, 3, H)
@@ -242,7 +295,7 @@ class VEGA(nn.Module):
         for name in ENCODER_NAMES:
             self.add_module(f"{name}_gate", UnimodalGate(H))
         for m in MODALITIES:
-            self.add_module(f"features_reduce_{m}", nn.Linear(3 * H, H))
+            self.add_module(f"features_reduce_{m}", Linear(3 * H, H))
         self.last_gate = MultimodalGate(H)
         dims = {"t": cfg.text_dim, "a": cfg.audio_dim, "v": cfg.visual_dim}
         for m in MODALITIES:
@@ -260,23 +313,24 @@ class VEGA(nn.Module):
         if L > MAX_LEN:
             raise ValueError(f"a dialogue of {L} utterances exceeds the positional table ({MAX_LEN})")
         rows = None if compute_padding else (~pad_mask).flatten().nonzero().squeeze(1)  # (N,)
-        positions = torch.arange(L, device=pad_mask.device).repeat(B)              # (B*L,)
-        if rows is not None:
-            positions = positions.index_select(0, rows)                            # (N,)
-        return Layout(rows=rows, key_pad=pad_mask, positions=positions, B=B, L=L)
+        flat = torch.arange(B * L, device=pad_mask.device) if rows is None else rows
+        return Layout(rows=rows, key_pad=pad_mask, positions=flat % L, dialogue=flat // L, B=B, L=L)
 
     def backbone(self, batch, lay):
         """Fused features per modality and overall, as rows: {'t','a','v','all'} -> (N, H)."""
-        speaker_emb = self.speaker_embeddings(lay.to_rows(batch.speakers))         # (N, H)
         feats = {"t": batch.text, "a": batch.audio, "v": batch.visual}
-        x = {m: RowConv1x1.apply(lay.to_rows(feats[m]), getattr(self, INPUT_LAYERS[m]).weight)
-             for m in MODALITIES}                                                   # (N, D) -> (N, H)
+        x = {m: LinearFn.apply(lay.to_rows(feats[m]), getattr(self, INPUT_LAYERS[m]).weight.squeeze(-1), None,
+                               True) for m in MODALITIES}                           # (N, D) -> (N, H)
+        # Under autocast the residual stream stays in the compute dtype; in float32 these casts do nothing.
+        speaker_emb = self.speaker_embeddings(lay.to_rows(batch.speakers)).to(x["t"].dtype)  # (N, H)
+        pos = self.t_t.pos_emb(lay.positions).to(x["t"].dtype)                     # (N, H), same in every encoder
+        # (x + pos) + speaker, in this order: float addition is not associative and parity is checked to 1e-6.
+        x = {m: x[m] + pos + speaker_emb for m in MODALITIES}
         h = {}
         for target, names in ENCODERS_BY_TARGET.items():
             gated = []
             for name in names:
-                source = x[name.split("_")[0]]
-                y = getattr(self, name)(source, x[target], speaker_emb, lay)       # (N, H)
+                y = getattr(self, name)(x[name.split("_")[0]], x[target], lay)     # (N, H)
                 gated.append(getattr(self, f"{name}_gate")(y))
             h[target] = getattr(self, f"features_reduce_{target}")(torch.cat(gated, dim=-1))  # (N, 3H) -> (N, H)
         h["all"] = self.last_gate(h["t"], h["a"], h["v"])

@@ -1,4 +1,5 @@
 """Losses, one training epoch, one evaluation epoch (spec 2.3 and 3)."""
+import random
 import time
 
 import numpy as np
@@ -103,7 +104,9 @@ def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, devic
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
         batch = batch.to(device, non_blocking=True)
-        anchors = anchor_bank.pick(training=True, rand=cfg.rand, rng=rng) if anchor_bank is not None else None
+        anchors = None
+        if anchor_bank is not None and cfg.clip_loss:
+            anchors = anchor_bank.pick(training=True, rand=cfg.rand, rng=rng or random)
         with autocast(device, amp_dtype):
             out = model(batch, anchors)
         losses = compute_losses(out, batch, cfg, class_weights)
@@ -144,23 +147,26 @@ def eval_epoch(model, loader, cfg, anchor_bank, class_weights, device, amp_dtype
         anchors = anchor_bank.pick(training=False, rand=cfg.rand)
     preds = {m: [] for m in ("all", "t", "a", "v")}
     probs, labels, dialogue_ids, utt_index, speakers = [], [], [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        batch = batch.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
+    # One autocast region for the whole pass: autocast then casts each weight once per pass, not once per
+    # batch (its weight cache lives until the outermost region ends, and the weights do not change here).
+    with autocast(device, amp_dtype):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+            batch = batch.to(device, non_blocking=True)
             out = model(batch, anchors)
-        valid = ~batch.pad_mask                                                 # (B, L)
-        if with_losses:
-            _accumulate(sums, compute_losses(out, batch, cfg, class_weights))
-        for m in preds:
-            preds[m].append(out[f"{m}_logit"][valid].argmax(-1).cpu())
-        probs.append(torch.softmax(out["all_logit"][valid].float(), -1).cpu())
-        labels.append(batch.labels[valid].cpu())
-        speakers.append(batch.speakers[valid].cpu())
-        lengths = valid.sum(1).tolist()
-        for did, n in zip(batch.dialogue_ids, lengths):
-            dialogue_ids += [did] * n
-            utt_index += list(range(n))
-        n_batches += 1
+            valid = ~batch.pad_mask                                             # (B, L)
+            if with_losses:
+                with autocast(device, None):   # losses in float32, as in training
+                    _accumulate(sums, compute_losses(out, batch, cfg, class_weights))
+            for m in preds:
+                preds[m].append(out[f"{m}_logit"][valid].argmax(-1).cpu())
+            probs.append(torch.softmax(out["all_logit"][valid].float(), -1).cpu())
+            labels.append(batch.labels[valid].cpu())
+            speakers.append(batch.speakers[valid].cpu())
+            lengths = valid.sum(1).tolist()
+            for did, n in zip(batch.dialogue_ids, lengths):
+                dialogue_ids += [did] * n
+                utt_index += list(range(n))
+            n_batches += 1
     result = {
         "losses": {k: v / max(n_batches, 1) for k, v in sums.items()},
         "preds": {m: torch.cat(v).numpy() for m, v in preds.items()},

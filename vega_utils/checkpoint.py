@@ -36,7 +36,7 @@ def read_checkpoint(path):
             raise VegaError(f"checkpoint {path} holds arbitrary Python objects and was refused: loading it "
                             "would execute code (only tensors and plain values are accepted)") from None
         raise VegaError(f"checkpoint {path} is not a readable checkpoint (corrupt or not a torch file)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as e:
         raise VegaError(f"checkpoint {path} is not a readable checkpoint (truncated or corrupt: "
                         f"{str(e).splitlines()[0][:120]})") from None
     return obj
@@ -72,11 +72,12 @@ def guess_config(state):
         hints["audio_dim"] = int(state["acouf_input.weight"].shape[1])
     heads = sorted({int(k.split(".")[1]) for k in state if k.startswith("all_output_layer.")})
     if heads:
-        hints["outlayer_num"] = len(heads) // 2 if len(heads) > 1 else 1
+        hints["outlayer_num"] = len(heads)
         last = f"all_output_layer.{max(heads)}.weight"
         if last in state:
             hints["n_classes"] = int(state[last].shape[0])
-        hints["outlayer_drop"] = "0" if heads[:2] == [0, 2] else "> 0" if len(heads) > 1 else "?"
+        if len(heads) > 1:
+            hints["outlayer_drop"] = "0" if heads[1] - heads[0] == 2 else "above 0"
     return hints
 
 
@@ -107,3 +108,36 @@ def load_backbone(model, state, path, log=print):
     model.load_state_dict(given, strict=False)  # strictness checked above, on backbone keys
     if branch:
         log(f"note: ignoring {len(branch)} VEGA-branch entries in {path} (not used for predictions)")
+
+
+def describe_format(obj):
+    """One phrase naming the layout of a loaded checkpoint, for the report."""
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        kind = "this project's resume file" if "model" in obj else "this project's best-epoch checkpoint"
+        return f"{kind} (epoch {obj.get('epoch', obj.get('state', {}).get('epoch', '?'))})"
+    if isinstance(obj, dict) and "state_dict" in obj:
+        return "a dict with a 'state_dict' entry"
+    return "a bare state_dict (the published format)"
+
+
+def fitting_settings(state):
+    """Config values a state_dict's shapes reveal: Dataset, hidden_dim, outlayer_num and whether the heads
+    have dropout modules (`outlayer_dropout`). n_head, activations and dropout rates leave no trace in
+    the shapes, so they cannot be recovered."""
+    from .common import DATASETS
+    found = {}
+    speakers, audio = state.get("speaker_embeddings.weight"), state.get("acouf_input.weight")
+    if torch.is_tensor(speakers) and speakers.dim() == 2:
+        found["hidden_dim"] = int(speakers.shape[1])
+        for name, info in DATASETS.items():
+            if (speakers.shape[0] == info.n_speakers + 1 and torch.is_tensor(audio) and audio.dim() == 3
+                    and audio.shape[1] == info.audio_dim):
+                found["Dataset"] = name
+    # Module indices of the `all` head's linears: a step of 3 means Linear, activation, Dropout; 2, no Dropout.
+    layers = sorted({int(k.split(".")[1]) for k in state
+                     if k.startswith("all_output_layer.") and k.split(".")[1].isdigit()})
+    if layers:
+        found["outlayer_num"] = len(layers)
+        if len(layers) > 1:
+            found["outlayer_dropout"] = layers[1] - layers[0] == 3
+    return found

@@ -1,0 +1,283 @@
+"""Score a VEGA checkpoint: weighted F1 (the paper's headline), true accuracy, weighted precision (what the
+reference prints as "ACC"), macro F1, per-class scores and the confusion matrix of the `all` head.
+
+    python inference.py --checkpoint "checkpoint/IEMOCAP.pth"
+    python inference.py --checkpoint "output/IEMOCAP/[1125-1952]/BEST_cls_f1_[70.12]_epoch42.pth" \
+        --predictions_out predictions.csv --json scores.json
+
+Checkpoints: a bare backbone state_dict (the authors' published IEMOCAP.pth), a dict with a 'state_dict'
+entry, and this project's files, which carry their config (the model is rebuilt from it). Files are read
+with torch.load(weights_only=True); one that needs arbitrary unpickling is refused. The dataset pickle is
+unpickled in full and can execute code: only use data files from a trusted source.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader
+
+import train
+from dataloader import DialogueDataset, collate, load_dialogues, make_loaders, speaker_names
+from model import VEGA
+from vega_utils import checkpoint, report
+from vega_utils.common import DATASETS, VegaError, atomic_write_text, dataset_info, resolve_device, \
+    tune_cpu_allocator
+from vega_utils.config import ACTIVATIONS, Config, load_preset, resolve
+
+# The reference's model flags: (flag, config key, type, choices). They build the model of a file without
+# a config; with a config, a flag that contradicts it is an error.
+MODEL_FLAGS = [
+    ("dataset", "Dataset", str, list(DATASETS)), ("hidden_dim", "hidden_dim", int, None),
+    ("n_head", "n_head", int, None), ("dropout", "dropout", float, None),
+    ("outlayer_drop", "outlayer_drop", float, None), ("outlayer_num", "outlayer_num", int, None),
+    ("outlayer_activation_fn", "outlayer_activation_fn", str, list(ACTIVATIONS)),
+    ("clip_dim", "clip_dim", int, None), ("clip_proj_layer_num", "clip_proj_layer_num", int, None),
+    ("clip_proj_activation_fn", "clip_proj_activation_fn", str, list(ACTIVATIONS)),
+    ("clip_proj_drop", "clip_proj_drop", float, None), ("expr_img_folder", "expr_img_folder", str, None),
+    ("rand", "rand", float, None),
+]
+FLAG_OF = {key: flag for flag, key, _, _ in MODEL_FLAGS} | {"clip_loss": "clip_loss"}
+DEFAULT_CLIP_DIM = 512  # the VEGA branch is built but never loaded, so its width only has to be valid
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="checkpoint/IEMOCAP.pth")
+    # default=SUPPRESS: only flags actually given appear in args, so they can be checked against a config
+    for flag, _, kind, choices in MODEL_FLAGS:
+        p.add_argument(f"--{flag}", type=kind, choices=choices, default=argparse.SUPPRESS)
+    p.add_argument("--clip_loss", dest="clip_loss", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument("--no_clip_loss", dest="clip_loss", action="store_false", default=argparse.SUPPRESS)
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--num_workers", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--data_path", help="dataset pickle (default: the checkpoint's, else the dataset's)")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--cpu", action="store_true", help="the reference's flag: same as --device cpu")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+                   help="autocast: auto = fp16 on CUDA, bf16 on the CPU; off = float32")
+    p.add_argument("--predictions_out", metavar="CSV", help="per-utterance labels, predictions, probabilities")
+    p.add_argument("--json", metavar="PATH", help="the reported numbers as JSON (fractions, not percent)")
+    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+# ---------------------------------------------------------------- checkpoint and config
+def read_checkpoint(path):
+    """checkpoint.read_checkpoint, plus the odd errors torch's safe unpickler raises on foreign files."""
+    try:
+        return checkpoint.read_checkpoint(path)
+    except VegaError:
+        raise
+    except Exception as e:  # e.g. IndexError from the weights-only unpickler on a text file
+        raise VegaError(f"checkpoint {path} is not a readable checkpoint (corrupt or not a torch file: "
+                        f"{type(e).__name__})") from None
+
+
+def unpack(obj, path):
+    """(state_dict, saved config or None). This project's resume files keep the whole model under 'model'."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj:
+        return obj["model"], obj.get("config")
+    state, config, _ = checkpoint.split_checkpoint(obj, path)
+    return state, config
+
+
+def given_model_flags(args):
+    return {key: getattr(args, flag) for key, flag in FLAG_OF.items() if hasattr(args, flag)}
+
+
+def same(a, b):
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def model_config(args, saved, path):
+    """The resolved Config to build, and where its model settings came from."""
+    given = given_model_flags(args)
+    if saved is None:
+        cfg = load_preset(given.get("Dataset", "IEMOCAP")).replace(**given)
+        cfg = cfg.replace(clip_dim=given.get("clip_dim", DEFAULT_CLIP_DIM))
+        source = "flags and the reference defaults (the checkpoint carries no config)"
+    else:
+        try:
+            cfg = Config.from_dict(saved)
+        except (VegaError, TypeError) as e:
+            raise VegaError(f"checkpoint {path} carries a config this version cannot read: {e}") from None
+        clash = [f"--{FLAG_OF[k]} {v} (the checkpoint's config has {k}={getattr(cfg, k)})"
+                 for k, v in given.items() if not same(getattr(cfg, k), v)]
+        if clash:
+            raise VegaError(f"checkpoint {path} carries its config, and flags contradict it: " + "; ".join(clash)
+                            + ". Drop those flags: the model is rebuilt from the checkpoint")
+        source = "the checkpoint's config"
+    runtime = {k: getattr(args, k) for k in ("batch_size", "num_workers") if hasattr(args, k)}
+    data_path = args.data_path or (cfg.data_path if saved is not None else None)
+    return resolve(cfg.replace(data_path=data_path, **runtime)), source
+
+
+def load_weights(model, state, cfg, path, has_config):
+    """Strict backbone load; for a file without a config, the error also says which flags would fit."""
+    try:
+        checkpoint.load_backbone(model, state, path, log=print)
+    except VegaError as e:
+        if "does not fit this model" not in str(e):   # e.g. non-finite values: nothing to suggest
+            raise
+        if has_config:
+            raise VegaError(f"{e}. The file's weights do not match its own config: it is damaged or "
+                            "was edited") from None
+        fix = fitting_flags(checkpoint.fitting_settings(state), cfg)
+        raise VegaError(f"{e}" + (f". To score it, try: {fix}" if fix else "")) from None
+
+
+def fitting_flags(found, cfg):
+    """Flags (different from the current ones) that would build a model with the file's shapes."""
+    flags = [f"--{FLAG_OF[k]} {found[k]}" for k in ("Dataset", "hidden_dim", "outlayer_num")
+             if k in found and found[k] != getattr(cfg, k)]
+    if found.get("outlayer_dropout") is False and cfg.outlayer_drop > 0:
+        flags.append("--outlayer_drop 0")
+    if found.get("outlayer_dropout") and cfg.outlayer_drop == 0:
+        flags.append("--outlayer_drop <any value above 0>")
+    return " ".join(flags)
+
+
+# ---------------------------------------------------------------- running
+def pick_device(args):
+    if args.cpu:
+        if args.device not in ("auto", "cpu"):
+            raise VegaError(f"--cpu contradicts --device {args.device}: give one of them")
+        return torch.device("cpu")
+    return resolve_device(args.device)
+
+
+def check_output_paths(args, cfg):
+    """Never overwrite the checkpoint or the data file, nor write both outputs to one file."""
+    outputs = [(f, p) for f, p in (("--predictions_out", args.predictions_out), ("--json", args.json)) if p]
+    inputs = [("the checkpoint", args.checkpoint), ("the data file", cfg.data_path)]
+    for flag, out in outputs:
+        for what, src in inputs:
+            if src and os.path.realpath(out) == os.path.realpath(src):
+                raise VegaError(f"{flag} {out} is {what}; refusing to overwrite it")
+    if len(outputs) == 2 and os.path.realpath(outputs[0][1]) == os.path.realpath(outputs[1][1]):
+        raise VegaError(f"--predictions_out and --json name the same file {args.json}")
+
+
+def split_loader(data, cfg, split, pin_memory):
+    if split == "test":
+        return make_loaders(data, cfg, pin_memory=pin_memory)["test"]
+    # the training dialogues as stored: no feature dropout, file order
+    return DataLoader(DialogueDataset(data.dialogues(data.train_ids), augment=False), batch_size=cfg.batch_size,
+                      num_workers=cfg.num_workers, pin_memory=pin_memory,
+                      collate_fn=partial(collate, n_speakers=data.n_speakers))
+
+
+def evaluate(model, cfg, args, device, amp_dtype):
+    data = load_dialogues(cfg.data_path, cfg.Dataset)
+    loader = split_loader(data, cfg, args.split, pin_memory=device.type == "cuda")
+    weights = torch.tensor(dataset_info(cfg.Dataset).class_weights, device=device)
+    progress = not args.no_progress and sys.stderr.isatty()
+    return train.eval_epoch(model, loader, cfg, None, weights, device, amp_dtype, with_losses=False,
+                            desc=f"scoring {args.split}", progress=progress)
+
+
+# ---------------------------------------------------------------- report
+def pct(x):
+    return f"{100 * x:.2f}"
+
+
+def format_report(m, heads, class_names):
+    lines = [f"weighted F1 {pct(m['weighted_f1'])} | accuracy {pct(m['accuracy'])} | weighted precision "
+             f"(the reference's \"ACC\") {pct(m['weighted_precision'])} | macro F1 {pct(m['macro_f1'])}",
+             "weighted F1 per head: " + ", ".join(f"{h} {pct(v)}" for h, v in heads.items()), ""]
+    width = max(len(n) for n in class_names + ["class"]) + 2
+    lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}")
+    for name in class_names:
+        c = m["per_class"][name]
+        lines.append(f"{name:<{width}}{pct(c['precision']):>10}{pct(c['recall']):>8}{pct(c['f1']):>8}"
+                     f"{c['support']:>9}")
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class)"]
+    col = max(len(n) for n in class_names) + 2
+    lines.append(" " * width + "".join(f"{n:>{col}}" for n in class_names))
+    for name, row in zip(class_names, m["confusion"]):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{col}}" for v in row))
+    return "\n".join(lines)
+
+
+def recorded_line(obj, split):
+    """The test score stored in a project checkpoint, to compare with what was just measured."""
+    metrics = obj.get("metrics") if isinstance(obj, dict) else None
+    if split != "test" or not isinstance(metrics, dict) or "weighted_f1" not in metrics:
+        return None
+    return f"recorded in the checkpoint at training time: weighted F1 {pct(metrics['weighted_f1'])}"
+
+
+def write_outputs(args, cfg, ev, m, heads, context):
+    class_names = list(dataset_info(cfg.Dataset).class_names)
+    if args.predictions_out:
+        names = speaker_names(cfg.Dataset)
+        report.write_predictions_csv(args.predictions_out, ev["dialogue_ids"], ev["utterance_index"],
+                                     [names[s] for s in ev["speakers"]], ev["labels"], ev["preds"]["all"],
+                                     ev["probs"], class_names)
+        print(f"predictions: {args.predictions_out}")
+    if args.json:
+        body = {**context, "class_names": class_names, "metrics": m, "head_weighted_f1": heads}
+        atomic_write_text(args.json, json.dumps(body, indent=2) + "\n")
+        print(f"scores: {args.json}")
+
+
+def score(args):
+    obj = read_checkpoint(args.checkpoint)
+    state, saved = unpack(obj, args.checkpoint)
+    cfg, source = model_config(args, saved, args.checkpoint)
+    check_output_paths(args, cfg)
+    device = pick_device(args)
+    amp_dtype = train.resolve_amp(args.amp, device)
+    if device.type == "cuda" and amp_dtype is None:
+        # float32 must mean float32 on CUDA too (cuDNN convolutions default to TF32), so CPU and CUDA agree
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"checkpoint: {args.checkpoint}, {checkpoint.describe_format(obj)}")
+    print(f"model: {cfg.Dataset}, hidden_dim {cfg.hidden_dim}, n_head {cfg.n_head}, outlayer {cfg.outlayer_num} x "
+          f"{cfg.outlayer_activation_fn} (drop {cfg.outlayer_drop}), from {source}")
+    if saved is None:
+        print("note: n_head and the activation cannot be read from the weights; pass --n_head / "
+              "--outlayer_activation_fn if the model was trained with other values")
+    model = VEGA(cfg)
+    load_weights(model, state, cfg, args.checkpoint, saved is not None)
+    model.to(device)
+    ev = evaluate(model, cfg, args, device, amp_dtype)
+    class_names = list(dataset_info(cfg.Dataset).class_names)
+    m = report.classification_metrics(ev["labels"], ev["preds"]["all"], class_names)
+    heads = report.head_f1s(ev["labels"], ev["preds"])
+    amp_name = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"
+    print(f"data: {cfg.data_path}, {args.split} split, {len(set(ev['dialogue_ids']))} dialogues, {m['n']} "
+          f"utterances; device {device}, {amp_name}\n")
+    print(format_report(m, heads, class_names))
+    recorded = recorded_line(obj, args.split)
+    if recorded:
+        print(f"\n{recorded}")
+    context = {"checkpoint": args.checkpoint, "checkpoint_format": checkpoint.describe_format(obj),
+               "config_source": source, "dataset": cfg.Dataset, "data_path": cfg.data_path, "split": args.split,
+               "device": str(device), "precision": amp_name}
+    write_outputs(args, cfg, ev, m, heads, context)
+    return 0
+
+
+def main(argv=None):
+    tune_cpu_allocator()
+    args = parser().parse_args(argv)
+    try:
+        return score(args)
+    except VegaError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""End to end: short training runs on generated data, the run folder, validation selection, resume, seeds."""
+import glob
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import main
+import run
+import train
+from vega_utils import report
+from vega_utils.common import dataset_info
+from vega_utils.config import load_preset, resolve
+from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+
+# Small and quick to learn (the paper's dropout and rate need hundreds of epochs).
+SMALL = dict(hidden_dim=64, n_head=4, lr=3e-3, dropout=0.1, outlayer_drop=0.1, clip_dim=512, epochs=6,
+             patience=31, batch_size=3)
+RUN_FILES = ["config.json", "metrics.jsonl", "summary.json", "predictions.csv", "curves.png",
+             "confusion.png", "last.pth"]
+
+
+@pytest.fixture(scope="module")
+def iemocap_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("iemocap")
+    make_synthetic_dataset(root / "IEMOCAP.pkl", n_train=36, n_test=10, max_len=20, signal=2.5, seed=3)
+    make_synthetic_anchor_cache(root / "anchor.pt", clip_dim=512, seed=3)
+    return root
+
+
+def small_cfg(files, out, dataset="IEMOCAP", **kw):
+    data = files / ("IEMOCAP.pkl" if dataset == "IEMOCAP" else "meld.pkl")
+    return resolve(load_preset(dataset).replace(data_path=str(data), anchor_path=str(files / "anchor.pt"),
+                                                output_dir=str(out), **{**SMALL, **kw}))
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def majority_f1(labels, class_names):
+    majority = np.bincount(labels).argmax()
+    return report.classification_metrics(labels, np.full_like(labels, majority), class_names)["weighted_f1"]
+
+
+def test_short_run_learns_and_writes_every_file(iemocap_files, tmp_path):
+    cfg = small_cfg(iemocap_files, tmp_path)
+    summary = main.train_run(cfg, progress=False)
+    run_dir = summary["run_dir"]
+    for name in RUN_FILES:
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+    best = glob.glob(os.path.join(glob.escape(run_dir), "BEST_cls_f1_*_epoch*.pth"))
+    assert len(best) == 1   # older, worse bests are removed
+    for png in ("curves.png", "confusion.png"):
+        Image.open(os.path.join(run_dir, png)).verify()
+
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    assert [r["epoch"] for r in rows] == list(range(1, cfg.epochs + 1))
+    for key in ("train_seconds", "eval_seconds", "train_loss", "test_loss", "train_cls_all", "test_clip_kl_v",
+                "test_f1_all", "test_f1_t", "test_f1_a", "test_f1_v", "test_accuracy",
+                "test_weighted_precision", "test_macro_f1"):
+        assert key in rows[0], key
+    best_row = max(rows, key=lambda r: r["test_f1_all"])
+    assert summary["best_epoch"] == best_row["epoch"]
+    assert f"_epoch{best_row['epoch']}.pth" in best[0]
+
+    # Learned: far above always predicting the majority class.
+    preds = pd.read_csv(os.path.join(run_dir, "predictions.csv"))
+    names = list(dataset_info("IEMOCAP").class_names)
+    labels = preds["label"].map(names.index).to_numpy()
+    assert summary["best"]["test"]["weighted_f1"] > majority_f1(labels, names) + 0.25
+    recomputed = report.metrics_from_predictions_csv(os.path.join(run_dir, "predictions.csv"), names)
+    assert recomputed["weighted_f1"] == pytest.approx(summary["best"]["test"]["weighted_f1"], abs=1e-9)
+
+    # The best checkpoint loads with weights_only and reproduces the saved predictions.
+    import inference
+    out_csv = tmp_path / "again.csv"
+    assert inference.main(["--checkpoint", best[0], "--predictions_out", str(out_csv), "--no_progress"]) == 0
+    again = pd.read_csv(out_csv)
+    assert (again["prediction"] == preds["prediction"]).all()
+    prob_cols = [f"p_{c}" for c in names]
+    np.testing.assert_allclose(again[prob_cols].to_numpy(), preds[prob_cols].to_numpy(), atol=2e-6)
+
+    saved = json.load(open(os.path.join(run_dir, "config.json")))
+    assert saved["hidden_dim"] == 64 and "git_commit" in saved and "torch_version" in saved
+
+
+def test_meld_end_to_end(tmp_path):
+    make_synthetic_dataset(tmp_path / "meld.pkl", dataset="MELD", n_train=30, n_test=8, max_len=14,
+                           signal=2.5, seed=4)
+    make_synthetic_anchor_cache(tmp_path / "anchor.pt", dataset="MELD", clip_dim=512, seed=4)
+    cfg = small_cfg(tmp_path, tmp_path / "out", dataset="MELD", epochs=3)
+    summary = main.train_run(cfg, progress=False)
+    assert len(summary["best"]["test"]["per_class"]) == 7
+    assert "p_disgust" in pd.read_csv(os.path.join(summary["run_dir"], "predictions.csv")).columns
+
+
+def test_two_runs_in_one_minute_get_separate_folders(iemocap_files, tmp_path):
+    cfg = small_cfg(iemocap_files, tmp_path)
+    assert main.make_run_dir(cfg) != main.make_run_dir(cfg)
+
+
+def test_validation_split_selects_on_validation(iemocap_files, tmp_path):
+    cfg = small_cfg(iemocap_files, tmp_path, valid_ratio=0.25, epochs=4)
+    summary = main.train_run(cfg, progress=False)
+    assert summary["selected_on"] == "valid"
+    rows = read_jsonl(os.path.join(summary["run_dir"], "metrics.jsonl"))
+    best = max(rows, key=lambda r: r["valid_f1_all"])   # first maximum = strictly better rule
+    assert summary["best_epoch"] == best["epoch"]
+    assert summary["best"]["test"]["weighted_f1"] == pytest.approx(best["test_f1_all"])
+    held = json.load(open(os.path.join(summary["run_dir"], "valid_ids.json")))
+    assert len(held) == 9
+    assert not set(held) & set(pd.read_csv(os.path.join(summary["run_dir"], "predictions.csv"))["dialogue_id"])
+
+
+def test_resume_gives_the_uninterrupted_result(iemocap_files, tmp_path, monkeypatch):
+    cfg = small_cfg(iemocap_files, tmp_path, amp="off", epochs=4, scheduler=True)
+    full = read_jsonl(os.path.join(main.train_run(cfg, progress=False)["run_dir"], "metrics.jsonl"))
+
+    real_epoch = train.train_epoch
+
+    def interrupt_at_3(*args, **kw):
+        if args[10] == 3:   # the epoch argument
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kw)
+    monkeypatch.setattr(train, "train_epoch", interrupt_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        main.train_run(cfg.replace(output_dir=str(tmp_path / "b")), progress=False)
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    run_dir = glob.glob(str(tmp_path / "b" / "*" / "*"))[0]
+    assert len(read_jsonl(os.path.join(run_dir, "metrics.jsonl"))) == 2
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["stopped"] == "interrupted"
+    assert glob.glob(os.path.join(glob.escape(run_dir), "BEST_*.pth"))
+
+    assert run.run(["--resume", run_dir, "--no_progress"]) == 0
+    resumed = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    timing = {"train_seconds", "eval_seconds"}
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in resumed]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in full]
+
+
+def test_seeds_write_aggregate_statistics(iemocap_files, tmp_path, monkeypatch):
+    argv = ["--data_path", str(iemocap_files / "IEMOCAP.pkl"), "--anchor_path", str(iemocap_files / "anchor.pt"),
+            "--output_dir", str(tmp_path), "--hidden_dim", "32", "--clip_dim", "512", "--epochs", "2",
+            "--lr", "1e-3", "--no_progress", "--seeds", "1", "2", "3"]
+    assert run.run(argv) == 0
+    folder = glob.glob(str(tmp_path / "IEMOCAP" / "aggregate-*"))[0]
+    agg = json.load(open(os.path.join(folder, "aggregate.json")))
+    assert agg["n_seeds"] == 3 and not agg["failed"]
+    values = []
+    for entry in agg["per_seed"]:
+        summary = json.load(open(os.path.join(entry["run_dir"], "summary.json")))
+        values.append(summary["best"]["test"]["weighted_f1"])
+    stats = agg["metrics"]["weighted_f1"]
+    assert stats["mean"] == pytest.approx(np.mean(values))
+    assert stats["std"] == pytest.approx(np.std(values, ddof=1))
+    assert stats["min"] == pytest.approx(min(values)) and stats["max"] == pytest.approx(max(values))
+    assert "f1_happy" in agg["metrics"]
+    assert os.path.exists(os.path.join(folder, "aggregate.md"))
+    Image.open(os.path.join(folder, "per_class_f1.png")).verify()
+
+
+def test_failed_seed_does_not_lose_the_others(iemocap_files, tmp_path, monkeypatch):
+    real = main.train_run
+
+    def fail_seed_2(cfg, **kw):
+        if cfg.seed == 2:
+            raise main.VegaError("simulated failure")
+        return real(cfg, **kw)
+    monkeypatch.setattr(main, "train_run", fail_seed_2)
+    argv = ["--data_path", str(iemocap_files / "IEMOCAP.pkl"), "--anchor_path", str(iemocap_files / "anchor.pt"),
+            "--output_dir", str(tmp_path), "--hidden_dim", "32", "--clip_dim", "512", "--epochs", "1",
+            "--no_progress", "--seeds", "1", "2"]
+    assert run.run(argv) == 1
+    agg = json.load(open(glob.glob(str(tmp_path / "IEMOCAP" / "aggregate-*" / "aggregate.json"))[0]))
+    assert agg["n_seeds"] == 1 and agg["failed"][0]["seed"] == 2
+
+
+def test_ablation_flags(iemocap_files):
+    base = ["--data_path", str(iemocap_files / "IEMOCAP.pkl")]
+    assert run.build_config(run.parser().parse_args(base + ["--ablation", "no_vega"])).clip_loss is False
+    assert run.build_config(run.parser().parse_args(base + ["--ablation", "no_stochastic_anchors"])).rand == 0
+    # An explicit flag wins over the ablation's setting.
+    cfg = run.build_config(run.parser().parse_args(base + ["--ablation", "no_vega", "--clip_loss"]))
+    assert cfg.clip_loss is True
+
+
+def test_losses_switches_and_non_finite_stop(iemocap_files, tmp_path):
+    cfg = small_cfg(iemocap_files, tmp_path, cls_loss=False, epochs=1)
+    rows = read_jsonl(os.path.join(main.train_run(cfg, progress=False)["run_dir"], "metrics.jsonl"))
+    assert "train_cls_all" not in rows[0] and "train_clip_all" in rows[0]   # --no_cls_loss is honoured
+    with pytest.raises(main.VegaError, match="non-finite loss"):
+        main.train_run(small_cfg(iemocap_files, tmp_path, lr=1e30, epochs=3, amp="off"), progress=False)
