@@ -27,7 +27,7 @@ from model import VEGA
 from vega_utils import checkpoint, report
 from vega_utils.common import DATASETS, VegaError, atomic_write_text, dataset_info, resolve_device, \
     tune_cpu_allocator
-from vega_utils.config import ACTIVATIONS, Config, load_preset, resolve
+from vega_utils.config import ACTIVATIONS, Config, OneLineParser, load_preset, resolve
 
 # The reference's model flags: (flag, config key, type, choices). They build the model of a file without
 # a config; with a config, a flag that contradicts it is an error.
@@ -46,7 +46,7 @@ DEFAULT_CLIP_DIM = 512  # the VEGA branch is built but never loaded, so its widt
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoint/IEMOCAP.pth")
     # default=SUPPRESS: only flags actually given appear in args, so they can be checked against a config
     for flag, _, kind, choices in MODEL_FLAGS:

@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from vega_utils.common import VegaError
-from vega_utils.config import add_config_flags, config_from_args, resolve
+from vega_utils.config import OneLineParser, add_config_flags, config_from_args, resolve
 
 ABLATIONS = {
     "no_vega": {"clip_loss": False},                      # backbone only (SDT-style self-distillation)
@@ -31,7 +31,7 @@ DEMO_DATA = dict(n_train=100, n_test=25, min_len=8, max_len=30, signal=2.5, seed
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p)
     p.add_argument("--demo", action="store_true", help="generate a small synthetic IEMOCAP-layout set and train on it")
     p.add_argument("--seeds", type=int, nargs="+", help="one complete run per seed, then aggregate statistics")

@@ -174,12 +174,11 @@ FLAG_ALIASES = {"batch_size": ["--batch-size", "--batch_size"]}
 DERIVED = {"text_dim", "audio_dim", "visual_dim", "n_speakers", "n_classes"}
 
 
-def _str2bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags end in one `error: ...` line and exit status 2 (argparse would print the usage too)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def add_config_flags(parser, skip=()):
@@ -188,19 +187,12 @@ def add_config_flags(parser, skip=()):
         if f.name in DERIVED or f.name in skip:
             continue
         flags = FLAG_ALIASES.get(f.name, [f"--{f.name}"])
-        kind = f.type if isinstance(f.type, type) else None
-        if f.type in (bool, "bool"):
+        if f.type is bool:
             parser.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS)
             parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS)
             continue
-        if f.type in (int, "int"):
-            kind = int
-        elif f.type in (float, "float"):
-            kind = float
-        elif "int" in str(f.type):
-            kind = int
-        else:
-            kind = str
+        # Optional[int] and friends: the first type argument
+        kind = f.type if f.type in (int, float, str) else f.type.__args__[0]
         choices = None
         if f.name == "Dataset":
             choices = ["IEMOCAP", "MELD"]
