@@ -196,3 +196,21 @@ def test_losses_switches_and_non_finite_stop(iemocap_files, tmp_path):
     assert "train_cls_all" not in rows[0] and "train_clip_all" in rows[0]   # --no_cls_loss is honoured
     with pytest.raises(main.VegaError, match="non-finite loss"):
         main.train_run(small_cfg(iemocap_files, tmp_path, lr=1e30, epochs=3, amp="off"), progress=False)
+
+
+def test_run_builds_missing_anchor_cache_from_images_then_trains(tmp_path, monkeypatch):
+    """The reference's behaviour: no cache but anchor/<expr_img_folder>/ exists -> build it, then train."""
+    from anchor_fixtures import make_image_folder, make_tiny_clip
+    monkeypatch.chdir(tmp_path)
+    names = list(dataset_info("IEMOCAP").class_names)
+    clip_dir = make_tiny_clip(tmp_path / "clip", projection_dim=24)
+    make_image_folder(tmp_path / "anchor" / "35", names, per_class=2)
+    make_synthetic_dataset(tmp_path / "data.pkl", n_train=8, n_test=4, max_len=10, seed=6)
+    argv = ["--data_path", str(tmp_path / "data.pkl"), "--CLIP_Model", clip_dir, "--hidden_dim", "32",
+            "--epochs", "1", "--no_progress", "--output_dir", str(tmp_path / "out")]
+    assert run.run(argv) == 0
+    cache = torch.load(tmp_path / "anchor" / "35_anchor.pt", weights_only=True)
+    assert cache["anchor_center"].shape == (6, 24)
+    run_dir = glob.glob(str(tmp_path / "out" / "IEMOCAP" / "*"))[0]
+    assert json.load(open(os.path.join(run_dir, "config.json")))["clip_dim"] == 24
+    assert run.run(argv) == 0   # second run loads the cache it built
