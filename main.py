@@ -188,6 +188,9 @@ def train_run(cfg, resume_dir=None, progress=True):
             scheduler.load_state_dict(last["scheduler"])
         state = last["state"]
         set_rng_state(last["rng"], loaders["train"].generator, anchor_rng)
+        # Rows of an epoch that finished after the last save (a crash between the two writes) are dropped.
+        atomic_write_text(os.path.join(run_dir, "metrics.jsonl"),
+                          "".join(json.dumps(row) + "\n" for row in state["history"]))
         log(f"resuming {run_dir} after epoch {state['epoch']}")
     else:
         run_dir = make_run_dir(cfg)

@@ -20,6 +20,8 @@ ENCODERS_BY_TARGET = {"t": ("t_t", "a_t", "v_t"), "a": ("a_a", "t_a", "v_a"), "v
 ENCODER_NAMES = tuple(n for names in ENCODERS_BY_TARGET.values() for n in names)
 INPUT_LAYERS = {"t": "textf_input", "a": "acouf_input", "v": "visuf_input"}
 MAX_LEN = 512
+import os
+_CONTIG = bool(os.environ.get('CONTIG'))
 NEG_FILL = -1e4  # padded-key score; small enough in magnitude for fp16 autocast
 
 
@@ -84,7 +86,7 @@ class LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad @ wc).to(x_dtype)                                       # (N, D)
         if ctx.needs_input_grad[1]:
-            grad_w = (grad.t().contiguous() @ xc).to(w_dtype)                      # (H, D)
+            grad_w = ((grad.t().contiguous() if _CONTIG else grad.t()) @ xc).to(w_dtype)                      # (H, D)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0).to(b_dtype)                                       # (H,)
         return grad_x, grad_w, grad_b, None
