@@ -25,8 +25,7 @@ import train
 from dataloader import DialogueDataset, collate, load_dialogues, make_loaders, speaker_names
 from model import VEGA
 from vega_utils import checkpoint, report
-from vega_utils.common import DATASETS, VegaError, atomic_write_text, dataset_info, resolve_device, \
-    tune_cpu_allocator
+from vega_utils.common import DATASETS, VegaError, atomic_write_text, dataset_info, resolve_device
 from vega_utils.config import ACTIVATIONS, Config, OneLineParser, load_preset, resolve
 
 # The reference's model flags: (flag, config key, type, choices). They build the model of a file without
@@ -268,7 +267,6 @@ def score(args):
 
 
 def main(argv=None):
-    tune_cpu_allocator()
     args = parser().parse_args(argv)
     try:
         return score(args)

@@ -1,8 +1,10 @@
 """VEGA: an SDT-style multimodal fusion transformer plus the VEGA visual-anchor branch (spec section 2).
 
-Every per-utterance layer runs on the valid utterances only, packed into rows (N, H); only attention needs
-the padded (B, L) layout. `compute_padding=True` pushes every padded position through every layer as the
-reference does (same parameters, same code), which the parity tests and the benchmark baseline use.
+Every per-utterance layer runs on the valid utterances only, packed into rows (N, H) (plus a few spare rows
+that keep matrix shapes repeating, see Layout); only attention needs the padded (B, L) layout.
+`compute_padding=True` pushes every padded position through every layer as the reference does (same
+parameters, same code), which the parity tests and the benchmark baseline use. Under autocast the products
+run in the lower precision and the residual stream stays in it; float32 is exact (the parity tests).
 
 Parameter names follow the reference exactly (`state_dict_manifest.json`): published checkpoints load strictly.
 """
@@ -20,9 +22,8 @@ ENCODERS_BY_TARGET = {"t": ("t_t", "a_t", "v_t"), "a": ("a_a", "t_a", "v_a"), "v
 ENCODER_NAMES = tuple(n for names in ENCODERS_BY_TARGET.values() for n in names)
 INPUT_LAYERS = {"t": "textf_input", "a": "acouf_input", "v": "visuf_input"}
 MAX_LEN = 512
-import os
-_CONTIG = bool(os.environ.get('CONTIG'))
 NEG_FILL = -1e4  # padded-key score; small enough in magnitude for fp16 autocast
+ROW_BUCKET, KEY_BUCKET = 64, 16  # packed rows and attention keys are padded to multiples of these (Layout)
 
 
 class Dropout(nn.Dropout):
@@ -57,11 +58,11 @@ def compute_dtype(x):
 class LinearFn(torch.autograd.Function):
     """y = x W^T + b for rows x (N, D), in the compute dtype, with a backward written for the CPU.
 
-    What autocast + F.linear would do, except: the weight gradient is (grad^T contiguous) @ x, about 2x faster
-    on the CPU than the strided product autograd uses; and with exact_conv (the input projections, whose
-    weights are Conv1d's) float32 goes through conv1d, which rounds exactly as the reference's padded Conv1d
-    (a plain matmul differs by ~1e-7 relative, too much for the 1e-6 parity) while lower precision uses a
-    matmul (mkldnn's bf16 conv for this shape is ~15x slower).
+    What autocast + F.linear would do, except: the weight gradient comes out as grad^T @ x, already in the
+    weight's layout (autograd's (x^T grad)^T needs a strided copy before it can be accumulated); and with
+    exact_conv (the input projections, whose weights are Conv1d's) float32 goes through conv1d, which rounds
+    exactly as the reference's padded Conv1d (a plain matmul differs by ~1e-7 relative, too much for the 1e-6
+    parity) while lower precision uses a matmul (mkldnn's bf16 conv for this shape is ~15x slower).
     """
 
     @staticmethod
@@ -86,7 +87,7 @@ class LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad @ wc).to(x_dtype)                                       # (N, D)
         if ctx.needs_input_grad[1]:
-            grad_w = ((grad.t().contiguous() if _CONTIG else grad.t()) @ xc).to(w_dtype)                      # (H, D)
+            grad_w = (grad.t() @ xc).to(w_dtype)                                   # (H, D), contiguous
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0).to(b_dtype)                                       # (H,)
         return grad_x, grad_w, grad_b, None
@@ -133,42 +134,58 @@ def is_backbone_key(name):
 
 @dataclass
 class Layout:
-    """How packed rows map to the padded batch. Built once per forward pass, passed to every encoder."""
-    rows: torch.Tensor        # (N,) flat indices into B*L of the positions computed; None = all positions
-    key_pad: torch.Tensor     # (B, L) bool, True = padding: keys the attention must ignore
-    positions: torch.Tensor   # (N,) utterance index inside its dialogue
-    dialogue: torch.Tensor    # (N,) dialogue index in the batch
+    """Where the computed rows sit in the batch. Built once per forward pass, passed to every encoder.
+
+    Packed (the default): the N valid utterances, then spare rows up to a multiple of ROW_BUCKET. oneDNN
+    builds a kernel for every new matrix shape (about 1 ms each), and a new row count in every batch made that
+    most of a training step; rounding rows (and the attention's key axis, to KEY_BUCKET) keeps the shapes few.
+    Spare rows sit at padding positions of the attention grid: masked as keys, never read as outputs.
+    Padded (compute_padding): every position of the (B, L) batch, as the reference computes.
+    """
+    valid: torch.Tensor       # (N,) flat indices into B*L of the valid utterances; None = all positions
+    dialogue: torch.Tensor    # (R,) dialogue of every computed row
+    positions: torch.Tensor   # (R,) position of every row in the attention grid (= utterance index if valid)
+    key_pad: torch.Tensor     # (B, Lg) bool, True = padding: keys the attention must ignore
     B: int
     L: int
+    Lg: int                   # length of the attention grid: L padded, >= L
 
-    def to_rows(self, x):
-        """(B, L, ...) -> (N, ...)."""
+    def to_rows(self, x, fill=0):
+        """(B, L, ...) -> (R, ...); spare rows hold `fill`."""
         x = x.flatten(0, 1)
-        return x if self.rows is None else x.index_select(0, self.rows)
+        if self.valid is None:
+            return x
+        spare = self.dialogue.shape[0] - self.valid.shape[0]
+        return torch.cat([x.index_select(0, self.valid), x.new_full((spare,) + x.shape[1:], fill)])
 
     def to_padded(self, x):
-        """(N, ...) -> (B, L, ...), zeros at positions not computed."""
-        if self.rows is not None:
-            x = x.new_zeros((self.B * self.L,) + x.shape[1:]).index_copy(0, self.rows, x)
+        """(R, ...) -> (B, L, ...), zeros at positions not computed."""
+        if self.valid is not None:
+            n = self.valid.shape[0]
+            x = x.new_zeros((self.B * self.L,) + x.shape[1:]).index_copy(0, self.valid, x[:n])
         return x.view(self.B, self.L, *x.shape[1:])
 
     def to_heads(self, x, h):
-        """(N, H) -> (B, h, L, H/h), contiguous as batched matmuls want it; zeros at positions not computed.
+        """(R, H) -> (B, h, Lg, H/h), contiguous as batched matmuls want it; zeros where no row sits.
 
         Scattering straight into this layout saves the copy a transposed (B, L, h, dh) view would cost.
         """
-        x = x.view(x.shape[0], h, -1)                                              # (N, h, dh)
-        if self.rows is None:
+        x = x.view(x.shape[0], h, -1)                                              # (R, h, dh)
+        if self.valid is None:
             return x.view(self.B, self.L, h, -1).transpose(1, 2).contiguous()
-        out = x.new_zeros(self.B, h, self.L, x.shape[-1])
+        out = x.new_zeros(self.B, h, self.Lg, x.shape[-1])
         out[self.dialogue, :, self.positions] = x
         return out
 
     def from_heads(self, x):
-        """(B, h, L, dh) -> (N, h*dh)."""
-        if self.rows is None:
+        """(B, h, Lg, dh) -> (R, h*dh)."""
+        if self.valid is None:
             return x.transpose(1, 2).reshape(self.B * self.L, -1)
-        return x[self.dialogue, :, self.positions].flatten(1)                      # (N, h, dh) -> (N, H)
+        return x[self.dialogue, :, self.positions].flatten(1)                      # (R, h, dh) -> (R, H)
+
+
+def round_up(n, k):
+    return -(-n // k) * k
 
 
 class PositionalEncoding(nn.Module):
@@ -200,6 +217,11 @@ class MultiHeadedAttention(nn.Module):
         q = self.linear_q(target) / math.sqrt(dh)                                  # (N, H)
         k, v = self.linear_k(source), self.linear_v(source)                        # (N, H)
         q, k, v = (lay.to_heads(x, h) for x in (q, k, v))                          # (B, h, L, dh)
+        if not torch.is_grad_enabled() and compute_dtype(q) != torch.float32:
+            # Evaluation in lower precision: the fused kernel. Every query has a valid key in its own dialogue,
+            # so masking with -inf instead of -1e4 gives the same weights.
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=~lay.key_pad[:, None, None, :], scale=1.0)
+            return self.linear(lay.from_heads(context))
         scores = q @ k.transpose(-2, -1)                                           # (B, h, L, L)
         scores.masked_fill_(lay.key_pad[:, None, None, :], NEG_FILL)               # matmul's backward keeps q, k
         attn = self.dropout(torch.softmax(scores, dim=-1))
@@ -314,9 +336,19 @@ class VEGA(nn.Module):
         B, L = pad_mask.shape
         if L > MAX_LEN:
             raise ValueError(f"a dialogue of {L} utterances exceeds the positional table ({MAX_LEN})")
-        rows = None if compute_padding else (~pad_mask).flatten().nonzero().squeeze(1)  # (N,)
-        flat = torch.arange(B * L, device=pad_mask.device) if rows is None else rows
-        return Layout(rows=rows, key_pad=pad_mask, positions=flat % L, dialogue=flat // L, B=B, L=L)
+        if compute_padding:
+            grid = torch.arange(B * L, device=pad_mask.device)
+            return Layout(valid=None, dialogue=grid // L, positions=grid % L, key_pad=pad_mask, B=B, L=L, Lg=L)
+        valid = (~pad_mask).flatten().nonzero().squeeze(1)                         # (N,)
+        n_rows = round_up(valid.shape[0], ROW_BUCKET)                              # R
+        if torch.is_autocast_enabled(pad_mask.device.type):
+            Lg = round_up(max(L, -(-n_rows // B)), KEY_BUCKET)                     # with room for spare rows
+        else:  # float32 keeps the key axis: extra masked keys reorder the softmax sums (~4e-7 at parity)
+            Lg, n_rows = L, min(n_rows, B * L)
+        key_pad = F.pad(pad_mask, (0, Lg - L), value=True)                         # (B, Lg)
+        spare = key_pad.flatten().nonzero().squeeze(1)[:n_rows - valid.shape[0]]   # padding positions
+        grid = torch.cat([valid // L * Lg + valid % L, spare])                     # (R,) flat into B*Lg
+        return Layout(valid=valid, dialogue=grid // Lg, positions=grid % Lg, key_pad=key_pad, B=B, L=L, Lg=Lg)
 
     def backbone(self, batch, lay):
         """Fused features per modality and overall, as rows: {'t','a','v','all'} -> (N, H)."""
@@ -324,8 +356,10 @@ class VEGA(nn.Module):
         x = {m: LinearFn.apply(lay.to_rows(feats[m]), getattr(self, INPUT_LAYERS[m]).weight.squeeze(-1), None,
                                True) for m in MODALITIES}                           # (N, D) -> (N, H)
         # Under autocast the residual stream stays in the compute dtype; in float32 these casts do nothing.
-        speaker_emb = self.speaker_embeddings(lay.to_rows(batch.speakers)).to(x["t"].dtype)  # (N, H)
-        pos = self.t_t.pos_emb(lay.positions).to(x["t"].dtype)                     # (N, H), same in every encoder
+        speakers = lay.to_rows(batch.speakers, fill=self.n_speakers)              # spare rows: padding id
+        speaker_emb = self.speaker_embeddings(speakers).to(x["t"].dtype)           # (R, H)
+        # every encoder holds the same table; spare rows past it (batches near MAX_LEN) reuse its last row
+        pos = self.t_t.pos_emb(lay.positions.clamp(max=MAX_LEN - 1)).to(x["t"].dtype)  # (R, H)
         # (x + pos) + speaker, in this order: float addition is not associative and parity is checked to 1e-6.
         x = {m: x[m] + pos + speaker_emb for m in MODALITIES}
         h = {}

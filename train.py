@@ -132,31 +132,70 @@ def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, devic
     return result
 
 
-@torch.inference_mode()
+EVAL_ROWS = 4096  # evaluation runs several loader batches as one forward pass, up to this many utterances
+
+
+def merge_batches(batches, n_speakers):
+    """Several collated batches as one, padded to the longest (padding as in dataloader.collate)."""
+    L = max(b.pad_mask.shape[1] for b in batches)
+
+    def cat(name, value):
+        parts = [getattr(b, name) for b in batches]
+        pads = [(0, 0) * (p.dim() - 2) + (0, L - p.shape[1]) for p in parts]    # pad dim 1 to L
+        return torch.cat([F.pad(p, pad, value=value) for p, pad in zip(parts, pads)])
+
+    return type(batches[0])(text=cat("text", 0.0), audio=cat("audio", 0.0), visual=cat("visual", 0.0),
+                            speakers=cat("speakers", n_speakers), pad_mask=cat("pad_mask", True),
+                            labels=cat("labels", -1), dialogue_ids=[d for b in batches for d in b.dialogue_ids])
+
+
+def eval_groups(loader, max_rows):
+    """The loader's batches in groups of at most max_rows utterances (a batch larger than that goes alone)."""
+    group, rows = [], 0
+    for batch in loader:
+        n = int((~batch.pad_mask).sum())
+        if group and rows + n > max_rows:
+            yield group
+            group, rows = [], 0
+        group.append(batch)
+        rows += n
+    if group:
+        yield group
+
+
+@torch.no_grad()  # not inference_mode: autocast does not cache weight casts there (4x the casts)
 def eval_epoch(model, loader, cfg, anchor_bank, class_weights, device, amp_dtype, with_losses=True,
-               desc="eval", progress=True):
+               desc="eval", progress=True, vega_branch=True):
     """Evaluate with centre anchors. Returns mean loss terms (if with_losses), per-utterance predictions
     of every head, `all`-head probabilities, labels and ids, and 'seconds'.
 
-    Without losses the VEGA branch is skipped: it never changes predictions.
+    The VEGA branch never changes predictions: it runs only for its loss terms (with_losses and vega_branch).
+    Several loader batches go through the model as one (fewer, larger matrix products; every utterance gets
+    the same result); losses are still computed per loader batch, so they stay means over the same batches.
     """
     model.eval()
     start, sums, n_batches = time.perf_counter(), {}, 0
     anchors = None
-    if with_losses and anchor_bank is not None and cfg.clip_loss:
+    if with_losses and vega_branch and anchor_bank is not None and cfg.clip_loss:
         anchors = anchor_bank.pick(training=False, rand=cfg.rand)
     preds = {m: [] for m in ("all", "t", "a", "v")}
     probs, labels, dialogue_ids, utt_index, speakers = [], [], [], [], []
     # One autocast region for the whole pass: autocast then casts each weight once per pass, not once per
     # batch (its weight cache lives until the outermost region ends, and the weights do not change here).
     with autocast(device, amp_dtype):
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-            batch = batch.to(device, non_blocking=True)
+        groups = eval_groups(loader, EVAL_ROWS)
+        for group in tqdm(groups, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+            batch = merge_batches(group, cfg.n_speakers).to(device, non_blocking=True)
             out = model(batch, anchors)
-            valid = ~batch.pad_mask                                             # (B, L)
             if with_losses:
-                with autocast(device, None):   # losses in float32, as in training
-                    _accumulate(sums, compute_losses(out, batch, cfg, class_weights))
+                b0 = 0
+                for part in group:   # the loader's own batches, cut back out of the merged output
+                    b1, L = b0 + part.pad_mask.shape[0], part.pad_mask.shape[1]
+                    part_out = {k: v[b0:b1, :L] if v.dim() >= 2 else v for k, v in out.items()}
+                    with autocast(device, None):   # losses in float32, as in training
+                        _accumulate(sums, compute_losses(part_out, part.to(device), cfg, class_weights))
+                    b0 = b1
+            valid = ~batch.pad_mask                                             # (B, L)
             for m in preds:
                 preds[m].append(out[f"{m}_logit"][valid].argmax(-1).cpu())
             probs.append(torch.softmax(out["all_logit"][valid].float(), -1).cpu())
@@ -166,7 +205,7 @@ def eval_epoch(model, loader, cfg, anchor_bank, class_weights, device, amp_dtype
             for did, n in zip(batch.dialogue_ids, lengths):
                 dialogue_ids += [did] * n
                 utt_index += list(range(n))
-            n_batches += 1
+            n_batches += len(group)
     result = {
         "losses": {k: v / max(n_batches, 1) for k, v in sums.items()},
         "preds": {m: torch.cat(v).numpy() for m, v in preds.items()},

@@ -1,14 +1,18 @@
 """Seconds per IEMOCAP-sized epoch: the reference's computation (a) against this project's default path (b).
 
-    python bench/bench_epoch.py                  # both variants, 3 timed epochs each (about 4 minutes, 2 cores)
+    python bench/bench_epoch.py                  # both variants, 3 timed epochs each (about 3 minutes, 2 cores)
     python bench/bench_epoch.py --quick          # a few batches, a sanity check of the script itself
     python bench/bench_epoch.py --device cuda    # when a GPU is lent
 
-(a) straightforward: float32, every padded utterance position through every layer (compute_padding=True),
-    torch.optim.AdamW with its defaults; evaluation = the same padded float32 forward with the VEGA branch
-    and every loss term, as the reference evaluates.
+(a) straightforward: the reference's computation written the plain way — float32, every padded utterance
+    position through every layer (compute_padding=True), stock PyTorch layers (nn.Dropout, autograd's Linear
+    and Conv1d, see use_stock_layers), torch.optim.AdamW with its defaults; evaluation = the same padded float32
+    forward with the VEGA branch and every loss term, as the reference evaluates.
+(a0) for reference only (--variants a0): the same padded float32 computation with this project's layer code
+    (its cheaper dropout mask and matmul backward).
 (b) default: exactly what `python run.py` runs — train.train_epoch / train.eval_epoch on the packed rows,
-    resolve_amp('auto'), main.build_optimizer, the CPU allocator tuning.
+    resolve_amp('auto') (bf16 autocast on the CPU, fp16 + GradScaler on CUDA), main.build_optimizer.
+Timing: one untimed warm-up epoch, then --reps epochs, each a training epoch followed by an evaluation pass.
 Both read the same generated data (151 dialogues of 8-110 utterances, the real feature dims) through the
 project's own loaders, with the default IEMOCAP config (hidden 768). Each variant runs in its own process,
 so its peak resident memory is its own. Not a test: it prints a table and, with --json, writes the numbers.
@@ -32,9 +36,11 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3, help="timed epochs per variant (median reported)")
     p.add_argument("--quick", action="store_true", help="tiny data (a few batches), 1 rep: checks the script")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--variants", default="a,b", help="comma-separated subset of a,b")
+    p.add_argument("--variants", default="a,b", help="comma-separated subset of a,b,a0")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--variant", choices=["a", "b"], help=argparse.SUPPRESS)   # child process mode
+    p.add_argument("--no_eval_vega", dest="eval_vega", action="store_false",
+                   help="(b) evaluates without the VEGA branch (no VEGA test-loss terms; predictions unchanged)")
+    p.add_argument("--variant", choices=["a", "a0", "b"], help=argparse.SUPPRESS)   # child process mode
     p.add_argument("--data_dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -52,6 +58,27 @@ def make_data(folder, quick):
 
 
 # ---------------------------------------------------------------- one variant (child process)
+def use_stock_layers():
+    """Swap this project's faster layer code for the stock PyTorch ops the reference uses (process-wide).
+
+    model.Dropout -> nn.Dropout's forward (bernoulli mask); model.LinearFn -> F.linear / F.conv1d with
+    autograd's own backward. Same parameters, same numbers up to rounding.
+    """
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import model
+
+    class StockLinearFn:
+        @staticmethod
+        def apply(x, weight, bias, exact_conv):
+            if exact_conv:
+                return F.conv1d(x.unsqueeze(-1), weight.unsqueeze(-1), bias).squeeze(-1)
+            return F.linear(x, weight, bias)
+
+    model.Dropout.forward = nn.Dropout.forward
+    model.LinearFn = StockLinearFn
+
+
 def straightforward_train_epoch(model, loader, optimizer, cfg, bank, class_weights, device, rng):
     """The reference's training step: padded float32 forward, every loss, backward, AdamW."""
     import train
@@ -63,7 +90,7 @@ def straightforward_train_epoch(model, loader, optimizer, cfg, bank, class_weigh
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        float(loss)   # the reference logs the loss every batch (and this synchronises a GPU)
+        loss.item()   # the reference logs the loss every batch (and this synchronises a GPU)
 
 
 def straightforward_eval(model, loader, cfg, bank, class_weights, device):
@@ -72,14 +99,15 @@ def straightforward_eval(model, loader, cfg, bank, class_weights, device):
     import train
     model.eval()
     anchors = bank.pick(training=False, rand=cfg.rand)
-    preds = []
+    preds, labels = [], []
     with torch.no_grad():
         for batch in loader:
             batch = batch.to(device)
             out = model(batch, anchors, compute_padding=True)
             float(train.compute_losses(out, batch, cfg, class_weights)["total"])
             preds.append(out["all_logit"][~batch.pad_mask].argmax(-1).cpu())
-    return torch.cat(preds)
+            labels.append(batch.labels[~batch.pad_mask].cpu())
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
 
 
 def run_variant(args):
@@ -91,13 +119,13 @@ def run_variant(args):
     from dataloader import load_dialogues, make_loaders
     from model import VEGA
     from vega_utils.anchor_utils import load_anchor_cache
-    from vega_utils.common import dataset_info, seed_everything, tune_cpu_allocator
+    from vega_utils.common import dataset_info, seed_everything
     from vega_utils.config import load_preset, resolve
 
     device = torch.device(args.device)
     fast = args.variant == "b"
-    if fast and device.type == "cpu":
-        tune_cpu_allocator()
+    if args.variant == "a":
+        use_stock_layers()
     cfg = resolve(load_preset("IEMOCAP").replace(
         data_path=os.path.join(args.data_dir, "IEMOCAP.pkl"), anchor_path=os.path.join(args.data_dir, "anchor.pt"),
         clip_dim=512, num_workers=0, device=args.device, amp="auto" if fast else "off"))
@@ -119,7 +147,8 @@ def run_variant(args):
                               scaler, rng=rng, progress=False)
 
         def eval_once():
-            train.eval_epoch(model, loaders["test"], cfg, bank, class_weights, device, amp_dtype, progress=False)
+            train.eval_epoch(model, loaders["test"], cfg, bank, class_weights, device, amp_dtype, progress=False,
+                             vega_branch=args.eval_vega)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.l2)
 
@@ -138,11 +167,15 @@ def run_variant(args):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    # One untimed pass of each warms kernels, allocator and caches; then the timed repetitions.
+    # One untimed epoch warms kernels, allocator and caches; then epochs as a run has them, each training
+    # epoch followed by its evaluation pass (which so starts with caches full of training data, as in a run).
     warm = [timed(train_once), timed(eval_once)]
-    train_s = [timed(train_once) for _ in range(args.reps)]
-    eval_s = [timed(eval_once) for _ in range(args.reps)]
-    count = {s: sum(len(data.records[i]) for i in ids) for s, ids in (("train", data.train_ids), ("test", data.test_ids))}
+    train_s, eval_s = [], []
+    for _ in range(args.reps):
+        train_s.append(timed(train_once))
+        eval_s.append(timed(eval_once))
+    count = {split: sum(len(data.records[i]) for i in ids)
+             for split, ids in (("train", data.train_ids), ("test", data.test_ids))}
     result = {"variant": args.variant, "train_s": train_s, "eval_s": eval_s, "warmup_s": warm,
               "train_utterances": count["train"], "test_utterances": count["test"],
               "amp": str(amp_dtype), "optimizer": type(optimizer).__name__,
@@ -178,7 +211,7 @@ def summarise(r):
 
 
 def print_table(results, device):
-    names = {"a": "(a) straightforward", "b": "(b) default fast path"}
+    names = {"a": "(a) straightforward", "a0": "(a0) padded fp32, project layers", "b": "(b) default fast path"}
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
     print(f"| variant | train s/epoch (median) | train utt/s | eval s/pass (median) | eval utt/s | {mem} |")
     print("|---|---|---|---|---|---|")
@@ -208,7 +241,7 @@ def main_cli(argv=None):
         results = {}
         for v in args.variants.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--data_dir", folder,
-                   "--reps", str(reps), "--device", args.device]
+                   "--reps", str(reps), "--device", args.device] + ([] if args.eval_vega else ["--no_eval_vega"])
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not lines:

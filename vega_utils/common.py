@@ -111,19 +111,3 @@ def atomic_torch_save(obj, path):
 def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text), "w")
 
-
-def tune_cpu_allocator():
-    """Keep freed memory in the process instead of returning it to the OS (glibc only).
-
-    A training step allocates and frees hundreds of 1-8 MB activations. By default glibc serves those with
-    fresh mmap pages, and the page faults on first touch made elementwise ops 3-5x slower than in isolation.
-    Raising the mmap and trim thresholds makes the heap reuse them: about 15% faster steps on the CPU.
-    """
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)   # glibc's maximum
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError):
-        pass
