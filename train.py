@@ -33,10 +33,6 @@ def distill_kl(student, teacher, temperature):
     return F.kl_div(log_q, p, reduction="none").mean() * temperature * temperature
 
 
-def vega_branch_on(cfg):
-    return cfg.clip_loss
-
-
 def compute_losses(out, batch, cfg, class_weights):
     """Every loss term by name (unweighted), the four weighted group sums and 'total'. Valid utterances only."""
     valid = ~batch.pad_mask                                                     # (B, L)
