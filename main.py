@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import train
 from dataloader import load_dialogues, make_loaders, speaker_names, split_validation
@@ -28,8 +29,7 @@ LAST = "last.pth"
 
 
 def log(msg):
-    from tqdm import tqdm
-    tqdm.write(msg)
+    tqdm.write(msg)  # keeps progress bars intact
 
 
 # ---------------------------------------------------------------- run folder

@@ -63,22 +63,11 @@ def _names(keys, limit=10):
 
 
 def guess_config(state):
-    """What the shapes say about the model that wrote a state_dict (for error messages)."""
-    hints = {}
-    if "speaker_embeddings.weight" in state:
-        n, hidden = state["speaker_embeddings.weight"].shape
-        hints.update(hidden_dim=int(hidden), n_speakers=int(n) - 1)
-    if "acouf_input.weight" in state:
-        hints["audio_dim"] = int(state["acouf_input.weight"].shape[1])
-    heads = sorted({int(k.split(".")[1]) for k in state if k.startswith("all_output_layer.")})
-    if heads:
-        hints["outlayer_num"] = len(heads)
-        last = f"all_output_layer.{max(heads)}.weight"
-        if last in state:
-            hints["n_classes"] = int(state[last].shape[0])
-        if len(heads) > 1:
-            hints["outlayer_drop"] = "0" if heads[1] - heads[0] == 2 else "above 0"
-    return hints
+    """What the shapes say about the model that wrote a state_dict, for error messages."""
+    found = fitting_settings(state)
+    if "outlayer_dropout" in found:
+        found["outlayer_drop"] = "above 0" if found.pop("outlayer_dropout") else "0"
+    return found
 
 
 def load_backbone(model, state, path, log=print):
