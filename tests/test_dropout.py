@@ -1,0 +1,121 @@
+"""The CPU kernels (vega_utils/cpu_kernels.py): dropout and gelu_tanh + dropout, and the torch-only fallback."""
+import shutil
+
+import pytest
+import torch
+
+from model import Dropout
+from vega_utils import cpu_kernels
+
+P = 0.53
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    if request.param == "kernel":
+        if shutil.which("gcc") is None and shutil.which("cc") is None:
+            pytest.skip("no C compiler: the kernel cannot be built here")
+        assert cpu_kernels.kernel() is not None, "a compiler exists, so the kernel must build"
+    else:
+        monkeypatch.setitem(cpu_kernels._state, "tried", True)
+        monkeypatch.setitem(cpu_kernels._state, "lib", None)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rate_scale_and_freshness(path, dtype):
+    torch.manual_seed(0)
+    drop = Dropout(P).train()
+    x = torch.randn(1000, 1001).to(dtype)                       # odd size: the kernel's partial last word
+    y = drop(x)
+    zero_rate = ((y == 0) & (x != 0)).float().mean().item()
+    assert abs(zero_rate - P) < 2e-3                            # 1e6 draws: std of the rate is 5e-4
+    kept = y != 0
+    expected = (x[kept].float() * (1 / (1 - P))).to(dtype) if path == "kernel" else y[kept]
+    assert torch.equal(y[kept], expected)                       # the kernel rounds x/(1-p) once
+    if dtype == torch.float32:
+        assert torch.allclose(y[kept], x[kept] / (1 - P), rtol=1e-6)
+    assert not torch.equal(y, drop(x))
+    ones = torch.ones(1000, 1000, dtype=dtype)
+    assert abs(drop(ones).float().mean().item() - 1) < 5e-3    # unbiased, as nn.Dropout
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_kernel_decisions_are_independent(path):
+    """Neighbours share a 64-bit draw in the kernel: their joint drop rate must still be p^2."""
+    torch.manual_seed(1)
+    y = Dropout(P).train()(torch.ones(4 * 250000))
+    dropped = (y == 0).view(-1, 4).float()                      # the four lanes of one random word
+    for a, b in [(0, 1), (1, 2), (2, 3), (0, 3)]:
+        assert abs((dropped[:, a] * dropped[:, b]).mean().item() - P * P) < 4e-3
+    assert abs((dropped[1:, 0] * dropped[:-1, 0]).mean().item() - P * P) < 4e-3   # consecutive words
+
+
+def test_kernel_backward_reuses_the_mask(path):
+    torch.manual_seed(2)
+    drop = Dropout(P).train()
+    x = torch.randn(64, 300, requires_grad=True)
+    y = drop(x)
+    y.backward(torch.full_like(y, 3.0))
+    assert torch.equal(x.grad != 0, y != 0)                     # the same mask
+    assert torch.allclose(x.grad[y != 0], torch.tensor(3.0 / (1 - P)), rtol=1e-6, atol=0)
+
+
+def test_kernel_is_seeded_by_torch_and_thread_independent(path):
+    if path != "kernel":
+        pytest.skip("the thread-independence is the kernel's")
+    drop = Dropout(P).train()
+    x = torch.randn(300, 700).t()                               # non-contiguous input
+    torch.manual_seed(3)
+    a = drop(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(3)
+        b = drop(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b)
+    kept = a != 0
+    assert torch.allclose(a[kept], x[kept] / (1 - P), rtol=1e-6)
+
+
+def test_fallback_when_the_build_fails(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(cpu_kernels._state, "tried", False)
+    monkeypatch.setitem(cpu_kernels._state, "lib", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("VEGA_KERNEL_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    y = Dropout(P).train()(torch.ones(1000, 1000))
+    assert abs((y == 0).float().mean().item() - P) < 2e-3
+    assert "using torch's ops" in capsys.readouterr().err
+
+
+def test_gelu_tanh_dropout_kernel_matches_torch(path):
+    if path != "kernel":
+        pytest.skip("the fused gelu is the kernel's")
+    import torch.nn.functional as F
+    torch.manual_seed(4)
+    z32 = torch.randn(512, 768) * 3
+    z32[0, :6] = torch.tensor([-100.0, -10.0, 0.0, 1e-3, 10.0, 100.0])
+    z = z32.bfloat16()
+    ref = F.gelu(z.float(), approximate="tanh")                 # float32 gelu of the same bf16 inputs
+    y = cpu_kernels.gelu_tanh_dropout(z, 0.3, training=False)    # evaluation: plain gelu
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-6)   # within bf16 rounding of the exact value
+    assert torch.equal(y[0, :6].float(), F.gelu(z[0, :6], approximate="tanh").float())   # tails: -0, 0, x
+
+    zg = z.clone().requires_grad_()
+    torch.manual_seed(5)
+    y = cpu_kernels.gelu_tanh_dropout(zg, 0.3, training=True)
+    kept = y != 0
+    assert abs(1 - kept[ref != 0].float().mean().item() - 0.3) < 5e-3
+    assert torch.allclose(y[kept].float(), ref[kept] / 0.7, rtol=2 ** -7, atol=1e-6)
+    y.backward(torch.ones_like(y))
+    z_ref = z.float().requires_grad_()
+    F.gelu(z_ref, approximate="tanh").backward(torch.ones_like(z_ref))
+    expected = torch.where(kept, z_ref.grad / 0.7, torch.zeros_like(z_ref.grad))
+    assert torch.allclose(zg.grad.float(), expected, rtol=2 ** -7, atol=1e-5)
+    torch.manual_seed(5)                                         # the same seed: the same mask as plain dropout
+    mask = Dropout(0.3).train()(torch.ones(512, 768, dtype=torch.bfloat16)) != 0
+    assert torch.equal(mask[ref != 0], kept[ref != 0])

@@ -1,0 +1,113 @@
+/* CPU kernels of the training step: dropout in one pass, and the feed-forward's gelu + dropout fused.
+ *
+ * Dropout: y = x * keep_i / (1 - p), keep_i drawn from a counter-based generator.
+ * Why: torch's CPU generator is a single-threaded Mersenne twister, and a mask built from its draws takes four
+ * passes over memory (draw, compare, scale, multiply). Here the keep decision of element i is a pure function of
+ * (seed, i): SplitMix64 of counter i/4 gives 64 random bits, 16 of them for each of four elements, and the element
+ * is kept when those 16 bits are >= threshold = round(p * 65536) (so P(drop) = p to within 8e-6). Being a function
+ * of the index, the mask never has to be stored: the backward pass calls the same function on the gradient with
+ * the same seed. Results do not depend on the number of threads.
+ *
+ * Built at first use by vega_utils/cpu_kernels.py (gcc -O3 -fopenmp); OpenMP here is the libgomp torch loaded.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define GOLDEN 0x9e3779b97f4a7c15ULL
+#define BLOCK 4096 /* random words per parallel chunk (16384 elements) */
+
+static inline uint64_t splitmix64(uint64_t seed, uint64_t counter) {
+    uint64_t z = seed + (counter + 1) * GOLDEN;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Runs the statements given for every element i < n, with `bits` its 16 random bits, in parallel chunks of
+ * BLOCK words: first the chunk's random words into a buffer (in L1), then one plain loop over its elements (both
+ * loops vectorise). */
+#define FOR_EACH_ELEMENT(...)                                                                            \
+    int64_t words = (n + 3) / 4, chunks = (words + BLOCK - 1) / BLOCK;                                   \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (chunks > 1)")                     \
+    for (int64_t c = 0; c < chunks; c++) {                                                               \
+        uint16_t lanes[4 * BLOCK];                                                                       \
+        int64_t w0 = c * BLOCK, nw = words - w0 < BLOCK ? words - w0 : BLOCK;                            \
+        for (int64_t w = 0; w < nw; w++) {                                                               \
+            uint64_t r = splitmix64(seed, (uint64_t)(w0 + w));                                           \
+            memcpy(lanes + 4 * w, &r, 8); /* little-endian: lane k holds bits 16k..16k+15 */             \
+        }                                                                                                \
+        int64_t i0 = 4 * w0, m = n - i0 < 4 * nw ? n - i0 : 4 * nw;                                      \
+        for (int64_t j = 0; j < m; j++) {                                                                \
+            int64_t i = i0 + j;                                                                          \
+            uint32_t bits = lanes[j];                                                                    \
+            __VA_ARGS__                                                                                  \
+        }                                                                                                \
+    }
+
+/* x, y: n bfloat16 values (as raw 16-bit words); y may be x. */
+void dropout_bf16(const uint16_t *x, uint16_t *y, int64_t n, uint64_t seed, uint32_t threshold, float scale,
+                  int threads) {
+    FOR_EACH_ELEMENT(float v = bf16_to_f32(x[i]) * scale; y[i] = bits >= threshold ? f32_to_bf16(v) : 0;)
+}
+
+/* x, y: n float32 values; y may be x. (x is read whatever the decision, so the loop vectorises.) */
+void dropout_f32(const float *x, float *y, int64_t n, uint64_t seed, uint32_t threshold, float scale, int threads) {
+    FOR_EACH_ELEMENT(float v = x[i] * scale; y[i] = bits >= threshold ? v : 0.0f;)
+}
+
+/* ------------------------------------------------------------------ the feed-forward's gelu + dropout, bfloat16
+ * gelu_tanh(z) = z * Phi(z), Phi(z) = 0.5 (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))). torch's CPU gelu_tanh takes
+ * ~0.9 ns an element here, about twice this fused pass, and dropout is another pass. Phi is computed in float32
+ * (relative error ~2e-7), far below bfloat16's rounding step (4e-3), so the result is torch's bf16 gelu to within
+ * a bf16 step or two. The float32 path (the parity tests) keeps torch's own gelu.
+ */
+static inline float fast_exp(float x) { /* e^x, relative error < 2e-7 on [-87, 88] */
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest (1.5 * 2^23 trick) */
+    float r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    int32_t e = ((int32_t)k + 127) << 23;
+    float s;
+    memcpy(&s, &e, 4);
+    return p * s;
+}
+
+/* Phi(z) ~ sigmoid(2 sqrt(2/pi) (z + 0.044715 z^3)) and its derivative. Far in the negative tail both are set to 0
+ * rather than computed: torch gives -0 there too, and the tiny values would be subnormal floats, ~100x slower. */
+static inline void gelu_cdf_tanh(float z, float *cdf, float *pdf) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    float t = 2.0f * c * (z + a * z * z * z);
+    float tc = t < -30.0f ? -30.0f : (t > 30.0f ? 30.0f : t);
+    float s = 1.0f / (1.0f + fast_exp(-tc));                          /* 0.5 (1 + tanh(t/2)) */
+    *cdf = t < -30.0f ? 0.0f : s;
+    *pdf = t < -30.0f ? 0.0f : s * (1.0f - s) * 2.0f * c * (1.0f + 3.0f * a * z * z);
+}
+
+/* y = dropout(gelu_tanh(z)); threshold 0 and scale 1 give plain gelu. y may be z. */
+void gelu_dropout_bf16(const uint16_t *z, uint16_t *y, int64_t n, uint64_t seed, uint32_t threshold, float scale,
+                       int threads) {
+    FOR_EACH_ELEMENT(float v = bf16_to_f32(z[i]), cdf, pdf; gelu_cdf_tanh(v, &cdf, &pdf);
+                     y[i] = bits >= threshold ? f32_to_bf16(v * cdf * scale) : 0;)
+}
+
+/* dz = dy * keep * scale * gelu_tanh'(z), where gelu'(z) = Phi(z) + z Phi'(z). dz may be dy. */
+void gelu_dropout_backward_bf16(const uint16_t *dy, const uint16_t *z, uint16_t *dz, int64_t n, uint64_t seed,
+                                uint32_t threshold, float scale, int threads) {
+    FOR_EACH_ELEMENT(float v = bf16_to_f32(z[i]), cdf, pdf; gelu_cdf_tanh(v, &cdf, &pdf);
+                     float g = bf16_to_f32(dy[i]) * scale * (cdf + v * pdf);
+                     dz[i] = bits >= threshold ? f32_to_bf16(g) : 0;)
+}

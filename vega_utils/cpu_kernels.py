@@ -1,0 +1,155 @@
+"""The CPU kernels (cpu_kernels.c): compiled at first use, cached, called through ctypes.
+
+A training step of the default model draws 63 dropout masks; with torch's own CPU ops (a single-threaded
+generator, then compare, scale and multiply passes) they were ~15% of the step. The kernels do it in one
+multi-threaded pass and store no mask (the backward recomputes it from the seed); the feed-forward's
+gelu_tanh + dropout (bfloat16) is one pass too.
+
+No compiler, a failed build, or VEGA_CPU_KERNELS=0 in the environment: `dropout` and `gelu_tanh_dropout` return
+None and the model keeps torch's ops (same rate and scaling, a different random stream, slower). The reason is
+printed once to stderr.
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
+_state = {"lib": None, "tried": False}
+
+
+def cache_dir():
+    return os.environ.get("VEGA_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vega-kernels")
+
+
+def _cpu_key():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler):
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(source + " ".join(FLAGS + [version, _cpu_key()]).encode()).hexdigest()[:16]
+    folder = cache_dir()
+    path = os.path.join(folder, f"cpu_kernels-{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            proc = subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=120)
+            if proc.returncode:
+                raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-300:]}")
+            os.replace(tmp, path)   # atomic: a concurrent process sees a whole library or none
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    # torch has loaded its libgomp.so.1 already, so the kernel's OpenMP shares torch's threads
+    lib = ctypes.CDLL(path)
+    ptr, tail = ctypes.c_void_p, [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
+    for fn, pointers in ((lib.dropout_bf16, 2), (lib.dropout_f32, 2), (lib.gelu_dropout_bf16, 2),
+                         (lib.gelu_dropout_backward_bf16, 3)):
+        fn.argtypes, fn.restype = [ptr] * pointers + tail, None
+    return lib
+
+
+def kernel():
+    """The loaded library, or None (reason printed once)."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+        if os.environ.get("VEGA_CPU_KERNELS", "1") == "0":
+            return None
+        if compiler is None:
+            print("note: no C compiler found; CPU dropout and gelu use torch's ops (slower)", file=sys.stderr)
+            return None
+        try:
+            _state["lib"] = _build(compiler)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            print(f"note: CPU kernels unavailable ({e}); using torch's ops (slower)", file=sys.stderr)
+    return _state["lib"]
+
+
+def _mask_args(p):
+    """(threshold, scale) of dropout rate p; p = 0 gives (0, 1): every element kept, unscaled."""
+    return round(p * 65536), 1.0 / (1.0 - p)
+
+
+def _seed():
+    # one draw from torch's generator per mask: torch.manual_seed fixes every mask, and resuming restores them
+    return int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64)) % 2 ** 64
+
+
+def apply_mask(x, p, seed):
+    """x (contiguous, float32 or bfloat16, CPU) -> new tensor: x_i / (1-p) or 0, the mask a function of (seed, i)."""
+    y = torch.empty_like(x)
+    fn = kernel().dropout_bf16 if x.dtype == torch.bfloat16 else kernel().dropout_f32
+    fn(x.data_ptr(), y.data_ptr(), x.numel(), seed, *_mask_args(p), torch.get_num_threads())
+    return y
+
+
+class DropoutFn(torch.autograd.Function):
+    """Dropout whose backward recomputes the mask from the seed (nothing stored)."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        ctx.p, ctx.seed = p, seed
+        return apply_mask(x.contiguous(), p, seed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return apply_mask(grad.contiguous(), ctx.p, ctx.seed), None, None
+
+
+class GeluTanhDropoutFn(torch.autograd.Function):
+    """dropout(gelu_tanh(z)) for bfloat16 z, one pass each way; saves z only."""
+
+    @staticmethod
+    def forward(ctx, z, p, seed):
+        z = z.contiguous()
+        y = torch.empty_like(z)
+        kernel().gelu_dropout_bf16(z.data_ptr(), y.data_ptr(), z.numel(), seed, *_mask_args(p),
+                                   torch.get_num_threads())
+        ctx.save_for_backward(z)
+        ctx.p, ctx.seed = p, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        dz = torch.empty_like(z)
+        kernel().gelu_dropout_backward_bf16(grad.data_ptr(), z.data_ptr(), dz.data_ptr(), z.numel(), ctx.seed,
+                                            *_mask_args(ctx.p), torch.get_num_threads())
+        return dz, None, None
+
+
+def _usable(x, dtypes):
+    return x.device.type == "cpu" and x.dtype in dtypes and kernel() is not None
+
+
+def dropout(x, p):
+    """Training-mode dropout of x (0 < p < 1) through the kernel, or None when the kernel cannot take x."""
+    if not _usable(x, (torch.float32, torch.bfloat16)):
+        return None
+    return DropoutFn.apply(x, p, _seed())
+
+
+def gelu_tanh_dropout(z, p, training):
+    """dropout(gelu_tanh(z)) (p applied only when training) for bfloat16 CPU z, or None when the kernel cannot."""
+    if not _usable(z, (torch.bfloat16,)):
+        return None
+    p = p if training else 0.0
+    return GeluTanhDropoutFn.apply(z, p, _seed() if p > 0 else 0)
