@@ -204,6 +204,7 @@ def train_run(cfg, resume_dir=None, progress=True):
         f"{len(data.train_ids) - len(valid_ids)} train / {len(valid_ids)} valid / {len(data.test_ids)} test "
         f"dialogues, selecting on {select_on}")
 
+    eval_sets = {split: train.EvalSet(loaders[split], cfg.n_speakers) for split in loaders if split != "train"}
     summary = {"run_dir": run_dir, "selected_on": select_on, "stopped": "max_epochs"}
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     try:
@@ -217,7 +218,7 @@ def train_run(cfg, resume_dir=None, progress=True):
             eval_seconds = 0.0
             evals = {}
             for split in ["valid", "test"] if valid_ids else ["test"]:
-                ev = train.eval_epoch(model, loaders[split], cfg, bank, class_weights, device, amp_dtype,
+                ev = train.eval_epoch(model, eval_sets[split], cfg, bank, class_weights, device, amp_dtype,
                                       desc=f"epoch {epoch} {split}", progress=progress)
                 eval_seconds += ev["seconds"]
                 split_row, split_metrics = eval_metrics(split, ev, info.class_names)

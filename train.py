@@ -159,11 +159,29 @@ def eval_groups(loader, max_rows):
         yield group
 
 
+class EvalSet:
+    """A fixed evaluation split (no augmentation, no shuffling) merged into forward-pass groups once.
+
+    Every evaluation epoch sees the same batches, so merging them (padding and copying every feature) is done
+    here once instead of once per epoch. Each group: (merged batch, the loader's own batches in it).
+    """
+
+    def __init__(self, loader, n_speakers, max_rows=EVAL_ROWS):
+        self.groups = [(merge_batches(g, n_speakers), g) for g in eval_groups(loader, max_rows)]
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __iter__(self):
+        return iter(self.groups)
+
+
 @torch.no_grad()  # not inference_mode: autocast does not cache weight casts there (4x the casts)
-def eval_epoch(model, loader, cfg, anchor_bank, class_weights, device, amp_dtype, with_losses=True,
+def eval_epoch(model, data, cfg, anchor_bank, class_weights, device, amp_dtype, with_losses=True,
                desc="eval", progress=True, vega_branch=True):
-    """Evaluate with centre anchors. Returns mean loss terms (if with_losses), per-utterance predictions
-    of every head, `all`-head probabilities, labels and ids, and 'seconds'.
+    """Evaluate with centre anchors on `data`, an EvalSet (merged once, reused every epoch) or a DataLoader.
+    Returns mean loss terms (if with_losses), per-utterance predictions of every head, `all`-head
+    probabilities, labels and ids, and 'seconds'.
 
     The VEGA branch never changes predictions: it runs only for its loss terms (with_losses and vega_branch).
     Several loader batches go through the model as one (fewer, larger matrix products; every utterance gets
@@ -179,9 +197,10 @@ def eval_epoch(model, loader, cfg, anchor_bank, class_weights, device, amp_dtype
     # One autocast region for the whole pass: autocast then casts each weight once per pass, not once per
     # batch (its weight cache lives until the outermost region ends, and the weights do not change here).
     with autocast(device, amp_dtype):
-        groups = eval_groups(loader, EVAL_ROWS)
-        for group in tqdm(groups, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-            batch = merge_batches(group, cfg.n_speakers).to(device, non_blocking=True)
+        if not isinstance(data, EvalSet):
+            data = ((merge_batches(g, cfg.n_speakers), g) for g in eval_groups(data, EVAL_ROWS))
+        for merged, group in tqdm(data, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+            batch = merged.to(device, non_blocking=True)
             out = model(batch, anchors)
             if with_losses:
                 b0 = 0

@@ -78,6 +78,7 @@ def run_variant(args):
         amp_dtype = train.resolve_amp(cfg.amp, device)
         if fast:
             optimizer = main.build_optimizer(cfg, model)
+            test_set = train.EvalSet(loaders["test"], cfg.n_speakers)
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.l2)
         f1s, start = [], time.perf_counter()
@@ -85,7 +86,7 @@ def run_variant(args):
             if fast:
                 train.train_epoch(model, loaders["train"], optimizer, cfg, bank, weights, device, amp_dtype,
                                   rng=rng, progress=False)
-                ev = train.eval_epoch(model, loaders["test"], cfg, bank, weights, device, amp_dtype, progress=False)
+                ev = train.eval_epoch(model, test_set, cfg, bank, weights, device, amp_dtype, progress=False)
                 preds, labels = ev["preds"]["all"], ev["labels"]
             else:
                 bench_epoch.straightforward_train_epoch(model, loaders["train"], optimizer, cfg, bank, weights,

@@ -140,6 +140,7 @@ def run_variant(args):
     amp_dtype = train.resolve_amp(cfg.amp, device)
     if fast:
         optimizer = main.build_optimizer(cfg, model)
+        test_set = train.EvalSet(loaders["test"], cfg.n_speakers)   # once per run, as main.train_run does
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
         def train_once():
@@ -147,7 +148,7 @@ def run_variant(args):
                               scaler, rng=rng, progress=False)
 
         def eval_once():
-            train.eval_epoch(model, loaders["test"], cfg, bank, class_weights, device, amp_dtype, progress=False,
+            train.eval_epoch(model, test_set, cfg, bank, class_weights, device, amp_dtype, progress=False,
                              vega_branch=args.eval_vega)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.l2)

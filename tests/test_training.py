@@ -214,3 +214,30 @@ def test_run_builds_missing_anchor_cache_from_images_then_trains(tmp_path, monke
     run_dir = glob.glob(str(tmp_path / "out" / "IEMOCAP" / "*"))[0]
     assert json.load(open(os.path.join(run_dir, "config.json")))["clip_dim"] == 24
     assert run.run(argv) == 0   # second run loads the cache it built
+
+
+def test_eval_set_matches_per_batch_evaluation(iemocap_files, tmp_path):
+    """Merged evaluation (EvalSet, reused every epoch) gives the per-batch predictions and loss means."""
+    from dataloader import load_dialogues, make_loaders
+    from model import VEGA
+    from vega_utils.anchor_utils import load_anchor_cache
+    cfg = small_cfg(iemocap_files, tmp_path)
+    info = dataset_info(cfg.Dataset)
+    data = load_dialogues(cfg.data_path, cfg.Dataset)
+    bank = load_anchor_cache(cfg.anchor_path, info.class_names)
+    loader = make_loaders(data, cfg)["test"]
+    torch.manual_seed(0)
+    model = VEGA(cfg)
+    weights = torch.tensor(info.class_weights)
+    run_eval = lambda d: train.eval_epoch(model, d, cfg, bank, weights, torch.device("cpu"), None, progress=False)
+    per_batch = run_eval(train.EvalSet(loader, cfg.n_speakers, max_rows=1))   # every loader batch alone
+    eval_set = train.EvalSet(loader, cfg.n_speakers)
+    assert len(eval_set) == 1 < len(per_batch["labels"])                      # all 10 dialogues in one group
+    for result in (run_eval(eval_set), run_eval(eval_set), run_eval(loader)):
+        for head in ("all", "t", "a", "v"):
+            assert np.array_equal(result["preds"][head], per_batch["preds"][head])
+        np.testing.assert_allclose(result["probs"], per_batch["probs"], rtol=1e-5, atol=1e-6)
+        assert result["dialogue_ids"] == per_batch["dialogue_ids"]
+        assert result["losses"].keys() == per_batch["losses"].keys()
+        for k, v in per_batch["losses"].items():
+            assert result["losses"][k] == pytest.approx(v, rel=1e-5), k
