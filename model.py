@@ -1,7 +1,7 @@
 """VEGA: an SDT-style multimodal fusion transformer plus the VEGA visual-anchor branch (spec section 2).
 
 Every per-utterance layer runs on the valid utterances only, packed into rows (N, H) (plus a few spare rows
-that keep matrix shapes repeating, see Layout); only attention needs the padded (B, L) layout.
+that keep matrix shapes repeating); only attention needs dialogues side by side, in grids (layout.py).
 `compute_padding=True` pushes every padded position through every layer as the reference does (same
 parameters, same code), which the parity tests and the benchmark baseline use. Under autocast the products
 run in the lower precision and the residual stream stays in it; float32 is exact (the parity tests).
@@ -9,12 +9,11 @@ run in the lower precision and the residual stream stays in it; float32 is exact
 Parameter names follow the reference exactly (`state_dict_manifest.json`): published checkpoints load strictly.
 """
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layout import make_layout
 from vega_utils import cpu_kernels
 
 MODALITIES = ("t", "a", "v")
@@ -25,7 +24,6 @@ ENCODER_NAMES = tuple(n for names in ENCODERS_BY_TARGET.values() for n in names)
 INPUT_LAYERS = {"t": "textf_input", "a": "acouf_input", "v": "visuf_input"}
 MAX_LEN = 512
 NEG_FILL = -1e4  # padded-key score; small enough in magnitude for fp16 autocast
-ROW_BUCKET, KEY_BUCKET = 64, 16  # packed rows and attention keys are padded to multiples of these (Layout)
 
 
 class Dropout(nn.Dropout):
@@ -137,62 +135,6 @@ def is_backbone_key(name):
     return not ("_clip_proj." in name or name.endswith("_clip_temp") or name == "prob_gate_logit")
 
 
-@dataclass
-class Layout:
-    """Where the computed rows sit in the batch. Built once per forward pass, passed to every encoder.
-
-    Packed (the default): the N valid utterances, then spare rows up to a multiple of ROW_BUCKET. oneDNN
-    builds a kernel for every new matrix shape (about 1 ms each), and a new row count in every batch made that
-    most of a training step; rounding rows (and the attention's key axis, to KEY_BUCKET) keeps the shapes few.
-    Spare rows sit at padding positions of the attention grid: masked as keys, never read as outputs.
-    Padded (compute_padding): every position of the (B, L) batch, as the reference computes.
-    """
-    valid: torch.Tensor       # (N,) flat indices into B*L of the valid utterances; None = all positions
-    dialogue: torch.Tensor    # (R,) dialogue of every computed row
-    positions: torch.Tensor   # (R,) position of every row in the attention grid (= utterance index if valid)
-    key_pad: torch.Tensor     # (B, Lg) bool, True = padding: keys the attention must ignore
-    B: int
-    L: int
-    Lg: int                   # length of the attention grid: L padded, >= L
-
-    def to_rows(self, x, fill=0):
-        """(B, L, ...) -> (R, ...); spare rows hold `fill`."""
-        x = x.flatten(0, 1)
-        if self.valid is None:
-            return x
-        spare = self.dialogue.shape[0] - self.valid.shape[0]
-        return torch.cat([x.index_select(0, self.valid), x.new_full((spare,) + x.shape[1:], fill)])
-
-    def to_padded(self, x):
-        """(R, ...) -> (B, L, ...), zeros at positions not computed."""
-        if self.valid is not None:
-            n = self.valid.shape[0]
-            x = x.new_zeros((self.B * self.L,) + x.shape[1:]).index_copy(0, self.valid, x[:n])
-        return x.view(self.B, self.L, *x.shape[1:])
-
-    def to_heads(self, x, h):
-        """(R, H) -> (B, h, Lg, H/h), contiguous as batched matmuls want it; zeros where no row sits.
-
-        Scattering straight into this layout saves the copy a transposed (B, L, h, dh) view would cost.
-        """
-        x = x.view(x.shape[0], h, -1)                                              # (R, h, dh)
-        if self.valid is None:
-            return x.view(self.B, self.L, h, -1).transpose(1, 2).contiguous()
-        out = x.new_zeros(self.B, h, self.Lg, x.shape[-1])
-        out[self.dialogue, :, self.positions] = x
-        return out
-
-    def from_heads(self, x):
-        """(B, h, Lg, dh) -> (R, h*dh)."""
-        if self.valid is None:
-            return x.transpose(1, 2).reshape(self.B * self.L, -1)
-        return x[self.dialogue, :, self.positions].flatten(1)                      # (R, h, dh) -> (R, H)
-
-
-def round_up(n, k):
-    return -(-n // k) * k
-
-
 class PositionalEncoding(nn.Module):
     def __init__(self, dim, max_len=MAX_LEN):
         super().__init__()
@@ -219,18 +161,22 @@ class MultiHeadedAttention(nn.Module):
 
     def forward(self, source, target, lay):
         h, dh = self.n_head, self.d_head
-        q = self.linear_q(target) / math.sqrt(dh)                                  # (N, H)
-        k, v = self.linear_k(source), self.linear_v(source)                        # (N, H)
-        q, k, v = (lay.to_heads(x, h) for x in (q, k, v))                          # (B, h, L, dh)
+        q = self.linear_q(target) / math.sqrt(dh)                                  # (R, H)
+        k, v = self.linear_k(source), self.linear_v(source)                        # (R, H)
+        context = [self.attend(*(grid.to_heads(x, h) for x in (q, k, v)), grid) for grid in lay.grids]
+        return self.linear(context[0] if len(context) == 1 else torch.cat(context))  # (R, H)
+
+    def attend(self, q, k, v, grid):
+        """q, k, v (Bg, h, Lg, dh) of one grid -> its rows' context (R_g, H)."""
         if not torch.is_grad_enabled() and compute_dtype(q) != torch.float32:
             # Evaluation in lower precision: the fused kernel. Every query has a valid key in its own dialogue,
             # so masking with -inf instead of -1e4 gives the same weights.
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=~lay.key_pad[:, None, None, :], scale=1.0)
-            return self.linear(lay.from_heads(context))
-        scores = q @ k.transpose(-2, -1)                                           # (B, h, L, L)
-        scores.masked_fill_(lay.key_pad[:, None, None, :], NEG_FILL)               # matmul's backward keeps q, k
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=~grid.key_pad[:, None, None, :], scale=1.0)
+            return grid.from_heads(context)
+        scores = q @ k.transpose(-2, -1)                                           # (Bg, h, Lg, Lg)
+        scores.masked_fill_(grid.key_pad[:, None, None, :], NEG_FILL)              # matmul's backward keeps q, k
         attn = self.dropout(torch.softmax(scores, dim=-1))
-        return self.linear(lay.from_heads(attn @ v))                               # (N, H)
+        return grid.from_heads(attn @ v)                                           # (R_g, H)
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -341,22 +287,9 @@ class VEGA(nn.Module):
                                                           cfg.outlayer_activation_fn, cfg.outlayer_drop))
 
     def layout(self, pad_mask, compute_padding):
-        B, L = pad_mask.shape
-        if L > MAX_LEN:
-            raise ValueError(f"a dialogue of {L} utterances exceeds the positional table ({MAX_LEN})")
-        if compute_padding:
-            grid = torch.arange(B * L, device=pad_mask.device)
-            return Layout(valid=None, dialogue=grid // L, positions=grid % L, key_pad=pad_mask, B=B, L=L, Lg=L)
-        valid = (~pad_mask).flatten().nonzero().squeeze(1)                         # (N,)
-        n_rows = round_up(valid.shape[0], ROW_BUCKET)                              # R
-        if torch.is_autocast_enabled(pad_mask.device.type):
-            Lg = round_up(max(L, -(-n_rows // B)), KEY_BUCKET)                     # with room for spare rows
-        else:  # float32 keeps the key axis: extra masked keys reorder the softmax sums (~4e-7 at parity)
-            Lg, n_rows = L, min(n_rows, B * L)
-        key_pad = F.pad(pad_mask, (0, Lg - L), value=True)                         # (B, Lg)
-        spare = key_pad.flatten().nonzero().squeeze(1)[:n_rows - valid.shape[0]]   # padding positions
-        grid = torch.cat([valid // L * Lg + valid % L, spare])                     # (R,) flat into B*Lg
-        return Layout(valid=valid, dialogue=grid // Lg, positions=grid % Lg, key_pad=key_pad, B=B, L=L, Lg=Lg)
+        if pad_mask.shape[1] > MAX_LEN:
+            raise ValueError(f"a dialogue of {pad_mask.shape[1]} utterances exceeds the positional table ({MAX_LEN})")
+        return make_layout(pad_mask, compute_padding, grouped=torch.is_autocast_enabled(pad_mask.device.type))
 
     def backbone(self, batch, lay):
         """Fused features per modality and overall, as rows: {'t','a','v','all'} -> (N, H)."""

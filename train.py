@@ -145,10 +145,11 @@ def merge_batches(batches, n_speakers):
                             labels=cat("labels", -1), dialogue_ids=[d for b in batches for d in b.dialogue_ids])
 
 
-def eval_groups(loader, max_rows):
-    """The loader's batches in groups of at most max_rows utterances (a batch larger than that goes alone)."""
+def eval_groups(batches, max_rows):
+    """Batches (a loader or any iterable of them) in groups of at most max_rows utterances; a batch larger than
+    that goes alone."""
     group, rows = [], 0
-    for batch in loader:
+    for batch in batches:
         n = int((~batch.pad_mask).sum())
         if group and rows + n > max_rows:
             yield group
@@ -167,7 +168,10 @@ class EvalSet:
     """
 
     def __init__(self, loader, n_speakers, max_rows=EVAL_ROWS):
-        self.groups = [(merge_batches(g, n_speakers), g) for g in eval_groups(loader, max_rows)]
+        # collated here, not by iterating the loader: that draws a worker seed from torch's global generator,
+        # which would shift every later dropout mask (a resumed run must see the same masks)
+        batches = (loader.collate_fn([loader.dataset[i] for i in idx]) for idx in loader.batch_sampler)
+        self.groups = [(merge_batches(g, n_speakers), g) for g in eval_groups(batches, max_rows)]
 
     def __len__(self):
         return len(self.groups)
