@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from layout import make_layout
 from vega_utils import cpu_kernels
+from vega_utils.shadow_weights import product_weight
 
 MODALITIES = ("t", "a", "v")
 # Encoder `s_x` builds a representation of target x attending to source s. Per target, the order
@@ -100,13 +101,16 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters) whose training-time product is LinearFn.
 
     Without gradients it is plain F.linear, so autocast casts each weight once and, within one autocast
-    region (a whole evaluation pass), reuses the cast for every batch.
+    region (a whole evaluation pass), reuses the cast for every batch. When the optimizer keeps a bf16 copy
+    of the weight (`shadow`, vega_utils/shadow_weights.py), bf16 products use that copy instead of a cast.
     """
+    shadow = None
 
     def forward(self, x):
+        weight = product_weight(self, x)
         if not torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        y = LinearFn.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias, False)
+            return F.linear(x, weight, self.bias)
+        y = LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, self.bias, False)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -294,8 +298,10 @@ class VEGA(nn.Module):
     def backbone(self, batch, lay):
         """Fused features per modality and overall, as rows: {'t','a','v','all'} -> (N, H)."""
         feats = {"t": batch.text, "a": batch.audio, "v": batch.visual}
-        x = {m: LinearFn.apply(lay.to_rows(feats[m]), getattr(self, INPUT_LAYERS[m]).weight.squeeze(-1), None,
-                               True) for m in MODALITIES}                           # (N, D) -> (N, H)
+        x = {}
+        for m in MODALITIES:
+            rows = lay.to_rows(feats[m])                                           # (R, D)
+            x[m] = LinearFn.apply(rows, product_weight(getattr(self, INPUT_LAYERS[m]), rows), None, True)  # (R, H)
         # Under autocast the residual stream stays in the compute dtype; in float32 these casts do nothing.
         speakers = lay.to_rows(batch.speakers, fill=self.n_speakers)              # spare rows: padding id
         speaker_emb = self.speaker_embeddings(speakers).to(x["t"].dtype)           # (R, H)

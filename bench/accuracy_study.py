@@ -77,7 +77,7 @@ def run_variant(args):
         rng = random.Random(seed)
         amp_dtype = train.resolve_amp(cfg.amp, device)
         if fast:
-            optimizer = main.build_optimizer(cfg, model)
+            optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
             test_set = train.EvalSet(loaders["test"], cfg.n_speakers)
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.l2)

@@ -139,7 +139,7 @@ def run_variant(args):
     rng = random.Random(cfg.seed)
     amp_dtype = train.resolve_amp(cfg.amp, device)
     if fast:
-        optimizer = main.build_optimizer(cfg, model)
+        optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
         test_set = train.EvalSet(loaders["test"], cfg.n_speakers)   # once per run, as main.train_run does
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 

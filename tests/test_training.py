@@ -118,8 +118,9 @@ def test_validation_split_selects_on_validation(iemocap_files, tmp_path):
     assert not set(held) & set(pd.read_csv(os.path.join(summary["run_dir"], "predictions.csv"))["dialogue_id"])
 
 
-def test_resume_gives_the_uninterrupted_result(iemocap_files, tmp_path, monkeypatch):
-    cfg = small_cfg(iemocap_files, tmp_path, amp="off", epochs=4, scheduler=True)
+@pytest.mark.parametrize("amp", ["off", "bf16"])   # bf16: the optimizer's weight copies are rebuilt on resume
+def test_resume_gives_the_uninterrupted_result(iemocap_files, tmp_path, monkeypatch, amp):
+    cfg = small_cfg(iemocap_files, tmp_path, amp=amp, epochs=4, scheduler=True)
     full = read_jsonl(os.path.join(main.train_run(cfg, progress=False)["run_dir"], "metrics.jsonl"))
 
     real_epoch = train.train_epoch

@@ -111,3 +111,53 @@ void gelu_dropout_backward_bf16(const uint16_t *dy, const uint16_t *z, uint16_t 
                      float g = bf16_to_f32(dy[i]) * scale * (cdf + v * pdf);
                      dz[i] = bits >= threshold ? f32_to_bf16(g) : 0;)
 }
+
+/* ------------------------------------------------------------------ Adam / AdamW step with bf16 weight copies
+ * One step over n float32 parameters p with float32 moments m, v, computed as torch's fused CPU kernel does:
+ * weight decay (decoupled: p -= lr wd p; else g += wd p), m = m + (1 - beta1) (g - m),
+ * v = beta2 v + (1 - beta2) g^2, p -= step_size m / (sqrt(v) / bias2_sqrt + eps); 1 - beta comes in computed in
+ * double, as torch does (1.0f - 0.999f would be off by 1e-5 relative).
+ * The gradient is float32 (g32) or bfloat16 (g16; the other is NULL). If shadow is not NULL it receives the new
+ * p rounded to bfloat16: the copy the next forward pass multiplies with, written while p is in registers instead
+ * of in a separate cast pass (see vega_utils/shadow_weights.py).
+ */
+#define ADAM_BODY(GRAD)                                                                                  \
+    float g = (GRAD), w = p[i];                                                                          \
+    g = g + w * decay_g; /* one of the two decays is 0: no branch in the loop */                          \
+    w = w - w * decay_p;                                                                                 \
+    float mi = m[i] + one_minus_beta1 * (g - m[i]);                                                      \
+    float vi = beta2 * v[i] + one_minus_beta2 * g * g;                                                   \
+    w = w - step_size * mi / (__builtin_sqrtf(vi) / bias2_sqrt + eps);                                   \
+    m[i] = mi; v[i] = vi; p[i] = w;
+
+/* Tensor j: n[j] parameters p[j] with moments m[j], v[j], gradient g32[j] or g16[j] (the other NULL), optional
+ * shadow[j]; its own step_size[j] and bias2_sqrt[j] (steps can differ between tensors). One parallel region for
+ * all tensors, each split between the threads, with no barrier between tensors (they are independent). */
+void adam_step(int count, float **p_, float **m_, float **v_, const float **g32_, const uint16_t **g16_,
+               uint16_t **shadow_, const int64_t *n_, const float *step_size_, const float *bias2_sqrt_, float lr,
+               float one_minus_beta1, float beta2, float one_minus_beta2, float eps, float weight_decay,
+               int decoupled, int threads) {
+    const float decay_p = decoupled ? lr * weight_decay : 0.0f, decay_g = decoupled ? 0.0f : weight_decay;
+#pragma omp parallel num_threads(threads)
+    for (int j = 0; j < count; j++) {
+        float *p = p_[j], *m = m_[j], *v = v_[j];
+        const float *g32 = g32_[j];
+        const uint16_t *g16 = g16_[j];
+        uint16_t *shadow = shadow_[j];
+        const int64_t n = n_[j];
+        const float step_size = step_size_[j], bias2_sqrt = bias2_sqrt_[j];
+        if (g16 && shadow) {
+#pragma omp for schedule(static) nowait
+            for (int64_t i = 0; i < n; i++) { ADAM_BODY(bf16_to_f32(g16[i])) shadow[i] = f32_to_bf16(w); }
+        } else if (g16) {
+#pragma omp for schedule(static) nowait
+            for (int64_t i = 0; i < n; i++) { ADAM_BODY(bf16_to_f32(g16[i])) }
+        } else if (shadow) {
+#pragma omp for schedule(static) nowait
+            for (int64_t i = 0; i < n; i++) { ADAM_BODY(g32[i]) shadow[i] = f32_to_bf16(w); }
+        } else {
+#pragma omp for schedule(static) nowait
+            for (int64_t i = 0; i < n; i++) { ADAM_BODY(g32[i]) }
+        }
+    }
+}

@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 _state = {"lib": None, "tried": False}
 
 
@@ -62,6 +62,9 @@ def _build(compiler):
     for fn, pointers in ((lib.dropout_bf16, 2), (lib.dropout_f32, 2), (lib.gelu_dropout_bf16, 2),
                          (lib.gelu_dropout_backward_bf16, 3)):
         fn.argtypes, fn.restype = [ptr] * pointers + tail, None
+    f32 = ctypes.c_float
+    lib.adam_step.argtypes = [ctypes.c_int] + [ptr] * 9 + [f32] * 6 + [ctypes.c_int, ctypes.c_int]
+    lib.adam_step.restype = None
     return lib
 
 
