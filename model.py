@@ -167,16 +167,19 @@ class MultiHeadedAttention(nn.Module):
         h, dh = self.n_head, self.d_head
         q = self.linear_q(target) / math.sqrt(dh)                                  # (R, H)
         k, v = self.linear_k(source), self.linear_v(source)                        # (R, H)
-        context = [self.attend(*(grid.to_heads(x, h) for x in (q, k, v)), grid) for grid in lay.grids]
+        context = [self.attend(q, k, v, grid) for grid in lay.grids]
         return self.linear(context[0] if len(context) == 1 else torch.cat(context))  # (R, H)
 
     def attend(self, q, k, v, grid):
-        """q, k, v (Bg, h, Lg, dh) of one grid -> its rows' context (R_g, H)."""
+        """q, k, v rows (R, H) -> the context of one grid's rows (R_g, H)."""
+        h = self.n_head
         if not torch.is_grad_enabled() and compute_dtype(q) != torch.float32:
-            # Evaluation in lower precision: the fused kernel. Every query has a valid key in its own dialogue,
-            # so masking with -inf instead of -1e4 gives the same weights.
+            # Evaluation in lower precision: the fused kernel, which takes transposed views. Every query has a
+            # valid key in its own dialogue, so masking with -inf instead of -1e4 gives the same weights.
+            q, k, v = (grid.to_heads(x, h, contiguous=False) for x in (q, k, v))  # (Bg, h, Lg, dh)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=~grid.key_pad[:, None, None, :], scale=1.0)
             return grid.from_heads(context)
+        q, k, v = (grid.to_heads(x, h) for x in (q, k, v))                         # (Bg, h, Lg, dh)
         scores = q @ k.transpose(-2, -1)                                           # (Bg, h, Lg, Lg)
         scores.masked_fill_(grid.key_pad[:, None, None, :], NEG_FILL)              # matmul's backward keeps q, k
         attn = self.dropout(torch.softmax(scores, dim=-1))
@@ -319,13 +322,15 @@ class VEGA(nn.Module):
         h["all"] = self.last_gate(h["t"], h["a"], h["v"])
         return h
 
-    def forward(self, batch, anchors=None, compute_padding=False):
+    def forward(self, batch, anchors=None, compute_padding=False, features=True):
         """batch: dataloader.Batch. anchors: (C, K) L2-normalised, or None to skip the VEGA branch
-        (it never changes predictions). Returns a dict of (B, L, ...) tensors, zero where not computed."""
+        (it never changes predictions). features=False leaves out `all_transformer_out` (the fused features,
+        which evaluation does not use). Returns a dict of (B, L, ...) tensors, zero where not computed."""
         lay = self.layout(batch.pad_mask, compute_padding)
         h = self.backbone(batch, lay)
         rows = {f"{m}_logit": getattr(self, f"{m}_output_layer")(h[m]) for m in MODALITIES + ("all",)}  # (N, C)
-        rows["all_transformer_out"] = h["all"]                                      # (N, H)
+        if features:
+            rows["all_transformer_out"] = h["all"]                                  # (N, H)
         if anchors is not None:
             anchors = anchors.to(h["all"].dtype)
             for m in MODALITIES + ("all",):

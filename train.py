@@ -205,7 +205,7 @@ def eval_epoch(model, data, cfg, anchor_bank, class_weights, device, amp_dtype, 
             data = ((merge_batches(g, cfg.n_speakers), g) for g in eval_groups(data, EVAL_ROWS))
         for merged, group in tqdm(data, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
             batch = merged.to(device, non_blocking=True)
-            out = model(batch, anchors)
+            out = model(batch, anchors, features=False)
             if with_losses:
                 b0 = 0
                 for part in group:   # the loader's own batches, cut back out of the merged output
