@@ -119,6 +119,28 @@ def make_activation(name):
             "leaky_relu": nn.LeakyReLU(), "elu": nn.ELU(), "none": nn.Identity()}[name]
 
 
+class MLP(nn.Sequential):
+    """Linear layers with an activation (+ Dropout) between them; same modules and names as nn.Sequential.
+
+    An activation the CPU kernels know (gelu, elu) followed by its Dropout runs as one fused pass in bf16.
+    """
+
+    def __init__(self, activation, *layers):
+        super().__init__(*layers)
+        self.activation = activation
+
+    def forward(self, x):
+        layers, i = list(self), 0
+        while i < len(layers):
+            if i + 1 < len(layers) and isinstance(layers[i + 1], Dropout) and not isinstance(layers[i], Linear):
+                y = cpu_kernels.activation_dropout(x, self.activation, layers[i + 1].p, self.training)
+                if y is not None:
+                    x, i = y, i + 2
+                    continue
+            x, i = layers[i](x), i + 1
+        return x
+
+
 def make_mlp(n_layers, d_in, d_hidden, d_out, activation, drop):
     """Linear layers d_in -> d_hidden ... -> d_out with activation (+ dropout when drop > 0) between them.
 
@@ -131,7 +153,7 @@ def make_mlp(n_layers, d_in, d_hidden, d_out, activation, drop):
             layers.append(Dropout(drop))
         d = d_hidden
     layers.append(Linear(d, d_out))
-    return nn.Sequential(*layers)
+    return MLP(activation, *layers)
 
 
 def is_backbone_key(name):
@@ -199,7 +221,7 @@ class PositionwiseFeedForward(nn.Module):
 
     def forward(self, x):
         pre = self.w_1(self.layer_norm(x))                                         # (N, d_ff)
-        inter = cpu_kernels.gelu_tanh_dropout(pre, self.dropout_1.p, self.training)  # bf16 on the CPU: one pass
+        inter = cpu_kernels.activation_dropout(pre, "gelu_tanh", self.dropout_1.p, self.training)  # bf16 CPU
         if inter is None:
             inter = self.dropout_1(F.gelu(pre, approximate="tanh"))
         return self.dropout_2(self.w_2(inter)) + x

@@ -1,6 +1,6 @@
 """Seconds per IEMOCAP-sized epoch: the reference's computation (a) against this project's default path (b).
 
-    python bench/bench_epoch.py                  # both variants, 3 timed epochs each (about 3 minutes, 2 cores)
+    python bench/bench_epoch.py                  # both variants, 5 timed epochs each (about 4 minutes, 2 cores)
     python bench/bench_epoch.py --quick          # a few batches, a sanity check of the script itself
     python bench/bench_epoch.py --device cuda    # when a GPU is lent
 
@@ -12,7 +12,9 @@
     (its cheaper dropout mask and matmul backward).
 (b) default: exactly what `python run.py` runs — train.train_epoch / train.eval_epoch on the packed rows,
     resolve_amp('auto') (bf16 autocast on the CPU, fp16 + GradScaler on CUDA), main.build_optimizer.
-Timing: one untimed warm-up epoch, then --reps epochs, each a training epoch followed by an evaluation pass.
+Timing: one untimed warm-up epoch, then --reps epochs, each a training epoch followed by an evaluation pass; the
+variants run in their own processes, taking turns epoch by epoch (a, b, a, b, ...) so that a machine whose speed
+drifts (other tenants) weighs on both alike.
 Both read the same generated data (151 dialogues of 8-110 utterances, the real feature dims) through the
 project's own loaders, with the default IEMOCAP config (hidden 768). Each variant runs in its own process,
 so its peak resident memory is its own. Not a test: it prints a table and, with --json, writes the numbers.
@@ -33,7 +35,7 @@ sys.path.insert(0, ROOT)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=3, help="timed epochs per variant (median reported)")
+    p.add_argument("--reps", type=int, default=5, help="timed epochs per variant (median reported)")
     p.add_argument("--quick", action="store_true", help="tiny data (a few batches), 1 rep: checks the script")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--variants", default="a,b", help="comma-separated subset of a,b,a0")
@@ -170,11 +172,16 @@ def run_variant(args):
 
     # One untimed epoch warms kernels, allocator and caches; then epochs as a run has them, each training
     # epoch followed by its evaluation pass (which so starts with caches full of training data, as in a run).
+    # Each timed epoch waits for the parent's "go" on stdin, so the variants take turns (see main_cli).
     warm = [timed(train_once), timed(eval_once)]
+    print("READY", flush=True)
     train_s, eval_s = [], []
     for _ in range(args.reps):
+        if sys.stdin.readline().strip() != "go":
+            raise SystemExit("bench child: expected 'go' on stdin")
         train_s.append(timed(train_once))
         eval_s.append(timed(eval_once))
+        print(f"EPOCH {train_s[-1]:.3f} {eval_s[-1]:.3f}", flush=True)
     count = {split: sum(len(data.records[i]) for i in ids)
              for split, ids in (("train", data.train_ids), ("test", data.test_ids))}
     result = {"variant": args.variant, "train_s": train_s, "eval_s": eval_s, "warmup_s": warm,
@@ -230,6 +237,46 @@ def print_table(results, device):
               f"peak memory (b)/(a) {(b['peak_rss_mb'] / a['peak_rss_mb']):.2f}")
 
 
+def run_children(args, folder, reps):
+    """One process per variant (so each has its own peak memory), all started and warmed up first; then the
+    timed epochs in turns, a, b, a, b, ...: a machine that slows down or speeds up during the run (other
+    tenants) affects every variant alike instead of whichever ran last."""
+    variants = args.variants.split(",")
+    procs = {}
+    try:
+        for v in variants:
+            cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--data_dir", folder,
+                   "--reps", str(reps), "--device", args.device] + ([] if args.eval_vega else ["--no_eval_vega"])
+            procs[v] = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            expect(procs[v], v, "READY")   # set up and warmed up before the next one starts
+            print(f"variant {v} ready", flush=True)
+        for rep in range(reps):
+            for v in variants:
+                procs[v].stdin.write("go\n")
+                procs[v].stdin.flush()
+                seconds = expect(procs[v], v, "EPOCH").split()
+                print(f"epoch {rep + 1}/{reps} {v}: train {seconds[1]} s, eval {seconds[2]} s", flush=True)
+        results = {}
+        for v in variants:
+            results[v] = summarise(json.loads(expect(procs[v], v, "RESULT")[len("RESULT "):]))
+            procs[v].wait()
+        return results
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+def expect(proc, variant, tag):
+    """The child's next line starting with tag (other lines pass through); exit with its output if it died."""
+    for line in proc.stdout:
+        if line.startswith(tag):
+            return line.strip()
+        print(f"[{variant}] {line}", end="", file=sys.stderr)
+    proc.wait()
+    raise SystemExit(f"variant {variant} failed (exit {proc.returncode}) before printing {tag}")
+
+
 def main_cli(argv=None):
     args = parse_args(argv)
     if args.variant:
@@ -239,17 +286,7 @@ def main_cli(argv=None):
         summary = make_data(folder, args.quick)
         print(f"data: {summary['n_train']} train + {summary['n_test']} test dialogues, "
               f"{summary['n_utterances']} utterances; {reps} timed epoch(s) per variant after one warm-up")
-        results = {}
-        for v in args.variants.split(","):
-            cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--data_dir", folder,
-                   "--reps", str(reps), "--device", args.device] + ([] if args.eval_vega else ["--no_eval_vega"])
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(proc.stdout + proc.stderr, file=sys.stderr)
-                raise SystemExit(f"variant {v} failed (exit {proc.returncode})")
-            results[v] = summarise(json.loads(lines[-1][len("RESULT "):]))
-            print(f"variant {v} done: train median {results[v]['train_median_s']:.2f} s", flush=True)
+        results = run_children(args, folder, reps)
     print(f"machine: {machine_line(args.device)}; {time.strftime('%Y-%m-%d')}")
     print_table(results, args.device)
     if args.json:

@@ -91,31 +91,37 @@ def test_fallback_when_the_build_fails(monkeypatch, tmp_path, capsys):
     assert "using torch's ops" in capsys.readouterr().err
 
 
-def test_gelu_tanh_dropout_kernel_matches_torch(path):
+ACTIVATION_REFS = {"gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+                   "gelu": torch.nn.functional.gelu, "elu": torch.nn.functional.elu}
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_REFS))
+def test_activation_dropout_kernel_matches_torch(path, activation):
     if path != "kernel":
-        pytest.skip("the fused gelu is the kernel's")
-    import torch.nn.functional as F
+        pytest.skip("the fused activation is the kernel's")
+    f = ACTIVATION_REFS[activation]
     torch.manual_seed(4)
     z32 = torch.randn(512, 768) * 3
-    z32[0, :6] = torch.tensor([-100.0, -10.0, 0.0, 1e-3, 10.0, 100.0])
+    z32[0, :8] = torch.tensor([-100.0, -10.0, -1e-3, 0.0, 1e-3, 0.1, 10.0, 100.0])
     z = z32.bfloat16()
-    ref = F.gelu(z.float(), approximate="tanh")                 # float32 gelu of the same bf16 inputs
-    y = cpu_kernels.gelu_tanh_dropout(z, 0.3, training=False)    # evaluation: plain gelu
+    ref = f(z.float())                                          # float32 activation of the same bf16 inputs
+    y = cpu_kernels.activation_dropout(z, activation, 0.3, training=False)   # evaluation: no dropout
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-6)   # within bf16 rounding of the exact value
-    assert torch.equal(y[0, :6].float(), F.gelu(z[0, :6], approximate="tanh").float())   # tails: -0, 0, x
+    assert torch.equal(y[0, 3:8].float(), f(z[0, 3:8]).float())   # zero, small and large inputs: torch's bf16
+    assert torch.allclose(y[0, :2].float(), ref[0, :2], rtol=2 ** -7, atol=1e-20)   # far negative tail
 
+    torch.manual_seed(5)                                         # the mask plain dropout draws with this seed
+    kept = Dropout(0.3).train()(torch.ones(512, 768, dtype=torch.bfloat16)) != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 5e-3
     zg = z.clone().requires_grad_()
     torch.manual_seed(5)
-    y = cpu_kernels.gelu_tanh_dropout(zg, 0.3, training=True)
-    kept = y != 0
-    assert abs(1 - kept[ref != 0].float().mean().item() - 0.3) < 5e-3
+    y = cpu_kernels.activation_dropout(zg, activation, 0.3, training=True)
+    assert not y[~kept].any()                                   # the same mask
     assert torch.allclose(y[kept].float(), ref[kept] / 0.7, rtol=2 ** -7, atol=1e-6)
     y.backward(torch.ones_like(y))
     z_ref = z.float().requires_grad_()
-    F.gelu(z_ref, approximate="tanh").backward(torch.ones_like(z_ref))
+    f(z_ref).backward(torch.ones_like(z_ref))
     expected = torch.where(kept, z_ref.grad / 0.7, torch.zeros_like(z_ref.grad))
     assert torch.allclose(zg.grad.float(), expected, rtol=2 ** -7, atol=1e-5)
-    torch.manual_seed(5)                                         # the same seed: the same mask as plain dropout
-    mask = Dropout(0.3).train()(torch.ones(512, 768, dtype=torch.bfloat16)) != 0
-    assert torch.equal(mask[ref != 0], kept[ref != 0])
+    assert cpu_kernels.activation_dropout(z, "silu", 0.3, training=True) is None   # not a kernel activation

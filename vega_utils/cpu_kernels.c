@@ -1,4 +1,4 @@
-/* CPU kernels of the training step: dropout in one pass, and the feed-forward's gelu + dropout fused.
+/* CPU kernels of the training step: dropout in one pass, activation + dropout fused, and an Adam step.
  *
  * Dropout: y = x * keep_i / (1 - p), keep_i drawn from a counter-based generator.
  * Why: torch's CPU generator is a single-threaded Mersenne twister, and a mask built from its draws takes four
@@ -69,12 +69,15 @@ void dropout_f32(const float *x, float *y, int64_t n, uint64_t seed, uint32_t th
     FOR_EACH_ELEMENT(float v = x[i] * scale; y[i] = bits >= threshold ? v : 0.0f;)
 }
 
-/* ------------------------------------------------------------------ the feed-forward's gelu + dropout, bfloat16
- * gelu_tanh(z) = z * Phi(z), Phi(z) = 0.5 (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))). torch's CPU gelu_tanh takes
- * ~0.9 ns an element here, about twice this fused pass, and dropout is another pass. Phi is computed in float32
- * (relative error ~2e-7), far below bfloat16's rounding step (4e-3), so the result is torch's bf16 gelu to within
- * a bf16 step or two. The float32 path (the parity tests) keeps torch's own gelu.
+/* ------------------------------------------------------------------ activation + dropout, bfloat16
+ * y = dropout(f(z)) for f = gelu (tanh form: the feed-forward's; erf form: the output heads') or elu (alpha 1,
+ * the VEGA projections), and its backward dz = dy * keep * scale * f'(z). torch runs f, its derivative and the
+ * dropout as separate passes (its gelu_tanh alone at ~0.9 ns an element); here each way is one pass. f is computed
+ * in float32 to ~2e-7 absolute, far below bfloat16's rounding step (4e-3 relative), so y is torch's bf16 result to
+ * within a bf16 step or two. The float32 path (the parity tests) keeps torch's ops.
  */
+enum { ACT_GELU_TANH = 0, ACT_GELU_ERF = 1, ACT_ELU = 2 };
+
 static inline float fast_exp(float x) { /* e^x, relative error < 2e-7 on [-87, 88] */
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest (1.5 * 2^23 trick) */
@@ -86,30 +89,65 @@ static inline float fast_exp(float x) { /* e^x, relative error < 2e-7 on [-87, 8
     return p * s;
 }
 
-/* Phi(z) ~ sigmoid(2 sqrt(2/pi) (z + 0.044715 z^3)) and its derivative. Far in the negative tail both are set to 0
- * rather than computed: torch gives -0 there too, and the tiny values would be subnormal floats, ~100x slower. */
-static inline void gelu_cdf_tanh(float z, float *cdf, float *pdf) {
+/* f(z) and f'(z). Far in gelu's negative tail both are 0 (torch gives -0 too): the tiny values would be
+ * subnormal floats, ~100x slower. */
+static inline void gelu_tanh(float z, float *f, float *df) {
     const float c = 0.7978845608028654f, a = 0.044715f;
     float t = 2.0f * c * (z + a * z * z * z);
     float tc = t < -30.0f ? -30.0f : (t > 30.0f ? 30.0f : t);
-    float s = 1.0f / (1.0f + fast_exp(-tc));                          /* 0.5 (1 + tanh(t/2)) */
-    *cdf = t < -30.0f ? 0.0f : s;
-    *pdf = t < -30.0f ? 0.0f : s * (1.0f - s) * 2.0f * c * (1.0f + 3.0f * a * z * z);
+    float s = 1.0f / (1.0f + fast_exp(-tc));                          /* Phi(z) = 0.5 (1 + tanh(t/2)) */
+    *f = t < -30.0f ? 0.0f : z * s;
+    *df = t < -30.0f ? 0.0f : s + z * s * (1.0f - s) * 2.0f * c * (1.0f + 3.0f * a * z * z);
 }
 
-/* y = dropout(gelu_tanh(z)); threshold 0 and scale 1 give plain gelu. y may be z. */
-void gelu_dropout_bf16(const uint16_t *z, uint16_t *y, int64_t n, uint64_t seed, uint32_t threshold, float scale,
-                       int threads) {
-    FOR_EACH_ELEMENT(float v = bf16_to_f32(z[i]), cdf, pdf; gelu_cdf_tanh(v, &cdf, &pdf);
-                     y[i] = bits >= threshold ? f32_to_bf16(v * cdf * scale) : 0;)
+static inline void gelu_erf(float z, float *f, float *df) { /* Phi via erfc, Abramowitz & Stegun 7.1.26 */
+    float x = (z < 0 ? -z : z) * 0.7071067811865476f;
+    float x2 = x * x > 80.0f ? 80.0f : x * x;
+    float t = 1.0f / (1.0f + 0.3275911f * x);
+    float g = x * x > 80.0f ? 0.0f : fast_exp(-x2);                   /* exp(-z^2/2) */
+    float erfc = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f +
+                                                                  t * 1.061405429f)))) * g;
+    float cdf = z < 0 ? 0.5f * erfc : 1.0f - 0.5f * erfc;
+    *f = z * cdf;
+    *df = cdf + z * 0.3989422804014327f * g;
 }
 
-/* dz = dy * keep * scale * gelu_tanh'(z), where gelu'(z) = Phi(z) + z Phi'(z). dz may be dy. */
-void gelu_dropout_backward_bf16(const uint16_t *dy, const uint16_t *z, uint16_t *dz, int64_t n, uint64_t seed,
-                                uint32_t threshold, float scale, int threads) {
-    FOR_EACH_ELEMENT(float v = bf16_to_f32(z[i]), cdf, pdf; gelu_cdf_tanh(v, &cdf, &pdf);
-                     float g = bf16_to_f32(dy[i]) * scale * (cdf + v * pdf);
-                     dz[i] = bits >= threshold ? f32_to_bf16(g) : 0;)
+static inline void elu(float z, float *f, float *df) { /* alpha = 1; expm1 by its series near 0 (no cancellation) */
+    float zc = z < -80.0f ? -80.0f : (z > 0.0f ? 0.0f : z);
+    float e = fast_exp(zc);
+    float series = zc * (1.0f + zc * (0.5f + zc * (1.0f / 6 + zc * (1.0f / 24 + zc * (1.0f / 120)))));
+    float em1 = zc > -0.125f ? series : e - 1.0f;
+    *f = z > 0.0f ? z : em1;
+    *df = z > 0.0f ? 1.0f : e;
+}
+
+#define ACT_FWD(F) float v = bf16_to_f32(z[i]), f, df; F(v, &f, &df); \
+                   y[i] = bits >= threshold ? f32_to_bf16(f * scale) : 0;
+#define ACT_BWD(F) float v = bf16_to_f32(z[i]), f, df; F(v, &f, &df); \
+                   float g = bf16_to_f32(dy[i]) * scale * df; dz[i] = bits >= threshold ? f32_to_bf16(g) : 0;
+
+/* y = dropout(f(z)); threshold 0 and scale 1 give plain f. y may be z. */
+void act_dropout_bf16(const uint16_t *z, uint16_t *y, int64_t n, int act, uint64_t seed, uint32_t threshold,
+                      float scale, int threads) {
+    if (act == ACT_GELU_TANH) {
+        FOR_EACH_ELEMENT(ACT_FWD(gelu_tanh))
+    } else if (act == ACT_GELU_ERF) {
+        FOR_EACH_ELEMENT(ACT_FWD(gelu_erf))
+    } else {
+        FOR_EACH_ELEMENT(ACT_FWD(elu))
+    }
+}
+
+/* dz = dy * keep * scale * f'(z). dz may be dy. */
+void act_dropout_backward_bf16(const uint16_t *dy, const uint16_t *z, uint16_t *dz, int64_t n, int act,
+                               uint64_t seed, uint32_t threshold, float scale, int threads) {
+    if (act == ACT_GELU_TANH) {
+        FOR_EACH_ELEMENT(ACT_BWD(gelu_tanh))
+    } else if (act == ACT_GELU_ERF) {
+        FOR_EACH_ELEMENT(ACT_BWD(gelu_erf))
+    } else {
+        FOR_EACH_ELEMENT(ACT_BWD(elu))
+    }
 }
 
 /* ------------------------------------------------------------------ Adam / AdamW step with bf16 weight copies

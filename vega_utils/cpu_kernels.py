@@ -2,10 +2,10 @@
 
 A training step of the default model draws 63 dropout masks; with torch's own CPU ops (a single-threaded
 generator, then compare, scale and multiply passes) they were ~15% of the step. The kernels do it in one
-multi-threaded pass and store no mask (the backward recomputes it from the seed); the feed-forward's
-gelu_tanh + dropout (bfloat16) is one pass too.
+multi-threaded pass and store no mask (the backward recomputes it from the seed); activation + dropout
+(gelu, gelu_tanh, elu; bfloat16) is one pass too, and so is the optimizer step of shadow_weights.py.
 
-No compiler, a failed build, or VEGA_CPU_KERNELS=0 in the environment: `dropout` and `gelu_tanh_dropout` return
+No compiler, a failed build, or VEGA_CPU_KERNELS=0 in the environment: `dropout` and `activation_dropout` return
 None and the model keeps torch's ops (same rate and scaling, a different random stream, slower). The reason is
 printed once to stderr.
 """
@@ -59,9 +59,10 @@ def _build(compiler):
     # torch has loaded its libgomp.so.1 already, so the kernel's OpenMP shares torch's threads
     lib = ctypes.CDLL(path)
     ptr, tail = ctypes.c_void_p, [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
-    for fn, pointers in ((lib.dropout_bf16, 2), (lib.dropout_f32, 2), (lib.gelu_dropout_bf16, 2),
-                         (lib.gelu_dropout_backward_bf16, 3)):
-        fn.argtypes, fn.restype = [ptr] * pointers + tail, None
+    for fn in (lib.dropout_bf16, lib.dropout_f32):
+        fn.argtypes, fn.restype = [ptr] * 2 + tail, None
+    for fn, pointers in ((lib.act_dropout_bf16, 2), (lib.act_dropout_backward_bf16, 3)):
+        fn.argtypes, fn.restype = [ptr] * pointers + [ctypes.c_int64, ctypes.c_int] + tail[1:], None
     f32 = ctypes.c_float
     lib.adam_step.argtypes = [ctypes.c_int] + [ptr] * 9 + [f32] * 6 + [ctypes.c_int, ctypes.c_int]
     lib.adam_step.restype = None
@@ -116,17 +117,20 @@ class DropoutFn(torch.autograd.Function):
         return apply_mask(grad.contiguous(), ctx.p, ctx.seed), None, None
 
 
-class GeluTanhDropoutFn(torch.autograd.Function):
-    """dropout(gelu_tanh(z)) for bfloat16 z, one pass each way; saves z only."""
+ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "elu": 2}   # the kernel's codes; gelu = the exact (erf) form
+
+
+class ActDropoutFn(torch.autograd.Function):
+    """dropout(f(z)) for bfloat16 z and f in ACTIVATIONS, one pass each way; saves z only."""
 
     @staticmethod
-    def forward(ctx, z, p, seed):
+    def forward(ctx, z, act, p, seed):
         z = z.contiguous()
         y = torch.empty_like(z)
-        kernel().gelu_dropout_bf16(z.data_ptr(), y.data_ptr(), z.numel(), seed, *_mask_args(p),
-                                   torch.get_num_threads())
+        kernel().act_dropout_bf16(z.data_ptr(), y.data_ptr(), z.numel(), act, seed, *_mask_args(p),
+                                  torch.get_num_threads())
         ctx.save_for_backward(z)
-        ctx.p, ctx.seed = p, seed
+        ctx.act, ctx.p, ctx.seed = act, p, seed
         return y
 
     @staticmethod
@@ -134,9 +138,9 @@ class GeluTanhDropoutFn(torch.autograd.Function):
         (z,) = ctx.saved_tensors
         grad = grad.contiguous()
         dz = torch.empty_like(z)
-        kernel().gelu_dropout_backward_bf16(grad.data_ptr(), z.data_ptr(), dz.data_ptr(), z.numel(), ctx.seed,
-                                            *_mask_args(ctx.p), torch.get_num_threads())
-        return dz, None, None
+        kernel().act_dropout_backward_bf16(grad.data_ptr(), z.data_ptr(), dz.data_ptr(), z.numel(), ctx.act,
+                                           ctx.seed, *_mask_args(ctx.p), torch.get_num_threads())
+        return dz, None, None, None
 
 
 def _usable(x, dtypes):
@@ -150,9 +154,10 @@ def dropout(x, p):
     return DropoutFn.apply(x, p, _seed())
 
 
-def gelu_tanh_dropout(z, p, training):
-    """dropout(gelu_tanh(z)) (p applied only when training) for bfloat16 CPU z, or None when the kernel cannot."""
-    if not _usable(z, (torch.bfloat16,)):
+def activation_dropout(z, activation, p, training):
+    """dropout(activation(z)) (p applied only when training) for bfloat16 CPU z, activation a key of
+    ACTIVATIONS; None when the kernel cannot take it."""
+    if activation not in ACTIVATIONS or not _usable(z, (torch.bfloat16,)):
         return None
     p = p if training else 0.0
-    return GeluTanhDropoutFn.apply(z, p, _seed() if p > 0 else 0)
+    return ActDropoutFn.apply(z, ACTIVATIONS[activation], p, _seed() if p > 0 else 0)
