@@ -37,13 +37,12 @@ class Grid:
     dense: bool = False       # rows are exactly the grid positions in (Bg, Lg) order (the padded layout)
 
     def to_heads(self, x, h, contiguous=True):
-        """Rows (R, H) -> (Bg, h, Lg, H/h), zeros where no row sits.
+        """Its rows (R_g, H) -> (Bg, h, Lg, H/h), zeros where no row sits.
 
         contiguous: scattered straight into that layout, as batched matmuls want it (a transposed view would
         cost them a copy). Otherwise rows are copied whole into (Bg, Lg, H) and a transposed view is returned,
         which the fused attention takes as it is (a third faster than the scatter).
         """
-        x = x[self.rows]
         Bg, Lg = self.key_pad.shape
         if self.dense:
             x = x.view(Bg, Lg, h, -1).transpose(1, 2)

@@ -189,11 +189,14 @@ class MultiHeadedAttention(nn.Module):
         h, dh = self.n_head, self.d_head
         q = self.linear_q(target) / math.sqrt(dh)                                  # (R, H)
         k, v = self.linear_k(source), self.linear_v(source)                        # (R, H)
-        context = [self.attend(q, k, v, grid) for grid in lay.grids]
+        # split, not one slice per grid: a slice's backward fills a whole (R, H) gradient, split's is one cat
+        sizes = [grid.rows.stop - grid.rows.start for grid in lay.grids]
+        parts = zip(q.split(sizes), k.split(sizes), v.split(sizes), lay.grids)
+        context = [self.attend(*part) for part in parts]
         return self.linear(context[0] if len(context) == 1 else torch.cat(context))  # (R, H)
 
     def attend(self, q, k, v, grid):
-        """q, k, v rows (R, H) -> the context of one grid's rows (R_g, H)."""
+        """q, k, v: the rows of one grid (R_g, H) -> their context (R_g, H)."""
         h = self.n_head
         if not torch.is_grad_enabled() and compute_dtype(q) != torch.float32:
             # Evaluation in lower precision: the fused kernel, which takes transposed views. Every query has a
