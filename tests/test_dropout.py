@@ -76,6 +76,7 @@ def test_kernel_is_seeded_by_torch_and_thread_independent(path):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(a, b)
+    assert all(0 <= cpu_kernels._seed() < 2 ** 63 for _ in range(100))   # int64-sized for autograd and profiler
     kept = a != 0
     assert torch.allclose(a[kept], x[kept] / (1 - P), rtol=1e-6)
 

@@ -93,7 +93,8 @@ def _mask_args(p):
 
 def _seed():
     # one draw from torch's generator per mask: torch.manual_seed fixes every mask, and resuming restores them
-    return int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64)) % 2 ** 64
+    # 63 bits: a Python int that fits int64 (autograd's and the profiler's argument handling require it)
+    return int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
 
 
 def apply_mask(x, p, seed):
