@@ -4,7 +4,7 @@
     python bench/accuracy_study.py --seeds 1 2 --epochs 3 --quick   # a check of the script
 
 (a) the reference's computation (float32, padded, stock layers, default AdamW) and (b) the default path
-(bf16 autocast on the CPU, packed rows, fused AdamW), exactly as in bench_epoch.py, trained on the same
+(bf16 autocast on the CPU, packed rows, the CPU kernels, ShadowAdam), exactly as in bench_epoch.py, trained on the same
 generated data (IEMOCAP layout, real dims; signal 2.0, a little weaker than the demo's 2.5 so the score has
 room to move) with the IEMOCAP preset except hidden 256 and lr 1e-3: at hidden 768 and the preset's lr the
 model sits at chance for well over 20 epochs of this small set, which would make the study measure nothing

@@ -6,8 +6,9 @@ multi-threaded pass and store no mask (the backward recomputes it from the seed)
 (gelu, gelu_tanh, elu; bfloat16) is one pass too, and so is the optimizer step of shadow_weights.py.
 
 No compiler, a failed build, or VEGA_CPU_KERNELS=0 in the environment: `dropout` and `activation_dropout` return
-None and the model keeps torch's ops (same rate and scaling, a different random stream, slower). The reason is
-printed once to stderr.
+None, the model keeps torch's ops (same rate and scaling, a different random stream, slower) and training uses
+torch's fused AdamW instead of ShadowAdam. The reason is printed once to stderr. The library is cached in
+$VEGA_KERNEL_CACHE or ~/.cache/vega-kernels, keyed by the source, compiler and CPU.
 """
 import ctypes
 import hashlib
@@ -43,9 +44,13 @@ def _build(compiler):
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(source + " ".join(FLAGS + [version, _cpu_key()]).encode()).hexdigest()[:16]
     folder = cache_dir()
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:   # an unwritable home: a per-user folder in the temporary directory
+        folder = os.path.join(tempfile.gettempdir(), f"vega-kernels-{os.getuid()}")
+        os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"cpu_kernels-{key}.so")
     if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:
