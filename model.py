@@ -9,6 +9,7 @@ run in the lower precision and the residual stream stays in it; float32 is exact
 Parameter names follow the reference exactly (`state_dict_manifest.json`): published checkpoints load strictly.
 """
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
