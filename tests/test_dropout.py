@@ -1,4 +1,5 @@
 """The CPU kernels (vega_utils/cpu_kernels.py): dropout and gelu_tanh + dropout, and the torch-only fallback."""
+import os
 import shutil
 
 import pytest
@@ -13,6 +14,8 @@ P = 0.53
 @pytest.fixture(params=["kernel", "torch"])
 def path(request, monkeypatch):
     if request.param == "kernel":
+        if os.environ.get("VEGA_CPU_KERNELS") == "0":
+            pytest.skip("VEGA_CPU_KERNELS=0: the kernels are switched off")
         if shutil.which("gcc") is None and shutil.which("cc") is None:
             pytest.skip("no C compiler: the kernel cannot be built here")
         assert cpu_kernels.kernel() is not None, "a compiler exists, so the kernel must build"
@@ -84,6 +87,7 @@ def test_kernel_is_seeded_by_torch_and_thread_independent(path):
 def test_fallback_when_the_build_fails(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(cpu_kernels._state, "tried", False)
     monkeypatch.setitem(cpu_kernels._state, "lib", None)
+    monkeypatch.delenv("VEGA_CPU_KERNELS", raising=False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("VEGA_KERNEL_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
