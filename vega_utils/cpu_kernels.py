@@ -22,7 +22,8 @@ import tempfile
 import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"] + \
+    (["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])   # gcc's x86-only flag
 _state = {"lib": None, "tried": False}
 
 
