@@ -181,22 +181,19 @@ def error_of(capsys, checkpoint_path, data_path, *extra):
     return err
 
 
-def test_other_hidden_size_is_named_with_a_fix(tmp_path, data_path, capsys):
-    _, model = build(data_path, **SMALL)
-    path = tmp_path / "h32.pth"
-    torch.save(model.backbone_state_dict(), path)
-    err = error_of(capsys, path, data_path, "--hidden_dim", "64")
-    assert "wrong shape" in err and "file (1, 512, 32), model (1, 512, 64)" in err
-    assert "hidden_dim=32" in err and "try: --hidden_dim 32" in err
-
-
-def test_other_head_layout_suggests_the_flags(tmp_path, data_path, capsys):
-    _, model = build(data_path, **OTHER)
+@pytest.mark.parametrize("built, flags, expected", [
+    (SMALL, ["--hidden_dim", "64"],   # another hidden size: the shape, the size it has, and the fix
+     ["wrong shape", "file (1, 512, 32), model (1, 512, 64)", "hidden_dim=32", "try: --hidden_dim 32"]),
+    (OTHER, ["--hidden_dim", "48"],   # another head layout: missing and unexpected keys, and the flags
+     ["missing", "unexpected", "try: --outlayer_num 2 --outlayer_drop 0"]),
+])
+def test_a_checkpoint_of_another_config_names_the_fix(tmp_path, data_path, capsys, built, flags, expected):
+    _, model = build(data_path, **built)
     path = tmp_path / "other.pth"
     torch.save(model.backbone_state_dict(), path)
-    err = error_of(capsys, path, data_path, "--hidden_dim", "48")
-    assert "missing" in err and "unexpected" in err
-    assert "try: --outlayer_num 2 --outlayer_drop 0" in err
+    err = error_of(capsys, path, data_path, *flags)
+    for text in expected:
+        assert text in err, text
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path, data_path, capsys):

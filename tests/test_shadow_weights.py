@@ -25,6 +25,13 @@ class TwoLayers(nn.Module):
         self.norm = nn.LayerNorm(8)
 
 
+def shadowed(seed):
+    """A TwoLayers model whose optimizer keeps bf16 copies, and an input for it."""
+    torch.manual_seed(seed)
+    model = TwoLayers()
+    return model, ShadowAdam(model, lr=1e-2, weight_decay=0.0, decoupled=True), torch.randn(5, 16)
+
+
 def close(a, b, rtol=1e-6):
     return (a - b).abs().max() <= rtol * b.abs().max()
 
@@ -54,10 +61,7 @@ def test_step_matches_torch_fused_adam(decoupled):
 
 
 def test_bf16_products_use_the_copy_and_its_gradient():
-    torch.manual_seed(1)
-    model = TwoLayers()
-    opt = ShadowAdam(model, lr=1e-2, weight_decay=0.0, decoupled=True)
-    x = torch.randn(5, 16)
+    model, opt, x = shadowed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         w = product_weight(model.fc, x)
         assert w is model.fc.shadow.tensor and w.dtype == torch.bfloat16
@@ -77,10 +81,8 @@ def test_bf16_products_use_the_copy_and_its_gradient():
 
 
 def test_copy_follows_a_loaded_weight():
-    torch.manual_seed(2)
-    model, other = TwoLayers(), TwoLayers()
-    ShadowAdam(model, lr=1e-2, weight_decay=0.0, decoupled=True)
-    x = torch.randn(5, 16)
+    model, _, x = shadowed(2)
+    other = TwoLayers()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         product_weight(model.fc, x)
         model.load_state_dict(other.state_dict())
@@ -103,10 +105,7 @@ def test_training_in_bf16_on_the_cpu_uses_it():
 
 def test_a_weight_without_gradient_keeps_its_refresh():
     """A step that skips a weight (no gradient) must not mark its copy current after an outside change."""
-    torch.manual_seed(3)
-    model = TwoLayers()
-    opt = ShadowAdam(model, lr=1e-2, weight_decay=0.0, decoupled=True)
-    x = torch.randn(5, 16)
+    model, opt, x = shadowed(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         product_weight(model.fc, x)
         with torch.no_grad():

@@ -126,28 +126,22 @@ static inline void elu(float z, float *f, float *df) { /* alpha = 1; expm1 by it
 #define ACT_BWD(F) float v = bf16_to_f32(z[i]), f, df; F(v, &f, &df); \
                    float g = bf16_to_f32(dy[i]) * scale * df; dz[i] = bits >= threshold ? f32_to_bf16(g) : 0;
 
+/* FOR_EACH_ELEMENT with STEP(f) for the activation `act` (one loop per activation, so each vectorises) */
+#define FOR_EACH_ACTIVATION(STEP)                                                                        \
+    if (act == ACT_GELU_TANH) { FOR_EACH_ELEMENT(STEP(gelu_tanh)) }                                      \
+    else if (act == ACT_GELU_ERF) { FOR_EACH_ELEMENT(STEP(gelu_erf)) }                                   \
+    else { FOR_EACH_ELEMENT(STEP(elu)) }
+
 /* y = dropout(f(z)); threshold 0 and scale 1 give plain f. y may be z. */
 void act_dropout_bf16(const uint16_t *z, uint16_t *y, int64_t n, int act, uint64_t seed, uint32_t threshold,
                       float scale, int threads) {
-    if (act == ACT_GELU_TANH) {
-        FOR_EACH_ELEMENT(ACT_FWD(gelu_tanh))
-    } else if (act == ACT_GELU_ERF) {
-        FOR_EACH_ELEMENT(ACT_FWD(gelu_erf))
-    } else {
-        FOR_EACH_ELEMENT(ACT_FWD(elu))
-    }
+    FOR_EACH_ACTIVATION(ACT_FWD)
 }
 
 /* dz = dy * keep * scale * f'(z). dz may be dy. */
 void act_dropout_backward_bf16(const uint16_t *dy, const uint16_t *z, uint16_t *dz, int64_t n, int act,
                                uint64_t seed, uint32_t threshold, float scale, int threads) {
-    if (act == ACT_GELU_TANH) {
-        FOR_EACH_ELEMENT(ACT_BWD(gelu_tanh))
-    } else if (act == ACT_GELU_ERF) {
-        FOR_EACH_ELEMENT(ACT_BWD(gelu_erf))
-    } else {
-        FOR_EACH_ELEMENT(ACT_BWD(elu))
-    }
+    FOR_EACH_ACTIVATION(ACT_BWD)
 }
 
 /* ------------------------------------------------------------------ Adam / AdamW step with bf16 weight copies

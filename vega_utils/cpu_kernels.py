@@ -105,8 +105,8 @@ def _seed():
 
 def apply_mask(x, p, seed):
     """x (contiguous, float32 or bfloat16, CPU) -> new tensor: x_i / (1-p) or 0, the mask a function of (seed, i)."""
-    y = torch.empty_like(x)
-    fn = kernel().dropout_bf16 if x.dtype == torch.bfloat16 else kernel().dropout_f32
+    y, lib = torch.empty_like(x), kernel()
+    fn = lib.dropout_bf16 if x.dtype == torch.bfloat16 else lib.dropout_f32
     fn(x.data_ptr(), y.data_ptr(), x.numel(), seed, *_mask_args(p), torch.get_num_threads())
     return y
 
