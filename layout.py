@@ -14,7 +14,7 @@ Three layouts, built by `make_layout` once per forward pass and passed to every 
   of a grid (lengths 8-110 in one batch wasted about half of it).
 Spare rows sit at padding positions of one grid: masked as keys, never read as outputs.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,34 +36,6 @@ class Grid:
     key_pad: torch.Tensor     # (Bg, Lg) bool, True = padding: keys the attention must ignore
     dense: bool = False       # rows are exactly the grid positions in (Bg, Lg) order (the padded layout)
 
-    def to_heads(self, x, h, contiguous=True):
-        """Its rows (R_g, H) -> (Bg, h, Lg, H/h), zeros where no row sits.
-
-        contiguous: scattered straight into that layout, as batched matmuls want it (a transposed view would
-        cost them a copy). Otherwise rows are copied whole into (Bg, Lg, H) and a transposed view is returned,
-        which the fused attention takes as it is (a third faster than the scatter).
-        """
-        Bg, Lg = self.key_pad.shape
-        if self.dense:
-            x = x.view(Bg, Lg, h, -1).transpose(1, 2)
-            return x.contiguous() if contiguous else x
-        if not contiguous:
-            out = x.new_zeros(Bg * Lg, x.shape[-1]).index_copy_(0, self.slot * Lg + self.positions, x)
-            return out.view(Bg, Lg, h, -1).transpose(1, 2)
-        x = x.view(x.shape[0], h, -1)                                              # (R_g, h, dh)
-        out = x.new_zeros(Bg, h, Lg, x.shape[-1])
-        out[self.slot, :, self.positions] = x
-        return out
-
-    def from_heads(self, x):
-        """(Bg, h, Lg, dh) -> its rows (R_g, h*dh)."""
-        Bg, h, Lg, dh = x.shape
-        if self.dense:
-            return x.transpose(1, 2).reshape(Bg * Lg, h * dh)
-        if x.transpose(1, 2).is_contiguous():   # stored as (Bg, Lg, h, dh): whole rows, one index_select
-            return x.transpose(1, 2).reshape(Bg * Lg, h * dh).index_select(0, self.slot * Lg + self.positions)
-        return x[self.slot, :, self.positions].flatten(1)                         # (R_g, h, dh) -> (R_g, H)
-
 
 @dataclass
 class Layout:
@@ -72,10 +44,79 @@ class Layout:
     grids: list               # [Grid], their rows covering 0..R-1 in order
     B: int
     L: int
+    cache: dict = field(default_factory=dict, repr=False)   # grid indices, masks, scratch: built on first use
 
     @property
     def n_rows(self):
         return self.positions.shape[0]
+
+    def _grid_index(self, h):
+        """Where each row goes in the grids laid end to end, with the size of each grid's block.
+
+        h=None, row-major: (R,) indices into sum(Bg*Lg) rows of width H (grid position (slot, pos) -> a row).
+        h given, head-major: (R*h,) indices into sum(Bg*h*Lg) rows of width H/h (row r's head j goes to
+        (slot*h + j)*Lg + pos of its grid's block), the (Bg, h, Lg, dh) layout batched matmuls want.
+        """
+        key = ("index", h)
+        if key not in self.cache:
+            parts, sizes, offset = [], [], 0
+            for g in self.grids:
+                Bg, Lg = g.key_pad.shape
+                if h is None:
+                    parts.append(offset + g.slot * Lg + g.positions)                               # (R_g,)
+                else:
+                    heads = torch.arange(h, device=g.slot.device)
+                    parts.append((offset + (g.slot[:, None] * h + heads) * Lg + g.positions[:, None]).flatten())
+                sizes.append(Bg * Lg * (h or 1))
+                offset += sizes[-1]
+            self.cache[key] = (torch.cat(parts), sizes, offset)
+        return self.cache[key]
+
+    def to_grids(self, x, h, contiguous=True, scratch=None):
+        """Rows (R, H) -> one (Bg, h, Lg, H/h) tensor per grid, zeros where no row sits (one copy for all grids).
+
+        contiguous: stored in that layout, as batched matmuls want it. Otherwise rows are copied whole into
+        (Bg, Lg, H) blocks and transposed views are returned, which the fused attention takes as they are.
+        scratch (a name), without gradients: the zeroed buffer of that name is reused by every later call of
+        this layout. The rows always land on the same positions, so the others stay zero.
+        """
+        R, H = x.shape
+        if self.grids[0].dense:   # the padded layout: rows are the grid
+            Bg, Lg = self.grids[0].key_pad.shape
+            x = x.view(Bg, Lg, h, H // h).transpose(1, 2)                             # (B, h, L, dh)
+            return [x.contiguous() if contiguous else x]
+        index, sizes, total = self._grid_index(h if contiguous else None)
+        width = H // h if contiguous else H
+        if scratch is not None and not torch.is_grad_enabled():
+            key = ("scratch", scratch, x.dtype, width)
+            if key not in self.cache:
+                self.cache[key] = x.new_zeros(total, width)
+            buffer = self.cache[key]
+        else:
+            buffer = x.new_zeros(total, width)
+        buffer.index_copy_(0, index, x.reshape(-1, width))                             # (R or R*h, width)
+        blocks = []
+        for block, g in zip(buffer.split(sizes), self.grids):
+            Bg, Lg = g.key_pad.shape
+            blocks.append(block.view(Bg, h, Lg, -1) if contiguous else block.view(Bg, Lg, h, -1).transpose(1, 2))
+        return blocks
+
+    def from_grids(self, blocks):
+        """One (Bg, h, Lg, dh) tensor per grid -> the rows (R, h*dh)."""
+        _, h, _, dh = blocks[0].shape
+        if self.grids[0].dense:
+            return blocks[0].transpose(1, 2).reshape(-1, h * dh)                       # (B*L, H)
+        if all(b.transpose(1, 2).is_contiguous() for b in blocks):   # stored (Bg, Lg, h, dh): whole rows
+            flat = torch.cat([b.transpose(1, 2).reshape(-1, h * dh) for b in blocks])  # (sum Bg*Lg, H)
+            return flat.index_select(0, self._grid_index(None)[0])
+        flat = torch.cat([b.reshape(-1, dh) for b in blocks])                         # (sum Bg*h*Lg, dh)
+        return flat.index_select(0, self._grid_index(h)[0]).view(-1, h * dh)
+
+    def attend_masks(self):
+        """Per grid, (Bg, 1, 1, Lg) bool, True = a key to attend to (the fused attention's convention)."""
+        if "attend" not in self.cache:
+            self.cache["attend"] = [~g.key_pad[:, None, None, :] for g in self.grids]
+        return self.cache["attend"]
 
     def to_rows(self, x, fill=0):
         """(B, L, ...) -> (R, ...); spare rows hold `fill`."""

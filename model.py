@@ -60,6 +60,28 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _onednn_linear_available():
+    try:
+        x = torch.ones(2, 4, dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(x, x, x[0, :2], "none", [], "")
+        return True
+    except (AttributeError, RuntimeError):   # a build without oneDNN (not x86) or without this op
+        return False
+
+
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and _onednn_linear_available()
+
+
+def linear(x, weight, bias):
+    """x W^T + b for rows x (N, D). bf16 on the CPU: oneDNN's linear, which adds the bias as it writes the
+    product (aten's addmm first copies the bias into the output, then accumulates into it: 7-11% slower here).
+    Same numbers: both round the float32 accumulation once to bf16."""
+    if bias is not None and ONEDNN_LINEAR and x.device.type == "cpu" and compute_dtype(x) == torch.bfloat16:
+        bf16 = torch.bfloat16
+        return torch.ops.mkldnn._linear_pointwise(x.to(bf16), weight.to(bf16), bias.to(bf16), "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class LinearFn(torch.autograd.Function):
     """y = x W^T + b for rows x (N, D), in the compute dtype, with a backward written for the CPU.
 
@@ -78,7 +100,7 @@ class LinearFn(torch.autograd.Function):
         if exact_conv and dt == torch.float32:
             y = F.conv1d(xc.unsqueeze(-1), wc.unsqueeze(-1), bc).squeeze(-1)       # (N, D, 1) -> (N, H)
         else:
-            y = F.linear(xc, wc, bc)                                               # (N, H)
+            y = linear(xc, wc, bc)                                                 # (N, H)
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
@@ -110,7 +132,7 @@ class Linear(nn.Linear):
     def forward(self, x):
         weight = product_weight(self, x)
         if not torch.is_grad_enabled():
-            return F.linear(x, weight, self.bias)
+            return linear(x, weight, self.bias) if x.dim() == 2 else F.linear(x, weight, self.bias)
         y = LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, self.bias, False)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -190,26 +212,22 @@ class MultiHeadedAttention(nn.Module):
         h, dh = self.n_head, self.d_head
         q = self.linear_q(target) / math.sqrt(dh)                                  # (R, H)
         k, v = self.linear_k(source), self.linear_v(source)                        # (R, H)
-        # split, not one slice per grid: a slice's backward fills a whole (R, H) gradient, split's is one cat
-        sizes = [grid.rows.stop - grid.rows.start for grid in lay.grids]
-        parts = zip(q.split(sizes), k.split(sizes), v.split(sizes), lay.grids)
-        context = [self.attend(*part) for part in parts]
-        return self.linear(context[0] if len(context) == 1 else torch.cat(context))  # (R, H)
-
-    def attend(self, q, k, v, grid):
-        """q, k, v: the rows of one grid (R_g, H) -> their context (R_g, H)."""
-        h = self.n_head
         if not torch.is_grad_enabled() and compute_dtype(q) != torch.float32:
-            # Evaluation in lower precision: the fused kernel, which takes transposed views. Every query has a
-            # valid key in its own dialogue, so masking with -inf instead of -1e4 gives the same weights.
-            q, k, v = (grid.to_heads(x, h, contiguous=False) for x in (q, k, v))  # (Bg, h, Lg, dh)
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=~grid.key_pad[:, None, None, :], scale=1.0)
-            return grid.from_heads(context)
-        q, k, v = (grid.to_heads(x, h) for x in (q, k, v))                         # (Bg, h, Lg, dh)
+            # Evaluation in lower precision: the fused kernel, on transposed views. Every query has a valid key in
+            # its own dialogue, so masking with -inf instead of -1e4 gives the same weights.
+            grids = zip(*(lay.to_grids(x, h, contiguous=False, scratch=name) for name, x in zip("qkv", (q, k, v))))
+            context = [F.scaled_dot_product_attention(*qkv, attn_mask=mask, scale=1.0)
+                       for qkv, mask in zip(grids, lay.attend_masks())]
+        else:
+            grids = zip(*(lay.to_grids(x, h) for x in (q, k, v)))                  # (Bg, h, Lg, dh) each
+            context = [self.attend(*qkv, grid.key_pad) for qkv, grid in zip(grids, lay.grids)]
+        return self.linear(lay.from_grids(context))                                # (R, H)
+
+    def attend(self, q, k, v, key_pad):
+        """One grid: q, k, v (Bg, h, Lg, dh), key_pad (Bg, Lg) True = padding -> context (Bg, h, Lg, dh)."""
         scores = q @ k.transpose(-2, -1)                                           # (Bg, h, Lg, Lg)
-        scores.masked_fill_(grid.key_pad[:, None, None, :], NEG_FILL)              # matmul's backward keeps q, k
-        attn = self.dropout(torch.softmax(scores, dim=-1))
-        return grid.from_heads(attn @ v)                                           # (R_g, H)
+        scores.masked_fill_(key_pad[:, None, None, :], NEG_FILL)                   # matmul's backward keeps q, k
+        return self.dropout(torch.softmax(scores, dim=-1)) @ v
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -286,8 +304,11 @@ class MultimodalGate(nn.Module):
 
     def forward(self, *hs):
         stacked = torch.stack(hs, dim=-2)                                          # (N, 3, H)
-        weights = torch.softmax(self.fc(stacked), dim=-2)                          # (N, 3, H)
-        return (weights * stacked).sum(dim=-2)                                     # (N, H)
+        logits = self.fc(stacked)                                                  # (N, 3, H)
+        y = cpu_kernels.softmax_mix3(logits, stacked)                              # bf16 CPU: one fused pass
+        if y is None:
+            y = (torch.softmax(logits, dim=-2) * stacked).sum(dim=-2)             # (N, H)
+        return y
 
 
 class VEGA(nn.Module):

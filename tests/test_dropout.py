@@ -110,7 +110,7 @@ def test_activation_dropout_kernel_matches_torch(path, activation):
     z32[0, :8] = torch.tensor([-100.0, -10.0, -1e-3, 0.0, 1e-3, 0.1, 10.0, 100.0])
     z = z32.bfloat16()
     ref = f(z.float())                                          # float32 activation of the same bf16 inputs
-    y = cpu_kernels.activation_dropout(z, activation, 0.3, training=False)   # evaluation: no dropout
+    y = cpu_kernels.activation_dropout(z, activation, 0.0, training=True)    # rate 0: the activation alone
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-6)   # within bf16 rounding of the exact value
     assert torch.equal(y[0, 3:8].float(), f(z[0, 3:8]).float())   # zero, small and large inputs: torch's bf16
@@ -130,3 +130,8 @@ def test_activation_dropout_kernel_matches_torch(path, activation):
     expected = torch.where(kept, z_ref.grad / 0.7, torch.zeros_like(z_ref.grad))
     assert torch.allclose(zg.grad.float(), expected, rtol=2 ** -7, atol=1e-5)
     assert cpu_kernels.activation_dropout(z, "silu", 0.3, training=True) is None   # not a kernel activation
+    evaluation = cpu_kernels.activation_dropout(z, activation, 0.3, training=False)
+    if activation == "gelu":
+        assert evaluation is None                                # torch's gelu is faster without a dropout
+    else:
+        assert torch.equal(evaluation, cpu_kernels.activation_dropout(z, activation, 0.0, training=True))

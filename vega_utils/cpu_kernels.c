@@ -1,4 +1,5 @@
-/* CPU kernels of the training step: dropout in one pass, activation + dropout fused, and an Adam step.
+/* CPU kernels of the training step: dropout in one pass, activation + dropout fused, the multimodal gate,
+ * and an Adam step.
  *
  * Dropout: y = x * keep_i / (1 - p), keep_i drawn from a counter-based generator.
  * Why: torch's CPU generator is a single-threaded Mersenne twister, and a mask built from its draws takes four
@@ -142,6 +143,68 @@ void act_dropout_bf16(const uint16_t *z, uint16_t *y, int64_t n, int act, uint64
 void act_dropout_backward_bf16(const uint16_t *dy, const uint16_t *z, uint16_t *dz, int64_t n, int act,
                                uint64_t seed, uint32_t threshold, float scale, int threads) {
     FOR_EACH_ACTIVATION(ACT_BWD)
+}
+
+/* ------------------------------------------------------------------ the multimodal gate, bfloat16
+ * y = sum_k softmax_k(l)_k s_k over the three modalities k (l = W s): one pass each way instead of torch's softmax
+ * over a strided dimension, product and strided sum (4x faster forward). Computed in float32 from the bf16
+ * inputs and rounded once. The float32 path keeps torch's ops.
+ */
+/* the loop that follows, split between the threads when its `work` (elements) is worth it */
+#define PARALLEL_IF_LARGE _Pragma("omp parallel for schedule(static) num_threads(threads) if (work > 32768)")
+
+/* softmax over three logits */
+static inline void softmax3(float l0, float l1, float l2, float *w0, float *w1, float *w2) {
+    float m = l0 > l1 ? l0 : l1;
+    m = m > l2 ? m : l2;
+    float e0 = fast_exp(l0 - m), e1 = fast_exp(l1 - m), e2 = fast_exp(l2 - m), inv = 1.0f / (e0 + e1 + e2);
+    *w0 = e0 * inv; *w1 = e1 * inv; *w2 = e2 * inv;
+}
+
+/* l, s: (rows, 3, H); y: (rows, H) = sum_k softmax_k(l[:, k]) s[:, k] */
+void softmax_mix3_bf16(const uint16_t *l, const uint16_t *s, uint16_t *y, int64_t rows, int64_t H, int threads) {
+    const int64_t work = rows * H;
+    PARALLEL_IF_LARGE
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *lr = l + r * 3 * H, *sr = s + r * 3 * H;
+        for (int64_t j = 0; j < H; j++) {
+            float w0, w1, w2;
+            softmax3(bf16_to_f32(lr[j]), bf16_to_f32(lr[H + j]), bf16_to_f32(lr[2 * H + j]), &w0, &w1, &w2);
+            y[r * H + j] = f32_to_bf16(w0 * bf16_to_f32(sr[j]) + w1 * bf16_to_f32(sr[H + j]) +
+                                       w2 * bf16_to_f32(sr[2 * H + j]));
+        }
+    }
+}
+
+/* One row of the backward; restrict parameters tell the compiler that no two arrays overlap (so it vectorises). */
+static inline void softmax_mix3_backward_row(const uint16_t *restrict g_, const uint16_t *restrict l,
+                                             const uint16_t *restrict s, uint16_t *restrict dl0,
+                                             uint16_t *restrict dl1, uint16_t *restrict dl2, uint16_t *restrict ds0,
+                                             uint16_t *restrict ds1, uint16_t *restrict ds2, int64_t H) {
+    for (int64_t j = 0; j < H; j++) {
+        float w0, w1, w2, g = bf16_to_f32(g_[j]);
+        float s0 = bf16_to_f32(s[j]), s1 = bf16_to_f32(s[H + j]), s2 = bf16_to_f32(s[2 * H + j]);
+        softmax3(bf16_to_f32(l[j]), bf16_to_f32(l[H + j]), bf16_to_f32(l[2 * H + j]), &w0, &w1, &w2);
+        float y = w0 * s0 + w1 * s1 + w2 * s2;
+        ds0[j] = f32_to_bf16(g * w0);
+        ds1[j] = f32_to_bf16(g * w1);
+        ds2[j] = f32_to_bf16(g * w2);
+        dl0[j] = f32_to_bf16(g * w0 * (s0 - y));
+        dl1[j] = f32_to_bf16(g * w1 * (s1 - y));
+        dl2[j] = f32_to_bf16(g * w2 * (s2 - y));
+    }
+}
+
+/* dy (rows, H) -> ds_k = dy w_k, dl_k = dy w_k (s_k - y), y the float32 mix; dl, ds: (rows, 3, H) */
+void softmax_mix3_backward_bf16(const uint16_t *dy, const uint16_t *l, const uint16_t *s, uint16_t *dl,
+                                uint16_t *ds, int64_t rows, int64_t H, int threads) {
+    const int64_t work = rows * H;
+    PARALLEL_IF_LARGE
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t o = r * 3 * H;
+        softmax_mix3_backward_row(dy + r * H, l + o, s + o, dl + o, dl + o + H, dl + o + 2 * H, ds + o, ds + o + H,
+                                  ds + o + 2 * H, H);
+    }
 }
 
 /* ------------------------------------------------------------------ Adam / AdamW step with bf16 weight copies

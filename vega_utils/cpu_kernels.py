@@ -3,7 +3,8 @@
 A training step of the default model draws 63 dropout masks; with torch's own CPU ops (a single-threaded
 generator, then compare, scale and multiply passes) they were ~15% of the step. The kernels do it in one
 multi-threaded pass and store no mask (the backward recomputes it from the seed); activation + dropout
-(gelu, gelu_tanh, elu; bfloat16) is one pass too, and so is the optimizer step of shadow_weights.py.
+(gelu, gelu_tanh, elu; bfloat16) is one pass too, and so are the multimodal gate and the optimizer step of
+shadow_weights.py.
 
 No compiler, a failed build, or VEGA_CPU_KERNELS=0 in the environment: `dropout` and `activation_dropout` return
 None, the model keeps torch's ops (same rate and scaling, a different random stream, slower) and training uses
@@ -69,6 +70,9 @@ def _build(compiler):
         fn.argtypes, fn.restype = [ptr] * 2 + tail, None
     for fn, pointers in ((lib.act_dropout_bf16, 2), (lib.act_dropout_backward_bf16, 3)):
         fn.argtypes, fn.restype = [ptr] * pointers + [ctypes.c_int64, ctypes.c_int] + tail[1:], None
+    lib.softmax_mix3_bf16.argtypes = [ptr] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.softmax_mix3_backward_bf16.argtypes = [ptr] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.softmax_mix3_bf16.restype = lib.softmax_mix3_backward_bf16.restype = None
     f32 = ctypes.c_float
     lib.adam_step.argtypes = [ctypes.c_int] + [ptr] * 9 + [f32] * 6 + [ctypes.c_int, ctypes.c_int]
     lib.adam_step.restype = None
@@ -163,8 +167,42 @@ def dropout(x, p):
 
 def activation_dropout(z, activation, p, training):
     """dropout(activation(z)) (p applied only when training) for bfloat16 CPU z, activation a key of
-    ACTIVATIONS; None when the kernel cannot take it."""
+    ACTIVATIONS; None when the kernel cannot take it or torch's op is faster (then the caller uses torch's)."""
     if activation not in ACTIVATIONS or not _usable(z, (torch.bfloat16,)):
+        return None
+    if activation == "gelu" and not training:   # no dropout to fuse: torch's own bf16 gelu is 2.5x faster
         return None
     p = p if training else 0.0
     return ActDropoutFn.apply(z, ACTIVATIONS[activation], p, _seed() if p > 0 else 0)
+
+
+class SoftmaxMix3Fn(torch.autograd.Function):
+    """sum_k softmax_k(l)[:, k] * s[:, k] for bfloat16 l, s (N, 3, H) -> (N, H): one pass each way."""
+
+    @staticmethod
+    def forward(ctx, logits, stacked):
+        logits, stacked = logits.contiguous(), stacked.contiguous()
+        N, _, H = stacked.shape
+        y = stacked.new_empty(N, H)
+        kernel().softmax_mix3_bf16(logits.data_ptr(), stacked.data_ptr(), y.data_ptr(), N, H,
+                                   torch.get_num_threads())
+        ctx.save_for_backward(logits, stacked)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, stacked = ctx.saved_tensors
+        grad = grad.contiguous()
+        N, _, H = stacked.shape
+        dl, ds = torch.empty_like(logits), torch.empty_like(stacked)
+        kernel().softmax_mix3_backward_bf16(grad.data_ptr(), logits.data_ptr(), stacked.data_ptr(), dl.data_ptr(),
+                                            ds.data_ptr(), N, H, torch.get_num_threads())
+        return dl, ds
+
+
+def softmax_mix3(logits, stacked):
+    """(softmax(logits, dim=1) * stacked).sum(1) for bfloat16 CPU (N, 3, H) tensors, or None."""
+    if logits.shape != stacked.shape or stacked.dim() != 3 or stacked.shape[1] != 3 \
+            or logits.dtype != stacked.dtype or not _usable(stacked, (torch.bfloat16,)):
+        return None
+    return SoftmaxMix3Fn.apply(logits, stacked)

@@ -1,0 +1,71 @@
+"""bf16 CPU products and kernels of model.py: oneDNN's linear, the fused multimodal gate (vega_utils/cpu_kernels.py)."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import model
+from model import MultimodalGate
+from vega_utils import cpu_kernels
+
+needs_kernels = pytest.mark.skipif(os.environ.get("VEGA_CPU_KERNELS") == "0" or
+                                   (shutil.which("gcc") is None and shutil.which("cc") is None),
+                                   reason="the CPU kernels are switched off or cannot be built here")
+BF16_STEP = 2 ** -7   # relative rounding step of bfloat16 (8 significant bits): results are rounded once
+
+
+def close(actual, expected, atol=1e-30):
+    """actual (bf16) within a rounding step of expected (float64), plus atol (a number or a tensor)."""
+    assert actual.dtype == torch.bfloat16
+    err = (actual.double() - expected).abs()
+    bound = BF16_STEP * expected.abs() + atol
+    assert (err <= bound).all(), f"{int((err > bound).sum())} elements off, worst {(err - bound).max().item():.3g}"
+
+
+def extreme_inputs(*shape):
+    torch.manual_seed(0)
+    a = torch.randn(*shape) * 4
+    a.view(-1)[:8] = torch.tensor([-100.0, -30.0, -1e-3, 0.0, 1e-3, 5.0, 30.0, 100.0])   # both tails, zero
+    return a.bfloat16()
+
+
+@needs_kernels
+def test_softmax_mix3_kernel():
+    logits, s = extreme_inputs(200, 3, 768), torch.randn(200, 3, 768).bfloat16()
+    g = torch.randn(200, 768).bfloat16()
+    l_ref, s_ref = logits.double().requires_grad_(), s.double().requires_grad_()
+    y_ref = (torch.softmax(l_ref, dim=1) * s_ref).sum(1)
+    y_ref.backward(g.double())
+    l_k, s_k = logits.clone().requires_grad_(), s.clone().requires_grad_()
+    y = cpu_kernels.softmax_mix3(l_k, s_k)
+    # y is a weighted sum of terms of both signs: its error is relative to the terms, not to y
+    close(y, y_ref.detach(), atol=1e-5 * s.double().abs().amax(1))
+    y.backward(g)
+    close(s_k.grad, s_ref.grad)
+    scale = (g.double()[:, None] * s.double()).abs().amax(1, keepdim=True)   # dl_k = g w_k (s_k - y)
+    close(l_k.grad, l_ref.grad, atol=1e-5 * scale)
+    assert cpu_kernels.softmax_mix3(l_k[:, :2], s_k[:, :2]) is None        # three modalities only
+
+
+@needs_kernels
+def test_gate_takes_the_kernel_in_bf16_and_agrees_with_float32():
+    torch.manual_seed(1)
+    gate = MultimodalGate(64)
+    hs = [torch.randn(50, 64) for _ in range(3)]
+    ref = gate(*hs)                                                            # float32: torch's ops
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gate(*[h.bfloat16() for h in hs])
+    assert y.dtype == torch.bfloat16 and y.grad_fn.name() == "SoftmaxMix3FnBackward"
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)           # bf16 products and inputs
+
+
+@pytest.mark.skipif(not model.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+def test_bf16_linear_is_addmm_without_the_bias_copy():
+    torch.manual_seed(2)
+    x, w, b = torch.randn(333, 768), torch.randn(512, 768), torch.randn(512)
+    expected = torch.nn.functional.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model.linear(x, w, b)                               # autocast's casts, then oneDNN's linear
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    assert torch.equal(model.linear(x, w, b), torch.nn.functional.linear(x, w, b))   # float32: aten's own
