@@ -219,12 +219,12 @@ class MultiHeadedAttention(nn.Module):
         if not torch.is_grad_enabled() and compute_dtype(q) != torch.float32:
             # Evaluation in lower precision: the fused kernel, on transposed views. Every query has a valid key in
             # its own dialogue, so masking with -inf instead of -1e4 gives the same weights.
-            grids = zip(*(lay.to_grids(x, h, contiguous=False, scratch=name) for name, x in zip("qkv", (q, k, v))))
+            per_grid = zip(*(lay.to_grids(x, h, contiguous=False, scratch=name) for name, x in zip("qkv", (q, k, v))))
             context = [F.scaled_dot_product_attention(*qkv, attn_mask=mask, scale=1.0)
-                       for qkv, mask in zip(grids, lay.attend_masks())]
+                       for qkv, mask in zip(per_grid, lay.attend_masks())]
         else:
-            grids = zip(*(lay.to_grids(x, h) for x in (q, k, v)))                  # (Bg, h, Lg, dh) each
-            context = [self.attend(*qkv, grid.key_pad) for qkv, grid in zip(grids, lay.grids)]
+            per_grid = zip(*(lay.to_grids(x, h) for x in (q, k, v)))               # (q, k, v) per grid
+            context = [self.attend(*qkv, grid.key_pad) for qkv, grid in zip(per_grid, lay.grids)]
         return self.linear(lay.from_grids(context))                                # (R, H)
 
     def attend(self, q, k, v, key_pad):
