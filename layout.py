@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from vega_utils import cpu_kernels
+
 ROW_BUCKET, KEY_BUCKET = 32, 16  # packed rows and attention grid lengths are rounded up to multiples of these
 GRID_COST = 12000  # fixed cost of one more grid, in units of (one dialogue x Lg^2): ~20 extra small ops/encoder
 
@@ -98,14 +100,19 @@ class Layout:
             return [x.contiguous() if contiguous else x]
         index, sizes, total = self._grid_index(h if contiguous else None)
         width = H // h if contiguous else H
+        rows = x.reshape(-1, width)                                                    # (R or R*h, width)
         if scratch is not None and not torch.is_grad_enabled():
             key = ("scratch", scratch, x.dtype, width)
             if key not in self.cache:
                 self.cache[key] = x.new_zeros(total, width)
             buffer = self.cache[key]
+            if cpu_kernels.scatter_rows(rows, index, None, total, out=buffer) is None:
+                buffer.index_copy_(0, index, rows)
         else:   # zeros where no row lands (they must be finite: masked keys still meet 0 * value), the rest copied
-            buffer = x.new_empty(total, width).index_fill_(0, self._uncovered(h if contiguous else None), 0)
-        buffer.index_copy_(0, index, x.reshape(-1, width))                             # (R or R*h, width)
+            uncovered = self._uncovered(h if contiguous else None)
+            buffer = cpu_kernels.scatter_rows(rows, index, uncovered, total)
+            if buffer is None:
+                buffer = x.new_empty(total, width).index_fill_(0, uncovered, 0).index_copy_(0, index, rows)
         blocks = []
         for block, g in zip(buffer.split(sizes), self.grids):
             Bg, Lg = g.key_pad.shape

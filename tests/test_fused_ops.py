@@ -69,3 +69,23 @@ def test_bf16_linear_is_addmm_without_the_bias_copy():
         y = model.linear(x, w, b)                               # autocast's casts, then oneDNN's linear
     assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
     assert torch.equal(model.linear(x, w, b), torch.nn.functional.linear(x, w, b))   # float32: aten's own
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_rows_kernel(dtype):
+    torch.manual_seed(3)
+    total, width = 50, 24
+    index = torch.randperm(total)[:30]
+    uncovered = torch.tensor(sorted(set(range(total)) - set(index.tolist())))
+    x = torch.randn(30, width).to(dtype).requires_grad_()
+    out = cpu_kernels.scatter_rows(x, index, uncovered, total)
+    expected = torch.zeros(total, width, dtype=dtype).index_copy_(0, index, x.detach())
+    assert torch.equal(out, expected)                               # every row written: copied rows and zeros
+    g = torch.randn(total, width).to(dtype)
+    out.backward(g)
+    assert torch.equal(x.grad, g[index])
+    scratch = torch.full((total, width), 7.0, dtype=dtype)
+    with torch.no_grad():
+        cpu_kernels.scatter_rows(x, index, None, total, out=scratch)   # into a buffer: other rows untouched
+    assert torch.equal(scratch[index], x.detach()) and (scratch[uncovered] == 7).all()

@@ -1,5 +1,5 @@
 /* CPU kernels of the training step: dropout in one pass, activation + dropout fused, the multimodal gate,
- * and an Adam step.
+ * rows scattered into attention grids, and an Adam step.
  *
  * Dropout: y = x * keep_i / (1 - p), keep_i drawn from a counter-based generator.
  * Why: torch's CPU generator is a single-threaded Mersenne twister, and a mask built from its draws takes four
@@ -204,6 +204,22 @@ void softmax_mix3_backward_bf16(const uint16_t *dy, const uint16_t *l, const uin
         int64_t o = r * 3 * H;
         softmax_mix3_backward_row(dy + r * H, l + o, s + o, dl + o, dl + o + H, dl + o + 2 * H, ds + o, ds + o + H,
                                   ds + o + 2 * H, H);
+    }
+}
+
+/* ------------------------------------------------------------------ rows into attention grids
+ * out[index[i]] = x[i] for rows of row_bytes bytes, and out[zero_rows[j]] = 0: every row of out written once.
+ * torch's index_copy_ goes element by element (~8 GB/s here); whole-row copies run at memory speed.
+ */
+void scatter_rows(const char *x, const int64_t *index, char *out, int64_t rows, int64_t row_bytes,
+                  const int64_t *zero_rows, int64_t n_zero, int threads) {
+    const int64_t work = (rows + n_zero) * row_bytes / 2;
+#pragma omp parallel num_threads(threads) if (work > 32768)
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t j = 0; j < n_zero; j++) memset(out + zero_rows[j] * row_bytes, 0, (size_t)row_bytes);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) memcpy(out + index[i] * row_bytes, x + i * row_bytes, (size_t)row_bytes);
     }
 }
 

@@ -4,7 +4,7 @@ A training step of the default model draws 63 dropout masks; with torch's own CP
 generator, then compare, scale and multiply passes) they were ~15% of the step. The kernels do it in one
 multi-threaded pass and store no mask (the backward recomputes it from the seed); activation + dropout
 (gelu, gelu_tanh, elu; bfloat16) is one pass too, and so are the multimodal gate and the optimizer step of
-shadow_weights.py.
+shadow_weights.py; rows go into attention grids as whole-row copies.
 
 No compiler, a failed build, or VEGA_CPU_KERNELS=0 in the environment: `dropout` and `activation_dropout` return
 None, the model keeps torch's ops (same rate and scaling, a different random stream, slower) and training uses
@@ -73,6 +73,8 @@ def _build(compiler):
     lib.softmax_mix3_bf16.argtypes = [ptr] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.softmax_mix3_backward_bf16.argtypes = [ptr] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.softmax_mix3_bf16.restype = lib.softmax_mix3_backward_bf16.restype = None
+    lib.scatter_rows.argtypes = [ptr] * 3 + [ctypes.c_int64] * 2 + [ptr, ctypes.c_int64, ctypes.c_int]
+    lib.scatter_rows.restype = None
     f32 = ctypes.c_float
     lib.adam_step.argtypes = [ctypes.c_int] + [ptr] * 9 + [f32] * 6 + [ctypes.c_int, ctypes.c_int]
     lib.adam_step.restype = None
@@ -206,3 +208,34 @@ def softmax_mix3(logits, stacked):
             or logits.dtype != stacked.dtype or not _usable(stacked, (torch.bfloat16,)):
         return None
     return SoftmaxMix3Fn.apply(logits, stacked)
+
+
+def _scatter_rows_into(out, x, index, zero_rows):
+    kernel().scatter_rows(x.data_ptr(), index.data_ptr(), out.data_ptr(), x.shape[0], x.stride(0) * x.element_size(),
+                          None if zero_rows is None else zero_rows.data_ptr(),
+                          0 if zero_rows is None else zero_rows.numel(), torch.get_num_threads())
+    return out
+
+
+class ScatterRowsFn(torch.autograd.Function):
+    """out (total, W): out[index] = x, out[zero_rows] = 0 (together they cover every row); backward: a gather."""
+
+    @staticmethod
+    def forward(ctx, x, index, zero_rows, total):
+        ctx.save_for_backward(index)
+        return _scatter_rows_into(x.new_empty(total, x.shape[1]), x.contiguous(), index, zero_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None, None
+
+
+def scatter_rows(x, index, zero_rows, total, out=None):
+    """Rows x (R, W) into a new (total, W) tensor at rows `index` (int64, distinct), zeros at rows `zero_rows`;
+    with `out` (no gradients), into out, whose other rows are left as they are. None when the kernel cannot."""
+    if index.dtype != torch.int64 or not _usable(x, (torch.float32, torch.bfloat16)):
+        return None
+    if out is not None:
+        return _scatter_rows_into(out, x.contiguous(), index.contiguous(), None)
+    return ScatterRowsFn.apply(x, index.contiguous(), zero_rows.contiguous(), total)
