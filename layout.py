@@ -105,14 +105,9 @@ class Layout:
             key = ("scratch", scratch, x.dtype, width)
             if key not in self.cache:
                 self.cache[key] = x.new_zeros(total, width)
-            buffer = self.cache[key]
-            if cpu_kernels.scatter_rows(rows, index, None, total, out=buffer) is None:
-                buffer.index_copy_(0, index, rows)
+            buffer = scatter_rows(rows, index, None, total, out=self.cache[key])
         else:   # zeros where no row lands (they must be finite: masked keys still meet 0 * value), the rest copied
-            uncovered = self._uncovered(h if contiguous else None)
-            buffer = cpu_kernels.scatter_rows(rows, index, uncovered, total)
-            if buffer is None:
-                buffer = x.new_empty(total, width).index_fill_(0, uncovered, 0).index_copy_(0, index, rows)
+            buffer = scatter_rows(rows, index, self._uncovered(h if contiguous else None), total)
         blocks = []
         for block, g in zip(buffer.split(sizes), self.grids):
             Bg, Lg = g.key_pad.shape
@@ -150,6 +145,17 @@ class Layout:
             n = self.valid.shape[0]
             x = x.new_zeros((self.B * self.L,) + x.shape[1:]).index_copy(0, self.valid, x[:n])
         return x.view(self.B, self.L, *x.shape[1:])
+
+
+def scatter_rows(rows, index, zero_rows, total, out=None):
+    """out[index] = rows and out[zero_rows] = 0, out a new (total, W) tensor unless given: the whole-row C kernel
+    (vega_utils/cpu_kernels.py), or torch's index ops without it."""
+    y = cpu_kernels.scatter_rows(rows, index, zero_rows, total, out=out)
+    if y is not None:
+        return y
+    if out is None:
+        out = rows.new_empty(total, rows.shape[1]).index_fill_(0, zero_rows, 0)
+    return out.index_copy_(0, index, rows)
 
 
 def group_by_length(lengths, grid_cost=GRID_COST):

@@ -78,10 +78,11 @@ ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and _onednn_linear_availabl
 
 
 def linear(x, weight, bias):
-    """x W^T + b for rows x (N, D). bf16 on the CPU: oneDNN's linear, which adds the bias as it writes the
+    """x W^T + b. For rows x (N, D) in bf16 on the CPU: oneDNN's linear, which adds the bias as it writes the
     product (aten's addmm first copies the bias into the output, then accumulates into it: 7-11% slower here).
     Same numbers: both round the float32 accumulation once to bf16."""
-    if bias is not None and ONEDNN_LINEAR and x.device.type == "cpu" and compute_dtype(x) == torch.bfloat16:
+    if bias is not None and x.dim() == 2 and ONEDNN_LINEAR and x.device.type == "cpu" \
+            and compute_dtype(x) == torch.bfloat16:
         bf16 = torch.bfloat16
         return torch.ops.mkldnn._linear_pointwise(cast(x, bf16), cast(weight, bf16), cast(bias, bf16), "none", [], "")
     return F.linear(x, weight, bias)
@@ -127,16 +128,16 @@ class LinearFn(torch.autograd.Function):
 class Linear(nn.Linear):
     """nn.Linear (same parameters) whose training-time product is LinearFn.
 
-    Without gradients it is plain F.linear, so autocast casts each weight once and, within one autocast
-    region (a whole evaluation pass), reuses the cast for every batch. When the optimizer keeps a bf16 copy
-    of the weight (`shadow`, vega_utils/shadow_weights.py), bf16 products use that copy instead of a cast.
+    Without gradients it is `linear` alone. When the optimizer keeps a bf16 copy of the weight (`shadow`,
+    vega_utils/shadow_weights.py), bf16 products use that copy; otherwise the weight is cast to bf16 for the
+    product (once per evaluation forward pass).
     """
     shadow = None
 
     def forward(self, x):
         weight = product_weight(self, x)
         if not torch.is_grad_enabled():
-            return linear(x, weight, self.bias) if x.dim() == 2 else F.linear(x, weight, self.bias)
+            return linear(x, weight, self.bias)
         y = LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, self.bias, False)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -144,6 +145,16 @@ class Linear(nn.Linear):
 def make_activation(name):
     return {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU(), "tanh": nn.Tanh(),
             "leaky_relu": nn.LeakyReLU(), "elu": nn.ELU(), "none": nn.Identity()}[name]
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def activation_then_dropout(x, activation, act_module, dropout):
+    """dropout(act_module(x)): one fused bf16 CPU pass when the kernels know `activation`, else torch's ops."""
+    y = cpu_kernels.activation_dropout(x, activation, dropout.p, dropout.training)
+    return dropout(act_module(x)) if y is None else y
 
 
 class MLP(nn.Sequential):
@@ -160,11 +171,9 @@ class MLP(nn.Sequential):
         layers, i = list(self), 0
         while i < len(layers):
             if i + 1 < len(layers) and isinstance(layers[i + 1], Dropout) and not isinstance(layers[i], Linear):
-                y = cpu_kernels.activation_dropout(x, self.activation, layers[i + 1].p, self.training)
-                if y is not None:
-                    x, i = y, i + 2
-                    continue
-            x, i = layers[i](x), i + 1
+                x, i = activation_then_dropout(x, self.activation, layers[i], layers[i + 1]), i + 2
+            else:
+                x, i = layers[i](x), i + 1
         return x
 
 
@@ -247,9 +256,7 @@ class PositionwiseFeedForward(nn.Module):
 
     def forward(self, x):
         pre = self.w_1(self.layer_norm(x))                                         # (N, d_ff)
-        inter = cpu_kernels.activation_dropout(pre, "gelu_tanh", self.dropout_1.p, self.training)  # bf16 CPU
-        if inter is None:
-            inter = self.dropout_1(F.gelu(pre, approximate="tanh"))
+        inter = activation_then_dropout(pre, "gelu_tanh", gelu_tanh, self.dropout_1)
         return self.dropout_2(self.w_2(inter)) + x
 
 

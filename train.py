@@ -198,8 +198,8 @@ def eval_epoch(model, data, cfg, anchor_bank, class_weights, device, amp_dtype, 
         anchors = anchor_bank.pick(training=False, rand=cfg.rand)
     preds = {m: [] for m in ("all", "t", "a", "v")}
     probs, labels, dialogue_ids, utt_index, speakers = [], [], [], [], []
-    # One autocast region for the whole pass: autocast then casts each weight once per pass, not once per
-    # batch (its weight cache lives until the outermost region ends, and the weights do not change here).
+    # One autocast region for the whole pass: autocast then casts each weight it handles once per pass, not once
+    # per batch (its weight cache lives until the outermost region ends, and the weights do not change here).
     with autocast(device, amp_dtype):
         if not isinstance(data, EvalSet):
             data = ((merge_batches(g, cfg.n_speakers), g) for g in eval_groups(data, EVAL_ROWS))
