@@ -1,4 +1,4 @@
-"""The reference's own numbers (../shared/reference): outputs, losses and gradients, spec section 6."""
+"""The reference's own numbers (tests/fixtures): outputs, losses and gradients, spec section 6."""
 import json
 
 import pytest
