@@ -26,7 +26,7 @@ from dataloader import DialogueDataset, collate, load_dialogues, make_loaders, s
 from model import VEGA
 from vega_utils import checkpoint, report
 from vega_utils.common import DATASETS, VegaError, atomic_write_text, dataset_info, resolve_device
-from vega_utils.config import ACTIVATIONS, Config, OneLineParser, load_preset, resolve
+from vega_utils.config import ACTIVATIONS, AMP_CHOICES, Config, OneLineParser, load_preset, resolve
 
 # The reference's model flags: (flag, config key, type, choices). They build the model of a file without
 # a config; with a config, a flag that contradicts it is an error.
@@ -58,8 +58,9 @@ def parser():
     p.add_argument("--split", choices=["test", "train"], default="test")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--cpu", action="store_true", help="the reference's flag: same as --device cpu")
-    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
-                   help="autocast: auto = fp16 on CUDA, bf16 on the CPU; off = float32")
+    p.add_argument("--eval_amp", "--amp", dest="eval_amp", choices=list(AMP_CHOICES), default=None,
+                   help="precision: auto = float32 on the CPU, fp16 autocast on CUDA (the reference's); off = "
+                        "float32 everywhere (default: the checkpoint's eval_amp, else auto)")
     p.add_argument("--predictions_out", metavar="CSV", help="per-utterance labels, predictions, probabilities")
     p.add_argument("--json", metavar="PATH", help="the reported numbers as JSON (fractions, not percent)")
     p.add_argument("--no_progress", action="store_true")
@@ -235,10 +236,9 @@ def score(args):
     cfg, source = model_config(args, saved, args.checkpoint)
     check_output_paths(args, cfg)
     device = pick_device(args)
-    amp_dtype = train.resolve_amp(args.amp, device)
-    if device.type == "cuda" and amp_dtype is None:
-        # float32 must mean float32 on CUDA too (cuDNN convolutions default to TF32), so CPU and CUDA agree
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    # the run's own evaluation precision unless a flag says otherwise: the same checkpoint, the same numbers
+    amp_dtype = train.resolve_eval_amp(args.eval_amp or cfg.eval_amp, device)
+    train.exact_float32(device)
     print(f"checkpoint: {args.checkpoint}, {checkpoint.describe_format(obj)}")
     print(f"model: {cfg.Dataset}, hidden_dim {cfg.hidden_dim}, n_head {cfg.n_head}, outlayer {cfg.outlayer_num} x "
           f"{cfg.outlayer_activation_fn} (drop {cfg.outlayer_drop}), from {source}")
@@ -252,7 +252,7 @@ def score(args):
     class_names = list(dataset_info(cfg.Dataset).class_names)
     m = report.classification_metrics(ev["labels"], ev["preds"]["all"], class_names)
     heads = report.head_f1s(ev["labels"], ev["preds"])
-    amp_name = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"
+    amp_name = train.precision_name(amp_dtype)
     print(f"data: {cfg.data_path}, {args.split} split, {len(set(ev['dialogue_ids']))} dialogues, {m['n']} "
           f"utterances; device {device}, {amp_name}\n")
     print(format_report(m, heads, class_names))

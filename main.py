@@ -113,19 +113,25 @@ def load_anchors(cfg):
     return bank, cfg.replace(clip_dim=bank.clip_dim)
 
 
-def rng_state(loader_generator, anchor_rng):
+def rng_state(loader_generator, anchor_rng, device):
+    """Every generator a run draws from. Of the GPUs, only the run's own: a run resumed where fewer GPUs are
+    visible must still load, and a CPU run must never initialise CUDA."""
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": random.getstate(), "anchor": anchor_rng.getstate(),
             "loader": loader_generator.get_state()}
 
 
-def set_rng_state(state, loader_generator, anchor_rng):
+def set_rng_state(state, loader_generator, anchor_rng, device):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):   # files written before: every visible GPU's state, in device order
+        index = device.index if device.index is not None else 0
+        cuda = cuda[index] if device.type == "cuda" and index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":   # a CPU run's state resumed on a GPU: that GPU starts fresh
+        torch.cuda.set_rng_state(cuda, device)
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     random.setstate(state["python"])
@@ -167,6 +173,9 @@ def train_run(cfg, resume_dir=None, progress=True):
     started = time.time()
     device = resolve_device(cfg.device)
     amp_dtype = train.resolve_amp(cfg.amp, device)
+    eval_dtype = train.resolve_eval_amp(cfg.eval_amp, device)
+    train.exact_float32(device)
+    precision = {"train_precision": train.precision_name(amp_dtype), "eval_precision": train.precision_name(eval_dtype)}
     seed_everything(cfg.seed)
     info = dataset_info(cfg.Dataset)
     data = load_dialogues(cfg.data_path, cfg.Dataset)
@@ -187,13 +196,13 @@ def train_run(cfg, resume_dir=None, progress=True):
         run_dir = resume_dir
         last = checkpoint.read_checkpoint(os.path.join(run_dir, LAST))
         model.load_state_dict(last["model"], strict=True)
-        optimizer.load_state_dict(last["optimizer"])
+        checkpoint.load_optimizer_state(optimizer, last["optimizer"], os.path.join(run_dir, LAST))
         if scaler is not None and last.get("scaler"):
             scaler.load_state_dict(last["scaler"])
         if scheduler is not None and last.get("scheduler"):
             scheduler.load_state_dict(last["scheduler"])
         state = last["state"]
-        set_rng_state(last["rng"], loaders["train"].generator, anchor_rng)
+        set_rng_state(last["rng"], loaders["train"].generator, anchor_rng, device)
         # Rows of an epoch that finished after the last save (a crash between the two writes) are dropped.
         atomic_write_text(os.path.join(run_dir, "metrics.jsonl"),
                           "".join(json.dumps(row) + "\n" for row in state["history"]))
@@ -202,16 +211,17 @@ def train_run(cfg, resume_dir=None, progress=True):
         run_dir = make_run_dir(cfg)
         write_json(os.path.join(run_dir, "config.json"), {
             **cfg.to_dict(), "git_commit": git_commit(), "torch_version": torch.__version__,
-            "resolved_device": str(device), "amp_dtype": str(amp_dtype), "command": " ".join(sys.argv)})
+            "resolved_device": str(device), **precision, "command": " ".join(sys.argv)})
         if valid_ids:
             write_json(os.path.join(run_dir, "valid_ids.json"), valid_ids)
     log(f"config: {json.dumps(cfg.to_dict())}")
-    log(f"git commit {git_commit()}, torch {torch.__version__}, device {device}, amp {amp_dtype}, "
+    log(f"git commit {git_commit()}, torch {torch.__version__}, device {device}, training in "
+        f"{precision['train_precision']}, evaluating in {precision['eval_precision']}, "
         f"{len(data.train_ids) - len(valid_ids)} train / {len(valid_ids)} valid / {len(data.test_ids)} test "
         f"dialogues, selecting on {select_on}")
 
     eval_sets = {split: train.EvalSet(loaders[split], cfg.n_speakers) for split in loaders if split != "train"}
-    summary = {"run_dir": run_dir, "selected_on": select_on, "stopped": "max_epochs"}
+    summary = {"run_dir": run_dir, "selected_on": select_on, "stopped": "max_epochs", **precision}
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     try:
         while state["epoch"] < cfg.epochs:
@@ -224,7 +234,7 @@ def train_run(cfg, resume_dir=None, progress=True):
             eval_seconds = 0.0
             evals = {}
             for split in ["valid", "test"] if valid_ids else ["test"]:
-                ev = train.eval_epoch(model, eval_sets[split], cfg, bank, class_weights, device, amp_dtype,
+                ev = train.eval_epoch(model, eval_sets[split], cfg, bank, class_weights, device, eval_dtype,
                                       desc=f"epoch {epoch} {split}", progress=progress)
                 eval_seconds += ev["seconds"]
                 split_row, split_metrics = eval_metrics(split, ev, info.class_names)
@@ -250,7 +260,7 @@ def train_run(cfg, resume_dir=None, progress=True):
                                "scaler": scaler.state_dict() if scaler else None,
                                "scheduler": scheduler.state_dict() if scheduler else None,
                                "config": cfg.to_dict(), "state": state,
-                               "rng": rng_state(loaders["train"].generator, anchor_rng)},
+                               "rng": rng_state(loaders["train"].generator, anchor_rng, device)},
                               os.path.join(run_dir, LAST))
             report.plot_curves(state["history"], os.path.join(run_dir, "curves.png"), state["best_epoch"])
             log(report.format_epoch_line(row))

@@ -390,10 +390,14 @@ class VEGA(nn.Module):
         if features:
             rows["all_transformer_out"] = h["all"]                                  # (N, H)
         if anchors is not None:
-            anchors = anchors.to(h["all"].dtype)
+            anchors = anchors.float()
             for m in MODALITIES + ("all",):
-                proj = F.normalize(getattr(self, f"{m}_clip_proj")(h[m]), dim=-1)   # (N, K)
-                rows[f"{m}_clip_logit"] = 100.0 * proj @ anchors.t()                # (N, C)
+                proj = getattr(self, f"{m}_clip_proj")(h[m])                       # (N, K)
+                # In float32 even under autocast: logits near +-100 in fp16 would be rounded to steps of
+                # 1/32-1/16 before the CE and KL terms (the reference's autocast does; this small product is cheap).
+                with torch.autocast(proj.device.type, enabled=False):
+                    proj = F.normalize(proj.float(), dim=-1)
+                    rows[f"{m}_clip_logit"] = 100.0 * proj @ anchors.t()            # (N, C)
             rows.update(self.probability_mixes(rows["all_logit"], rows["all_clip_logit"]))
         out = {k: lay.to_padded(v) for k, v in rows.items()}                        # (B, L, ...)
         temps = ("cls", "clip") if anchors is not None else ("cls",)

@@ -112,8 +112,10 @@ def run(argv=None):
     try:
         import main
         if args.resume:
-            return 0 if main.train_run(main.config_of_run(args.resume), resume_dir=args.resume,
-                                       progress=progress) else 1
+            cfg = main.config_of_run(args.resume)
+            if hasattr(args, "device"):   # continue elsewhere, e.g. a CPU run on a GPU machine
+                cfg = cfg.replace(device=args.device)
+            return 0 if main.train_run(cfg, resume_dir=args.resume, progress=progress) else 1
         cfg = build_config(args)
         if args.demo:
             prepare_demo(cfg)

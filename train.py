@@ -78,6 +78,28 @@ def resolve_amp(amp, device):
     return torch.bfloat16  # CPU `auto`: see bench/README.md for the accuracy study behind this default
 
 
+def resolve_eval_amp(eval_amp, device):
+    """Autocast dtype (or None = float32) for evaluation and scoring (--eval_amp). `auto` is float32 on the CPU,
+    whatever training used: the reference scores in float32 there, and bf16's 8-bit mantissa moved class
+    probabilities by up to 2e-2 and changed 0.5% of predictions. On CUDA `auto` is the reference's fp16 autocast."""
+    if eval_amp == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return resolve_amp(eval_amp, device)
+
+
+def precision_name(dtype):
+    """How config.json, summary.json and the inference report name a precision."""
+    return "float32" if dtype is None else str(dtype).replace("torch.", "")
+
+
+def exact_float32(device):
+    """One rule on CUDA: float32 means float32, so TF32 is off for matrix products and for the cuDNN convolutions
+    of the input projections, in training and scoring alike (autocast's fp16/bf16 work is unaffected)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 

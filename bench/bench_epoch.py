@@ -11,7 +11,8 @@
 (a0) for reference only (--variants a0): the same padded float32 computation with this project's layer code
     (its cheaper dropout mask and matmul backward).
 (b) default: exactly what `python run.py` runs — train.train_epoch / train.eval_epoch on the packed rows,
-    resolve_amp('auto') (bf16 autocast on the CPU, fp16 + GradScaler on CUDA), main.build_optimizer.
+    resolve_amp('auto') for training (bf16 autocast on the CPU, fp16 + GradScaler on CUDA), resolve_eval_amp('auto')
+    for evaluation (float32 on the CPU, fp16 autocast on CUDA), main.build_optimizer.
 Timing: one untimed warm-up epoch, then --reps epochs, each a training epoch followed by an evaluation pass; the
 variants run in their own processes, taking turns epoch by epoch (a, b, a, b, ...) so that a machine whose speed
 drifts (other tenants) weighs on both alike.
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no_eval_vega", dest="eval_vega", action="store_false",
                    help="(b) evaluates without the VEGA branch (no VEGA test-loss terms; predictions unchanged)")
+    p.add_argument("--eval_amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="(b)'s evaluation precision (default: run.py's, float32 on the CPU)")
     p.add_argument("--variant", choices=["a", "a0", "b"], help=argparse.SUPPRESS)   # child process mode
     p.add_argument("--data_dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -130,7 +133,8 @@ def run_variant(args):
         use_stock_layers()
     cfg = resolve(load_preset("IEMOCAP").replace(
         data_path=os.path.join(args.data_dir, "IEMOCAP.pkl"), anchor_path=os.path.join(args.data_dir, "anchor.pt"),
-        clip_dim=512, num_workers=0, device=args.device, amp="auto" if fast else "off"))
+        clip_dim=512, num_workers=0, device=args.device, amp="auto" if fast else "off",
+        eval_amp=args.eval_amp))
     seed_everything(cfg.seed)
     info = dataset_info(cfg.Dataset)
     data = load_dialogues(cfg.data_path, cfg.Dataset)
@@ -140,6 +144,8 @@ def run_variant(args):
     class_weights = torch.tensor(info.class_weights, device=device)
     rng = random.Random(cfg.seed)
     amp_dtype = train.resolve_amp(cfg.amp, device)
+    eval_dtype = train.resolve_eval_amp(cfg.eval_amp, device) if fast else None
+    train.exact_float32(device)
     if fast:
         optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
         test_set = train.EvalSet(loaders["test"], cfg.n_speakers)   # once per run, as main.train_run does
@@ -150,7 +156,7 @@ def run_variant(args):
                               scaler, rng=rng, progress=False)
 
         def eval_once():
-            train.eval_epoch(model, test_set, cfg, bank, class_weights, device, amp_dtype, progress=False,
+            train.eval_epoch(model, test_set, cfg, bank, class_weights, device, eval_dtype, progress=False,
                              vega_branch=args.eval_vega)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.l2)
@@ -191,7 +197,7 @@ def run_variant(args):
              for split, ids in (("train", data.train_ids), ("test", data.test_ids))}
     result = {"variant": args.variant, "train_s": train_s, "eval_s": eval_s, "warmup_s": warm,
               "train_utterances": count["train"], "test_utterances": count["test"],
-              "amp": str(amp_dtype), "optimizer": type(optimizer).__name__,
+              "amp": str(amp_dtype), "eval_amp": str(eval_dtype), "optimizer": type(optimizer).__name__,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -234,7 +240,8 @@ def print_table(results, device):
               f"{r['eval_median_s']:.3f} | {r['eval_utt_per_s']:.0f} | {peak:.0f} |")
     for v, r in results.items():
         print(f"{v}: train runs {', '.join(f'{s:.2f}' for s in r['train_s'])} s; "
-              f"eval runs {', '.join(f'{s:.3f}' for s in r['eval_s'])} s; amp {r['amp']}, {r['optimizer']}")
+              f"eval runs {', '.join(f'{s:.3f}' for s in r['eval_s'])} s; training amp {r['amp']}, "
+              f"evaluation amp {r.get('eval_amp', r['amp'])}, {r['optimizer']}")
     if "a" in results and "b" in results:
         a, b = results["a"], results["b"]
         print(f"ratio (a)/(b): training {a['train_median_s'] / b['train_median_s']:.2f}x, "
@@ -251,7 +258,8 @@ def run_children(args, folder, reps):
     try:
         for v in variants:
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--data_dir", folder,
-                   "--reps", str(reps), "--device", args.device] + ([] if args.eval_vega else ["--no_eval_vega"])
+                   "--reps", str(reps), "--device", args.device, "--eval_amp", args.eval_amp] + \
+                ([] if args.eval_vega else ["--no_eval_vega"])
             procs[v] = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             expect(procs[v], v, "READY")   # set up and warmed up before the next one starts
             print(f"variant {v} ready", flush=True)

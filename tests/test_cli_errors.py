@@ -16,7 +16,8 @@ import run
 from conftest import ROOT
 from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
 
-TINY = ["--hidden_dim", "32", "--clip_dim", "512", "--epochs", "1", "--batch-size", "4", "--no_progress"]
+TINY = ["--hidden_dim", "32", "--clip_dim", "512", "--epochs", "1", "--batch-size", "4", "--no_progress",
+        "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

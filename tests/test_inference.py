@@ -161,18 +161,6 @@ def test_default_flags_fit_the_published_manifest():
         assert got == {k: entry["all"][k] for k in entry["checkpoint_keys"]}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cpu_and_cuda_agree(tmp_path, data_path):
-    cfg, model = build(data_path, **SMALL)
-    path = tmp_path / "ckpt.pth"
-    checkpoint.save_best(path, model, cfg, epoch=1, metrics={})
-    cpu, _ = score_files(tmp_path, path, data_path)
-    gpu, _ = score_files(tmp_path, path, data_path, "--device", "cuda")
-    probs = [f"p_{c}" for c in CLASSES]
-    np.testing.assert_allclose(cpu[probs].to_numpy(), gpu[probs].to_numpy(), atol=1e-5)
-    assert list(cpu["prediction"]) == list(gpu["prediction"])
-
-
 # ---------------------------------------------------------------- errors
 def error_of(capsys, checkpoint_path, data_path, *extra):
     assert run(checkpoint_path, data_path, *extra) == 2

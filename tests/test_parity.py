@@ -36,33 +36,37 @@ def fixture(request):
 
 @pytest.mark.parametrize("compute_padding", [True, False], ids=["padded", "packed"])
 def test_outputs_losses_grads_match_reference(fixture, compute_padding):
-    fx, cfg, model, batch, anchors, weights = fixture
+    check_against_reference(*fixture, compute_padding)
+
+
+def check_against_reference(fx, cfg, model, batch, anchors, weights, compute_padding):
+    """Outputs, losses and gradients of `model` (on any device, float32) against the reference's, spec section 6."""
     model.zero_grad()
     out = model(batch, anchors, compute_padding=compute_padding)
     losses = compute_losses(out, batch, cfg, weights)
     losses["total"].backward()
 
-    valid = ~batch.pad_mask
+    valid = ~batch.pad_mask.cpu()
     for key, ref in fx["outputs"].items():
         if ref is None:       # fusion_logit / fusion_prob: always None in the reference
             continue
-        ours = out[key]
+        ours = out[key].cpu()
         if not compute_padding and ref.dim() >= 2:
             # The packed path computes valid utterances only; padding rows are zero by design.
             ours, ref = ours[valid], ref[valid]
-            assert torch.count_nonzero(out[key][~valid]) == 0
+            assert torch.count_nonzero(out[key].cpu()[~valid]) == 0
         assert ours.shape == ref.shape, key
         assert rel_err(ours, ref) < OUT_TOL, (key, rel_err(ours, ref))
 
     assert set(losses) == set(fx["losses"])
     for key, ref in fx["losses"].items():
-        assert rel_err(losses[key], ref) < LOSS_TOL, (key, rel_err(losses[key], ref))
+        assert rel_err(losses[key].cpu(), ref) < LOSS_TOL, (key, rel_err(losses[key].cpu(), ref))
 
     params = dict(model.named_parameters())
     with_grad = {k for k, p in params.items() if p.grad is not None}
     assert with_grad == set(fx["grads"]), with_grad ^ set(fx["grads"])
     for key, ref in fx["grads"].items():
-        ours = params[key].grad
+        ours = params[key].grad.cpu()
         if ref.norm() < TINY_NORM:   # key biases (true gradient 0) and classifier temperatures
             assert (ours - ref).abs().max() < TINY_ABS, key
         else:

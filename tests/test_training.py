@@ -18,8 +18,9 @@ from vega_utils.config import load_preset, resolve
 from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
 
 # Small and quick to learn (the paper's dropout and rate need hundreds of epochs).
+# device named: on a GPU machine `auto` would test CUDA fp16 instead (CUDA tests are in test_cuda.py).
 SMALL = dict(hidden_dim=64, n_head=4, lr=3e-3, dropout=0.1, outlayer_drop=0.1, clip_dim=512, epochs=6,
-             patience=31, batch_size=3)
+             patience=31, batch_size=3, device="cpu")
 RUN_FILES = ["config.json", "metrics.jsonl", "summary.json", "predictions.csv", "curves.png",
              "confusion.png", "last.pth"]
 
@@ -77,17 +78,38 @@ def test_short_run_learns_and_writes_every_file(iemocap_files, tmp_path):
     recomputed = report.metrics_from_predictions_csv(os.path.join(run_dir, "predictions.csv"), names)
     assert recomputed["weighted_f1"] == pytest.approx(summary["best"]["test"]["weighted_f1"], abs=1e-9)
 
-    # The best checkpoint loads with weights_only and reproduces the saved predictions.
+    # Trained in bf16 (the CPU default), evaluated in float32: inference.py on the best checkpoint, with default
+    # flags, reports exactly the run's numbers and writes exactly its predictions.csv rows.
     import inference
-    out_csv = tmp_path / "again.csv"
-    assert inference.main(["--checkpoint", best[0], "--predictions_out", str(out_csv), "--no_progress"]) == 0
-    again = pd.read_csv(out_csv)
-    assert (again["prediction"] == preds["prediction"]).all()
-    prob_cols = [f"p_{c}" for c in names]
-    np.testing.assert_allclose(again[prob_cols].to_numpy(), preds[prob_cols].to_numpy(), atol=2e-6)
+    out_csv, out_json = tmp_path / "again.csv", tmp_path / "again.json"
+    assert inference.main(["--checkpoint", best[0], "--predictions_out", str(out_csv), "--json", str(out_json),
+                           "--device", "cpu", "--no_progress"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out_csv), preds, check_exact=True)
+    scored = json.load(open(out_json))
+    assert scored["precision"] == "float32"
+    for key in ("weighted_f1", "accuracy", "weighted_precision", "macro_f1"):
+        assert scored["metrics"][key] == summary["best"]["test"][key], key
 
     saved = json.load(open(os.path.join(run_dir, "config.json")))
     assert saved["hidden_dim"] == 64 and "git_commit" in saved and "torch_version" in saved
+    assert (saved["train_precision"], saved["eval_precision"]) == ("bfloat16", "float32")
+    assert (summary["train_precision"], summary["eval_precision"]) == ("bfloat16", "float32")
+
+
+def test_eval_amp_bf16_is_honoured_and_inherited_by_inference(iemocap_files, tmp_path):
+    """--eval_amp bf16: the run evaluates in bf16, and inference.py takes the checkpoint's precision unless told."""
+    import inference
+    summary = main.train_run(small_cfg(iemocap_files, tmp_path, epochs=2, eval_amp="bf16"), progress=False)
+    assert summary["eval_precision"] == "bfloat16"
+    best = summary["best_checkpoint"]
+    scores = {}
+    for name, extra in (("inherited", []), ("float32", ["--eval_amp", "off"])):
+        path = tmp_path / f"{name}.json"
+        assert inference.main(["--checkpoint", best, "--json", str(path), "--device", "cpu", "--no_progress",
+                               *extra]) == 0
+        scores[name] = json.load(open(path))
+    assert scores["inherited"]["precision"] == "bfloat16" and scores["float32"]["precision"] == "float32"
+    assert scores["inherited"]["metrics"]["weighted_f1"] == summary["best"]["test"]["weighted_f1"]
 
 
 def test_meld_end_to_end(tmp_path):
@@ -148,7 +170,7 @@ def test_resume_gives_the_uninterrupted_result(iemocap_files, tmp_path, monkeypa
 def test_seeds_write_aggregate_statistics(iemocap_files, tmp_path, monkeypatch):
     argv = ["--data_path", str(iemocap_files / "IEMOCAP.pkl"), "--anchor_path", str(iemocap_files / "anchor.pt"),
             "--output_dir", str(tmp_path), "--hidden_dim", "32", "--clip_dim", "512", "--epochs", "2",
-            "--lr", "1e-3", "--no_progress", "--seeds", "1", "2", "3"]
+            "--lr", "1e-3", "--no_progress", "--device", "cpu", "--seeds", "1", "2", "3"]
     assert run.run(argv) == 0
     folder = glob.glob(str(tmp_path / "IEMOCAP" / "aggregate-*"))[0]
     agg = json.load(open(os.path.join(folder, "aggregate.json")))
@@ -176,7 +198,7 @@ def test_failed_seed_does_not_lose_the_others(iemocap_files, tmp_path, monkeypat
     monkeypatch.setattr(main, "train_run", fail_seed_2)
     argv = ["--data_path", str(iemocap_files / "IEMOCAP.pkl"), "--anchor_path", str(iemocap_files / "anchor.pt"),
             "--output_dir", str(tmp_path), "--hidden_dim", "32", "--clip_dim", "512", "--epochs", "1",
-            "--no_progress", "--seeds", "1", "2"]
+            "--no_progress", "--device", "cpu", "--seeds", "1", "2"]
     assert run.run(argv) == 1
     agg = json.load(open(glob.glob(str(tmp_path / "IEMOCAP" / "aggregate-*" / "aggregate.json"))[0]))
     assert agg["n_seeds"] == 1 and agg["failed"][0]["seed"] == 2
@@ -208,7 +230,7 @@ def test_run_builds_missing_anchor_cache_from_images_then_trains(tmp_path, monke
     make_image_folder(tmp_path / "anchor" / "35", names, per_class=2)
     make_synthetic_dataset(tmp_path / "data.pkl", n_train=8, n_test=4, max_len=10, seed=6)
     argv = ["--data_path", str(tmp_path / "data.pkl"), "--CLIP_Model", clip_dir, "--hidden_dim", "32",
-            "--epochs", "1", "--no_progress", "--output_dir", str(tmp_path / "out")]
+            "--epochs", "1", "--no_progress", "--device", "cpu", "--output_dir", str(tmp_path / "out")]
     assert run.run(argv) == 0
     cache = torch.load(tmp_path / "anchor" / "35_anchor.pt", weights_only=True)
     assert cache["anchor_center"].shape == (6, 24)

@@ -99,6 +99,34 @@ def load_backbone(model, state, path, log=print):
         log(f"note: ignoring {len(branch)} VEGA-branch entries in {path} (not used for predictions)")
 
 
+# How an optimizer runs (chosen when it is built for a device and precision), as opposed to what it has learned.
+RUNTIME_GROUP_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer, saved, path):
+    """optimizer.load_state_dict that also works across optimizer implementations and devices.
+
+    torch's load_state_dict takes every group option from the file, including how the optimizer runs: a file of
+    ShadowAdam (CPU bf16 training) has no `fused`, so a fused AdamW resuming it on CUDA lost `fused` while
+    GradScaler still passed it grad_scale/found_inf (an AssertionError at the first step). Here hyperparameters
+    and moments come from the file; the runtime options stay this optimizer's, and each `step` counter goes where
+    this optimizer keeps it (fused or capturable: on the parameter's device; otherwise on the CPU).
+    """
+    runtime = [{k: g[k] for k in RUNTIME_GROUP_KEYS if k in g} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError) as e:
+        raise VegaError(f"{path}: its optimizer state does not fit this run's {type(optimizer).__name__} "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    for group, keep in zip(optimizer.param_groups, runtime):
+        group.update(keep)
+        on_param_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device if on_param_device else "cpu", torch.float32)
+
+
 def describe_format(obj):
     """One phrase naming the layout of a loaded checkpoint, for the report."""
     if isinstance(obj, dict) and obj.get("format") == FORMAT:

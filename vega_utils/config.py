@@ -12,6 +12,7 @@ from typing import Optional
 
 from .common import PROJECT_ROOT, VegaError, dataset_info
 
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "leaky_relu", "elu", "none")
 KNOWN_CLIP_DIMS = {
     "openai/clip-vit-base-patch32": 512, "openai/clip-vit-base-patch16": 512,
@@ -74,6 +75,9 @@ class Config:
     device: str
     amp: str
     valid_ratio: float
+    # Evaluation precision, whatever training used: auto = float32 on the CPU, the reference's fp16 autocast on
+    # CUDA. A default, so configs saved before it existed still load.
+    eval_amp: str = "auto"
     # Filled by resolve() from the dataset table; part of every saved config.
     text_dim: Optional[int] = None
     audio_dim: Optional[int] = None
@@ -162,8 +166,9 @@ def check(cfg):
             bad(f"{key} {getattr(cfg, key)!r} is not one of {', '.join(ACTIVATIONS)}")
     if cfg.optimizer not in ("AdamW", "Adam", "SGD"):
         bad(f"optimizer {cfg.optimizer!r} is not one of AdamW, Adam, SGD")
-    if cfg.amp not in ("auto", "off", "bf16", "fp16"):
-        bad(f"amp {cfg.amp!r} is not one of auto, off, bf16, fp16")
+    for key in ("amp", "eval_amp"):
+        if getattr(cfg, key) not in AMP_CHOICES:
+            bad(f"{key} {getattr(cfg, key)!r} is not one of {', '.join(AMP_CHOICES)}")
     if cfg.clip_dim is not None and cfg.clip_dim < 1:
         bad("clip_dim must be positive")
 
@@ -200,8 +205,8 @@ def add_config_flags(parser, skip=()):
             choices = list(ACTIVATIONS)
         elif f.name == "optimizer":
             choices = ["AdamW", "Adam", "SGD"]
-        elif f.name == "amp":
-            choices = ["auto", "off", "bf16", "fp16"]
+        elif f.name in ("amp", "eval_amp"):
+            choices = list(AMP_CHOICES)
         parser.add_argument(*flags, dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS)
     return parser
 
