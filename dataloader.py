@@ -10,7 +10,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from vega_utils.common import VegaError, dataset_info
+from vega_utils.common import DATASETS, VegaError, dataset_info
 
 
 @dataclass
@@ -130,7 +130,8 @@ def load_dialogues(path, dataset):
 
 def _read_pickle(path):
     if not os.path.exists(path):
-        raise VegaError(f"{path}: data file not found (give its location with --data_path)")
+        raise VegaError(f"{path}: data file not found (give its location with --data_path; README.md, 'Getting the "
+                        f"data', says where the feature pickles come from; `python run.py --demo` needs none)")
     try:
         with open(path, "rb") as f:
             # latin1 lets pickles written by Python 2 (the older MERC feature files) load too
@@ -244,8 +245,11 @@ class _FileChecker:
             self.fail(f"{modality} features of dialogue {vid!r} have shape {list(x.shape)}, "
                       f"expected [n_utt, {expected}]")
         if x.shape[1] != expected:
+            fits = [name for name, info in DATASETS.items()
+                    if name != self.info.name and getattr(info, f"{modality}_dim") == x.shape[1]]
+            hint = f": is this a {fits[0]} file? Then add --Dataset {fits[0]}" if fits else ""
             self.fail(f"{modality} features of dialogue {vid!r} have dim {x.shape[1]}, "
-                      f"expected {expected} for {self.info.name}")
+                      f"expected {expected} for {self.info.name}{hint}")
         if not np.isfinite(x).all():
             self.fail(f"{modality} features of dialogue {vid!r} contain non-finite values (NaN or inf)")
 

@@ -48,8 +48,9 @@ def parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoint/IEMOCAP.pth")
     # default=SUPPRESS: only flags actually given appear in args, so they can be checked against a config
-    for flag, _, kind, choices in MODEL_FLAGS:
-        p.add_argument(f"--{flag}", type=kind, choices=choices, default=argparse.SUPPRESS)
+    for flag, _, kind, choices in MODEL_FLAGS:   # --dataset is the reference's spelling, --Dataset run.py's
+        names = [f"--{flag}", "--Dataset"] if flag == "dataset" else [f"--{flag}"]
+        p.add_argument(*names, dest=flag, type=kind, choices=choices, default=argparse.SUPPRESS)
     p.add_argument("--clip_loss", dest="clip_loss", action="store_true", default=argparse.SUPPRESS)
     p.add_argument("--no_clip_loss", dest="clip_loss", action="store_false", default=argparse.SUPPRESS)
     p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=argparse.SUPPRESS)

@@ -23,7 +23,7 @@ from vega_utils import checkpoint, cpu_kernels, report
 from vega_utils.anchor_utils import ensure_anchor_cache
 from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text, dataset_info, git_commit, \
     resolve_device, seed_everything
-from vega_utils.config import Config, resolve
+from vega_utils.config import Config, load_preset, resolve
 from vega_utils.shadow_weights import ShadowAdam
 
 LAST = "last.pth"
@@ -34,14 +34,22 @@ def log(msg):
 
 
 # ---------------------------------------------------------------- run folder
+def run_folder_name(cfg, now):
+    """`[MMDD-HHMM]_seed<seed>[_<ablation>]`: the reference's time stamp (UK time), then what tells runs of one
+    minute apart (the seeds of one --seeds call); without brackets when cfg.folder_brackets is off."""
+    stamp = now.strftime("[%m%d-%H%M]" if cfg.folder_brackets else "%m%d-%H%M")
+    return f"{stamp}_seed{cfg.seed}" + (f"_{cfg.ablation}" if cfg.ablation else "")
+
+
 def make_run_dir(cfg):
-    """Claim a fresh folder; two runs started in the same minute get `-2`, `-3`, ... (mkdir is atomic)."""
+    """Claim a fresh folder; two runs of one name started in the same minute get `-2`, `-3`, ... (mkdir is
+    atomic)."""
     try:
         import pytz
         now = datetime.datetime.now(pytz.timezone("Europe/London"))
     except ImportError:
         now = datetime.datetime.now()
-    base = os.path.join(cfg.output_dir, cfg.name, now.strftime("[%m%d-%H%M]"))
+    base = os.path.join(cfg.output_dir, cfg.name, run_folder_name(cfg, now))
     try:
         os.makedirs(os.path.dirname(base), exist_ok=True)
     except OSError as e:
@@ -202,11 +210,14 @@ def train_run(cfg, resume_dir=None, progress=True):
         if scheduler is not None and last.get("scheduler"):
             scheduler.load_state_dict(last["scheduler"])
         state = last["state"]
+        if state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience:
+            return already_finished(run_dir, cfg, state)
         set_rng_state(last["rng"], loaders["train"].generator, anchor_rng, device)
         # Rows of an epoch that finished after the last save (a crash between the two writes) are dropped.
         atomic_write_text(os.path.join(run_dir, "metrics.jsonl"),
                           "".join(json.dumps(row) + "\n" for row in state["history"]))
-        log(f"resuming {run_dir} after epoch {state['epoch']}")
+        record_resume(run_dir, cfg, device, precision)
+        log(f"resuming {run_dir} after epoch {state['epoch']} of {cfg.epochs}")
     else:
         run_dir = make_run_dir(cfg)
         write_json(os.path.join(run_dir, "config.json"), {
@@ -214,7 +225,7 @@ def train_run(cfg, resume_dir=None, progress=True):
             "resolved_device": str(device), **precision, "command": " ".join(sys.argv)})
         if valid_ids:
             write_json(os.path.join(run_dir, "valid_ids.json"), valid_ids)
-    log(f"config: {json.dumps(cfg.to_dict())}")
+    log(f"config: {describe_config(cfg)}; every setting in {os.path.join(run_dir, 'config.json')}")
     log(f"git commit {git_commit()}, torch {torch.__version__}, device {device}, training in "
         f"{precision['train_precision']}, evaluating in {precision['eval_precision']}, "
         f"{len(data.train_ids) - len(valid_ids)} train / {len(valid_ids)} valid / {len(data.test_ids)} test "
@@ -225,6 +236,7 @@ def train_run(cfg, resume_dir=None, progress=True):
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     try:
         while state["epoch"] < cfg.epochs:
+            train.check_stop()
             epoch = state["epoch"] + 1
             tr = train.train_epoch(model, loaders["train"], optimizer, cfg, bank, class_weights, device,
                                    amp_dtype, scaler, scheduler, epoch, anchor_rng, progress)
@@ -267,12 +279,15 @@ def train_run(cfg, resume_dir=None, progress=True):
             if state["bad_epochs"] >= cfg.patience:
                 summary["stopped"] = f"early stop: {cfg.patience} epochs without a better {select_on} F1"
                 break
-    except KeyboardInterrupt:
-        summary["stopped"] = "interrupted"
-        log(f"interrupted after epoch {state['epoch']}; last.pth and the best checkpoint are kept")
-        raise
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (a cluster job's time limit; run.py's handler)
+        summary["stopped"] = "terminated (SIGTERM)" if isinstance(e, train.Terminated) else "interrupted"
+        raise Interrupted(run_dir, state["epoch"], summary["stopped"]) from None
     except train.NonFiniteLoss as e:
         summary["stopped"] = f"non-finite loss: {e}"
+        if state["epoch"] == 0 and not resume_dir:   # nothing to keep: the folder must not pass for a run's
+            os.replace(run_dir, run_dir + "-failed")
+            run_dir = summary["run_dir"] = run_dir + "-failed"
+            raise VegaError(f"{e} No epoch finished; the folder is now {run_dir}") from None
         raise VegaError(f"{e} Run folder {run_dir} keeps the epochs before it.") from None
     finally:
         summary.update(best_epoch=state["best_epoch"], best_checkpoint=state["best_path"],
@@ -286,6 +301,45 @@ def train_run(cfg, resume_dir=None, progress=True):
         f"weighted precision {100 * best.get('weighted_precision', 0):.2f}")
     log(f"run folder: {run_dir}")
     return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM after `epoch` finished epochs, its folder kept for --resume."""
+
+    def __init__(self, run_dir, epoch, how):
+        super().__init__(how)
+        self.run_dir, self.epoch, self.how = run_dir, epoch, how
+
+
+def describe_config(cfg):
+    """The settings that differ from the dataset's preset (configs/<Dataset>.json), as key=value."""
+    preset = resolve(load_preset(cfg.Dataset))
+    changed = [f"{k}={v}" for k, v in cfg.to_dict().items() if getattr(preset, k) != v]
+    return f"{cfg.Dataset} preset" + (f" with {', '.join(changed)}" if changed else "")
+
+
+def already_finished(run_dir, cfg, state):
+    """Resuming a run that has ended: say so (a re-queued cluster job must not fail) and return its summary."""
+    why = f"all {cfg.epochs} epochs" if state["epoch"] >= cfg.epochs else \
+        f"early stop: {state['bad_epochs']} epochs without a better F1 (patience {cfg.patience})"
+    log(f"{run_dir} has finished ({why}, after epoch {state['epoch']}): nothing to train. To go on, resume with "
+        f"a larger --epochs (now {cfg.epochs}) or --patience (now {cfg.patience})")
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {"run_dir": run_dir, "best_epoch": state["best_epoch"], "best": state.get("best_metrics")}
+
+
+def record_resume(run_dir, cfg, device, precision):
+    """config.json keeps the settings the run goes on with (a resume may change epochs, patience, device)
+    and a line per resume."""
+    path = os.path.join(run_dir, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    resumes = saved.pop("resumes", []) + [{"command": " ".join(sys.argv), "git_commit": git_commit(),
+                                            "resolved_device": str(device), **precision}]
+    write_json(path, {**saved, **cfg.to_dict(), "resumes": resumes})
 
 
 def config_of_run(run_dir):

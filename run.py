@@ -11,18 +11,13 @@
 import argparse
 import datetime
 import os
+import shlex
 import sys
 import traceback
 
 from vega_utils.common import VegaError
-from vega_utils.config import OneLineParser, add_config_flags, config_from_args, resolve
+from vega_utils.config import ABLATIONS, OneLineParser, add_config_flags, config_from_args, resolve
 
-ABLATIONS = {
-    "no_vega": {"clip_loss": False},                      # backbone only (SDT-style self-distillation)
-    "no_cls_kl": {"cls_all_cls_kl_loss": False},          # no distillation between classifier heads
-    "no_vega_kl": {"clip_all_clip_kl_loss": False},       # VEGA branch without its distillation
-    "no_stochastic_anchors": {"rand": 0.0},               # always the class centres
-}
 # The demo trains the full method on a small synthetic set; a smaller model and a 10x learning rate let
 # it learn within a minute on a laptop CPU (the paper's rate needs hundreds of epochs).
 DEMO = {"name": "demo", "epochs": 10, "hidden_dim": 128, "lr": 1e-3, "data_path": "data/demo/IEMOCAP.pkl",
@@ -32,7 +27,7 @@ DEMO_DATA = dict(n_train=100, n_test=25, min_len=8, max_len=30, signal=2.5, seed
 
 def parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(p)
+    add_config_flags(p, skip=("ablation",))   # --ablation below: it sets other flags too
     p.add_argument("--demo", action="store_true", help="generate a small synthetic IEMOCAP-layout set and train on it")
     p.add_argument("--seeds", type=int, nargs="+", help="one complete run per seed, then aggregate statistics")
     p.add_argument("--ablation", choices=sorted(ABLATIONS), help="set the flags of one of the paper's ablations")
@@ -64,17 +59,20 @@ def prepare_demo(cfg):
         print(f"demo: wrote a synthetic anchor cache to {cfg.anchor_path}")
 
 
-def print_demo_baseline(summary):
-    """Put the demo's F1 next to what always answering the most frequent class would score."""
+def print_demo_end(summary):
+    """The demo's F1 next to always answering the most frequent class; what it wrote; what to try next."""
     import numpy as np
     import pandas as pd
     from vega_utils import report
-    labels = pd.read_csv(os.path.join(summary["run_dir"], "predictions.csv"))["label"].to_numpy()
+    run_dir = summary["run_dir"]
+    labels = pd.read_csv(os.path.join(run_dir, "predictions.csv"))["label"].to_numpy()
     names, ids = np.unique(labels, return_inverse=True)
     majority = np.full_like(ids, np.bincount(ids).argmax())
     base = report.classification_metrics(ids, majority, list(names))["weighted_f1"]
     print(f"demo: test weighted F1 {100 * summary['best']['test']['weighted_f1']:.2f} against "
           f"{100 * base:.2f} for always predicting the most frequent class")
+    print(f"demo: wrote {', '.join(sorted(os.listdir(run_dir)))} in {run_dir}")
+    print(f"next: python inference.py --checkpoint {shlex.quote(summary['best_checkpoint'])}")
 
 
 def run_seeds(cfg, seeds, progress):
@@ -106,16 +104,48 @@ def run_seeds(cfg, seeds, progress):
     return 0 if agg["n_seeds"] == len(seeds) else 1
 
 
+# What may change when a run is resumed: how long it goes on, and where it runs. Anything else would make the
+# resumed run a different experiment than the one its folder records.
+RESUME_FLAGS = ("epochs", "patience", "device")
+
+
+def resume_config(args):
+    import main
+    from vega_utils.config import Config
+    given = sorted(k for k in Config.__dataclass_fields__ if k != "ablation" and hasattr(args, k))
+    fixed = [k for k in given if k not in RESUME_FLAGS]
+    if fixed or args.demo or args.seeds or args.ablation:
+        names = fixed + [n for n in ("demo", "seeds", "ablation") if getattr(args, n)]
+        raise VegaError(f"--resume continues {args.resume} with its own settings; --{', --'.join(names)} "
+                        f"cannot change there (only --{', --'.join(RESUME_FLAGS)} can)")
+    cfg = main.config_of_run(args.resume)
+    return resolve(cfg.replace(**{k: getattr(args, k) for k in given}))
+
+
+def install_sigterm_handler():
+    """SIGTERM (a cluster job's time limit, `kill`) stops the run at the next batch as Ctrl-C does: summary.json
+    is written and the resume command printed."""
+    import signal
+
+    import train
+
+    def stop(signum, frame):
+        train.STOP.set()
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:   # not the main thread (run() called from a thread): keep the default
+        pass
+
+
 def run(argv=None):
     args = parser().parse_args(argv)
     progress = not args.no_progress and sys.stderr.isatty()
+    import main
+    install_sigterm_handler()
     try:
-        import main
         if args.resume:
-            cfg = main.config_of_run(args.resume)
-            if hasattr(args, "device"):   # continue elsewhere, e.g. a CPU run on a GPU machine
-                cfg = cfg.replace(device=args.device)
-            return 0 if main.train_run(cfg, resume_dir=args.resume, progress=progress) else 1
+            summary = main.train_run(resume_config(args), resume_dir=args.resume, progress=progress)
+            return 0 if summary else 1
         cfg = build_config(args)
         if args.demo:
             prepare_demo(cfg)
@@ -124,17 +154,21 @@ def run(argv=None):
             return run_seeds(cfg, args.seeds, progress)
         summary = main.train_run(cfg, progress=progress)
         if args.demo:
-            print_demo_baseline(summary)
+            print_demo_end(summary)
         return 0
     except VegaError as e:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the run folder keeps last.pth, the best checkpoint and the metrics so far",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = e.how if isinstance(e, main.Interrupted) else str(e) or "interrupted"
+        if isinstance(e, main.Interrupted):
+            print(f"{how} after epoch {e.epoch}: {e.run_dir} keeps last.pth, the best checkpoint and the "
+                  f"metrics; continue with: python run.py --resume {shlex.quote(e.run_dir)}", file=sys.stderr)
+        else:
+            print(how, file=sys.stderr)
+        return 143 if how.startswith("terminated") else 130   # the shell's codes for SIGTERM and SIGINT
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Losses, one training epoch, one evaluation epoch (spec 2.3 and 3)."""
 import random
+import threading
 import time
 
 import numpy as np
@@ -108,6 +109,20 @@ class NonFiniteLoss(Exception):
     pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster job's time limit, `kill`): the run stops at the next batch as on Ctrl-C."""
+
+
+# Set by run.py's SIGTERM handler, checked between batches: an exception raised inside the handler itself can
+# land in a weakref callback or a destructor, where Python only prints it and goes on.
+STOP = threading.Event()
+
+
+def check_stop():
+    if STOP.is_set():
+        raise Terminated("terminated (SIGTERM)")
+
+
 # ---------------------------------------------------------------- epochs
 def _accumulate(sums, losses):
     for k, v in losses.items():
@@ -121,6 +136,7 @@ def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, devic
     start, sums, n_batches = time.perf_counter(), {}, 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
+        check_stop()
         batch = batch.to(device, non_blocking=True)
         anchors = None
         if anchor_bank is not None and cfg.clip_loss:

@@ -244,14 +244,22 @@ def load_clip(clip_model, device):
     # transformers 5 without torchvision falls back to this PIL processor with a warning; naming it directly
     # keeps the log clean and matches the PIL processing of transformers 4, which built the published cache.
     processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    def first_line(e):
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     try:
         model = transformers.CLIPModel.from_pretrained(clip_model)
-        processor = processor_cls.from_pretrained(clip_model)
     except Exception as e:  # OSError offline/not found, ValueError wrong model type, safetensors errors...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VegaError(f"could not load CLIP model {clip_model!r} ({type(e).__name__}: {first_line}). Give "
-                        f"a local folder saved with save_pretrained (model and preprocessor_config.json) or a "
-                        f"hub name that is already in the local cache or reachable online") from e
+        raise VegaError(f"could not load CLIP model {clip_model!r} ({type(e).__name__}: {first_line(e)}). Give "
+                        f"a local folder saved with save_pretrained (model and preprocessor_config.json; see "
+                        f"README.md, 'CLIP offline') or a hub name that is already in the local cache or "
+                        f"reachable online") from e
+    try:
+        processor = processor_cls.from_pretrained(clip_model)
+    except Exception as e:
+        raise VegaError(f"CLIP model {clip_model!r} loaded, but its image processor did not ({type(e).__name__}: "
+                        f"{first_line(e)}): a folder needs preprocessor_config.json too. Save the processor "
+                        f"beside the model: CLIPProcessor.from_pretrained(NAME).save_pretrained(FOLDER) (README.md, "
+                        f"'CLIP offline')") from e
     # Some checkpoints load in half precision under transformers 5's dtype="auto"; anchors are float32.
     return model.float().to(device).eval(), processor
 
@@ -366,7 +374,9 @@ def ensure_anchor_cache(cfg, device="auto"):
         raise VegaError(f"no anchor cache at {path} and no image folder {first}/ or {second}/ to build it "
                         f"from: download the published cache ({cfg.expr_img_folder}_anchor.pt) to {path}, or "
                         f"unzip the images ({cfg.expr_img_folder}_anchor.zip) into {first}/, or build a "
-                        f"cache with python -m vega_utils.anchor_utils --image_dir DIR --out {path}")
+                        f"cache with python -m vega_utils.anchor_utils --image_dir DIR --out {path} (README.md, "
+                        f"'Getting the data', has the links); or train the backbone alone without anchors: "
+                        f"--ablation no_vega")
     print(f"no anchor cache at {path}: building it from {folder} with {cfg.CLIP_Model}")
     return build_anchor_cache(folder, class_names, cfg.CLIP_Model, path, device=device,
                               expected_dim=cfg.clip_dim)

@@ -5,6 +5,7 @@ Formats read:
 - a dict whose `state_dict` entry is one (the reference's other form, and this project's files, which also
   carry `config` (plain dict), `metrics` and `epoch`).
 """
+import os
 import pickle
 import zipfile
 
@@ -23,8 +24,39 @@ def save_best(path, model, cfg, epoch, metrics):
                        "epoch": int(epoch), "metrics": metrics}, path)
 
 
+def _what_file_is_this(path):
+    """None for a file that starts as a torch checkpoint can (a zip archive, or a pickle of the legacy format);
+    else a phrase saying what it looks like instead, from its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None   # torch.load reports it
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "an empty file"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:200]:
+        return "an HTML page (a failed or interrupted download saves the web page instead of the file)"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "neither a zip archive nor a pickle"
+
+
+def _first_sentence(error):
+    """The first sentence of an exception's message: torch's can run on for lines."""
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return line.split(". ")[0].rstrip(".")
+
+
 def read_checkpoint(path):
     """torch.load with weights_only=True and one clear error per way a file can be wrong."""
+    kind = _what_file_is_this(path) if os.path.isfile(path) else None
+    if kind:
+        raise VegaError(f"checkpoint {path} is not a torch checkpoint: it is {kind}. Download it again")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -38,7 +70,7 @@ def read_checkpoint(path):
         raise VegaError(f"checkpoint {path} is not a readable checkpoint (corrupt or not a torch file)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as e:
         raise VegaError(f"checkpoint {path} is not a readable checkpoint (truncated or corrupt: "
-                        f"{str(e).splitlines()[0][:120]})") from None
+                        f"{_first_sentence(e)})") from None
     return obj
 
 

@@ -80,12 +80,22 @@ def git_commit():
         return "unknown"
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path, write_fn, mode):
-    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file.
+
+    mkstemp makes the file 0600; it gets the mode any new file gets (0644 under the usual umask) so that
+    colleagues on a shared server can read the results."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+        os.fchmod(fd, 0o666 & ~_umask())
     except OSError as e:
         raise VegaError(f"cannot write {path}: {e.strerror or e}") from e
     try:

@@ -5,13 +5,22 @@ run folder and checkpoint, so a model can be rebuilt from a checkpoint alone.
 """
 import argparse
 import dataclasses
+import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 from .common import PROJECT_ROOT, VegaError, dataset_info
 
+# The paper's ablations: each only sets flags (explicit flags still win); run.py --ablation NAME.
+ABLATIONS = {
+    "no_vega": {"clip_loss": False},                      # backbone only (SDT-style self-distillation)
+    "no_cls_kl": {"cls_all_cls_kl_loss": False},          # no distillation between classifier heads
+    "no_vega_kl": {"clip_all_clip_kl_loss": False},       # VEGA branch without its distillation
+    "no_stochastic_anchors": {"rand": 0.0},               # always the class centres
+}
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "leaky_relu", "elu", "none")
 KNOWN_CLIP_DIMS = {
@@ -78,6 +87,10 @@ class Config:
     # Evaluation precision, whatever training used: auto = float32 on the CPU, the reference's fp16 autocast on
     # CUDA. A default, so configs saved before it existed still load.
     eval_amp: str = "auto"
+    # The paper's ablation this run is (run.py --ablation sets its flags), also part of the run folder's name.
+    ablation: Optional[str] = None
+    # Run folders are named like the reference's `[MMDD-HHMM]`; False drops the brackets (no shell quoting).
+    folder_brackets: bool = True
     # Filled by resolve() from the dataset table; part of every saved config.
     text_dim: Optional[int] = None
     audio_dim: Optional[int] = None
@@ -149,6 +162,12 @@ def resolve(cfg):
 def check(cfg):
     def bad(msg):
         raise VegaError(f"invalid setting: {msg}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):   # a negative rate trains "uphill" until the loss overflows
+        bad(f"lr {cfg.lr} must be a positive number")
+    if not (math.isfinite(cfg.l2) and cfg.l2 >= 0):
+        bad(f"l2 (weight decay) {cfg.l2} must be 0 or positive")
+    if not 0.0 <= cfg.momentum < 1.0:
+        bad(f"momentum {cfg.momentum} must be in [0, 1)")
     if cfg.hidden_dim <= 0 or cfg.n_head <= 0 or cfg.hidden_dim % cfg.n_head:
         bad(f"hidden_dim {cfg.hidden_dim} must be a positive multiple of n_head {cfg.n_head}")
     for key in ("dropout", "outlayer_drop", "clip_proj_drop"):
@@ -169,21 +188,40 @@ def check(cfg):
     for key in ("amp", "eval_amp"):
         if getattr(cfg, key) not in AMP_CHOICES:
             bad(f"{key} {getattr(cfg, key)!r} is not one of {', '.join(AMP_CHOICES)}")
+    if cfg.ablation is not None and cfg.ablation not in ABLATIONS:
+        bad(f"ablation {cfg.ablation!r} is not one of {', '.join(ABLATIONS)}")
     if cfg.clip_dim is not None and cfg.clip_dim < 1:
         bad("clip_dim must be positive")
 
 
 # ---------------------------------------------------------------- command-line flags
 # Flags whose names differ from the config key (the reference's spelling).
-FLAG_ALIASES = {"batch_size": ["--batch-size", "--batch_size"]}
+FLAG_ALIASES = {"batch_size": ["--batch-size", "--batch_size"], "Dataset": ["--Dataset", "--dataset"],
+                "lr": ["--lr", "--learning_rate"], "l2": ["--l2", "--weight_decay"]}
 DERIVED = {"text_dim", "audio_dim", "visual_dim", "n_speakers", "n_classes"}
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Bad flags end in one `error: ...` line and exit status 2 (argparse would print the usage too)."""
+    """Bad flags end in one `error: ...` line and exit status 2 (argparse would print the usage too).
+
+    No abbreviations (argparse's default took `--epoch 1` as `--epochs 1` silently); an unknown flag gets the
+    closest known ones as suggestions."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            known = [f for f in self._option_string_actions if f.startswith("--")]
+            guesses = []
+            for flag in (w for w in message.split(":", 1)[1].split() if w.startswith("--")):
+                name = flag.split("=", 1)[0]
+                guesses += [g for g in difflib.get_close_matches(name, known, n=1, cutoff=0.6) if g not in guesses]
+            if guesses:
+                hint = f"; did you mean {' or '.join(guesses)}?"
+        self.exit(2, f"error: {message}{hint} (see --help)\n")
 
 
 def add_config_flags(parser, skip=()):

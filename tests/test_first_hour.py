@@ -1,0 +1,210 @@
+"""A newcomer's first hour (issue 18): messages that point the way, flags that forgive, a resume that talks,
+readable files, run folders that say what they hold."""
+import glob
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import inference
+import main
+import run
+from conftest import ROOT
+from vega_utils import checkpoint
+from vega_utils.common import VegaError, atomic_write_text
+from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+
+TINY = ["--hidden_dim", "32", "--clip_dim", "512", "--batch-size", "4", "--no_progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("first_hour")
+    make_synthetic_dataset(root / "IEMOCAP.pkl", n_train=8, n_test=4, max_len=10, seed=7)
+    make_synthetic_dataset(root / "meld.pkl", dataset="MELD", n_train=4, n_test=2, max_len=10, seed=7)
+    make_synthetic_anchor_cache(root / "anchor.pt", clip_dim=512)
+    return root
+
+
+def data_flags(files, out):
+    return ["--data_path", str(files / "IEMOCAP.pkl"), "--anchor_path", str(files / "anchor.pt"),
+            "--output_dir", str(out)] + TINY
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# ---------------------------------------------------------------- checkpoints that are not checkpoints
+def test_html_page_given_as_checkpoint_is_called_what_it_is(tmp_path, capsys):
+    page = tmp_path / "IEMOCAP.pth"
+    page.write_text("<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head></html>")
+    assert inference.main(["--checkpoint", str(page)]) == 2
+    err = one_error_line(capsys)
+    assert "HTML page" in err and "download" in err.lower() and "arbitrary Python objects" not in err
+
+
+def test_truncated_checkpoint_message_ends_in_whole_words(tmp_path):
+    full = tmp_path / "full.pth"
+    torch.save({"a": torch.zeros(1000)}, full)   # cut in half: torch says "failed finding central directory ... If you
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(VegaError) as e:
+        checkpoint.read_checkpoint(str(cut))
+    message = str(e.value)
+    assert "truncated or corrupt" in message and message.endswith(")")
+    assert "If yo" not in message and "central directory" in message
+
+
+# ---------------------------------------------------------------- flags
+def test_abbreviated_flag_is_refused_with_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as e:
+        run.parser().parse_args(["--epoch", "1"])
+    assert e.value.code == 2
+    assert "did you mean --epochs?" in capsys.readouterr().err
+
+
+def test_friendly_spellings_beside_the_references(capsys):
+    args = run.parser().parse_args(["--learning_rate", "0.01", "--weight_decay", "0", "--dataset", "MELD"])
+    assert (args.lr, args.l2, args.Dataset) == (0.01, 0.0, "MELD")
+    assert inference.parser().parse_args(["--Dataset", "MELD"]).dataset == "MELD"
+    with pytest.raises(SystemExit):
+        run.parser().parse_args(["--learnig_rate", "0.01"])
+    assert "did you mean --learning_rate?" in capsys.readouterr().err
+
+
+def test_negative_learning_rate_is_refused_before_training(files, tmp_path, capsys):
+    assert run.run(data_flags(files, tmp_path) + ["--lr", "-1"]) == 2
+    assert "lr -1.0 must be a positive number" in one_error_line(capsys)
+    assert not os.path.exists(tmp_path / "IEMOCAP")   # no run folder made
+
+
+def test_meld_file_read_as_iemocap_suggests_the_flag(files, tmp_path, capsys):
+    flags = data_flags(files, tmp_path)
+    flags[1] = str(files / "meld.pkl")
+    assert run.run(flags + ["--epochs", "1"]) == 2
+    assert "add --Dataset MELD" in one_error_line(capsys)
+
+
+def test_missing_data_and_anchors_point_to_their_sources(files, tmp_path, capsys):
+    assert run.run(["--data_path", str(tmp_path / "IEMOCAP.pkl"), "--output_dir", str(tmp_path)] + TINY) == 2
+    assert "Getting the data" in one_error_line(capsys)
+    assert run.run(["--data_path", str(files / "IEMOCAP.pkl"), "--anchor_path", str(tmp_path / "none.pt"),
+                    "--expr_img_folder", str(tmp_path / "no_images"), "--output_dir", str(tmp_path)] + TINY) == 2
+    err = one_error_line(capsys)
+    assert "--ablation no_vega" in err and "Getting the data" in err
+
+
+def test_clip_folder_without_its_processor_says_how_to_save_it(tmp_path):
+    from anchor_fixtures import make_tiny_clip
+    from vega_utils.anchor_utils import load_clip
+    folder = make_tiny_clip(tmp_path / "clip")
+    os.remove(os.path.join(folder, "preprocessor_config.json"))
+    with pytest.raises(VegaError, match=r"preprocessor_config.json too.*save_pretrained"):
+        load_clip(folder, "cpu")
+
+
+# ---------------------------------------------------------------- runs, their folders and their files
+def test_run_folder_names_seed_and_ablation_and_files_are_readable(files, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert run.run(data_flags(files, tmp_path) + ["--epochs", "1", "--seed", "5", "--ablation", "no_vega",
+                                                      "--no_folder_brackets"]) == 0
+    finally:
+        os.umask(old)
+    (run_dir,) = glob.glob(str(tmp_path / "IEMOCAP" / "*"))
+    name = os.path.basename(run_dir)
+    assert name.endswith("_seed5_no_vega") and "[" not in name
+    saved = json.load(open(os.path.join(run_dir, "config.json")))
+    assert saved["ablation"] == "no_vega" and saved["seed"] == 5 and saved["clip_loss"] is False
+    for f in ("config.json", "summary.json", "last.pth", "predictions.csv", "metrics.jsonl"):
+        assert stat.S_IMODE(os.stat(os.path.join(run_dir, f)).st_mode) == 0o644, f
+
+
+def test_atomic_writes_take_the_umask_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(str(tmp_path / "x.json"), "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "x.json").st_mode) == 0o640
+
+
+def test_config_line_names_only_what_differs(files, tmp_path, capsys):
+    assert run.run(data_flags(files, tmp_path) + ["--epochs", "1"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("config:"))
+    assert "hidden_dim=32" in line and "cls_lambda" not in line and "config.json" in line
+    assert len(line) < 600
+
+
+# ---------------------------------------------------------------- resume
+@pytest.fixture
+def two_epoch_run(files, tmp_path):
+    assert run.run(data_flags(files, tmp_path) + ["--epochs", "2"]) == 0
+    return glob.glob(str(tmp_path / "IEMOCAP" / "*"))[0]
+
+
+def test_resume_of_a_finished_run_says_so(two_epoch_run, capsys):
+    before = open(os.path.join(two_epoch_run, "metrics.jsonl")).read()
+    assert run.run(["--resume", two_epoch_run, "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "has finished (all 2 epochs" in out and "--epochs" in out
+    assert open(os.path.join(two_epoch_run, "metrics.jsonl")).read() == before
+
+
+def test_resume_with_more_epochs_extends_the_run(two_epoch_run):
+    assert run.run(["--resume", two_epoch_run, "--epochs", "3", "--no_progress"]) == 0
+    rows = [json.loads(line) for line in open(os.path.join(two_epoch_run, "metrics.jsonl"))]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    saved = json.load(open(os.path.join(two_epoch_run, "config.json")))
+    assert saved["epochs"] == 3 and len(saved["resumes"]) == 1
+
+
+def test_resume_refuses_flags_it_would_ignore(two_epoch_run, capsys):
+    assert run.run(["--resume", two_epoch_run, "--lr", "0.1"]) == 2
+    assert "--lr cannot change there" in one_error_line(capsys)
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(files, tmp_path, monkeypatch, capsys):
+    import train
+    real = train.train_epoch
+
+    def interrupt_at_2(*args, **kw):
+        if args[10] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(train, "train_epoch", interrupt_at_2)
+    assert run.run(data_flags(files, tmp_path) + ["--epochs", "3"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    run_dir = glob.glob(str(tmp_path / "IEMOCAP" / "*"))[0]
+    assert len(err) == 1 and err[0].startswith("interrupted after epoch 1")
+    assert err[0].endswith(f"python run.py --resume '{run_dir}'")
+
+
+def test_sigterm_writes_the_summary(files, tmp_path):
+    """A cluster job hitting its time limit gets SIGTERM: the run stops as on Ctrl-C, summary.json written."""
+    cmd = [sys.executable, os.path.join(ROOT, "run.py")] + data_flags(files, tmp_path) + ["--epochs", "400"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not glob.glob(str(tmp_path / "IEMOCAP" / "*" / "last.pth")):   # one epoch done
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    run_dir = glob.glob(str(tmp_path / "IEMOCAP" / "*"))[0]
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["stopped"] == "terminated (SIGTERM)" and summary["epochs_run"] >= 1
+    assert "--resume" in err
