@@ -26,3 +26,16 @@ def rel_err(a, b):
     """Norm of the difference over norm of the reference (spec section 6)."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def interrupt_at_epoch(monkeypatch, epoch):
+    """Make training raise KeyboardInterrupt (a Ctrl-C) as epoch `epoch` starts; returns a function that undoes it."""
+    import train
+    real = train.train_epoch
+
+    def interrupting(*args, **kw):
+        if args[10] == epoch:   # train_epoch's `epoch` argument
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(train, "train_epoch", interrupting)
+    return lambda: monkeypatch.setattr(train, "train_epoch", real)

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import interrupt_at_epoch
 from test_training import iemocap_files  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -54,19 +55,12 @@ def read_rows(run_dir):
 def test_cuda_run_resumes_to_the_uninterrupted_result(iemocap_files, tmp_path, monkeypatch, amp, no_cpu_only_code):
     import main
     import run
-    import train
     cfg = small_cuda_cfg(iemocap_files, tmp_path / "a", amp=amp, epochs=4)
     full = read_rows(main.train_run(cfg, progress=False)["run_dir"])
-    real = train.train_epoch
-
-    def interrupt_at_3(*args, **kw):
-        if args[10] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-    monkeypatch.setattr(train, "train_epoch", interrupt_at_3)
+    restore = interrupt_at_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         main.train_run(cfg.replace(output_dir=str(tmp_path / "b")), progress=False)
-    monkeypatch.setattr(train, "train_epoch", real)
+    restore()
     run_dir = glob.glob(str(tmp_path / "b" / "*" / "*"))[0]
     assert run.run(["--resume", run_dir, "--no_progress"]) == 0
     resumed = read_rows(run_dir)
@@ -81,18 +75,12 @@ def test_cpu_bf16_run_resumes_on_cuda(iemocap_files, tmp_path, monkeypatch):
     """Trained on the CPU in bf16 (ShadowAdam), resumed on CUDA (fused AdamW + GradScaler): it steps."""
     import main
     import run
-    import train
-    cfg = small_cuda_cfg(iemocap_files, tmp_path, epochs=3).replace(device="cpu")
-    real = train.train_epoch
-
-    def interrupt_at_2(*args, **kw):
-        if args[10] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-    monkeypatch.setattr(train, "train_epoch", interrupt_at_2)
+    from test_training import small_cfg
+    cfg = small_cfg(iemocap_files, tmp_path, epochs=3)   # on the CPU, in bf16
+    restore = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         main.train_run(cfg, progress=False)
-    monkeypatch.setattr(train, "train_epoch", real)
+    restore()
     run_dir = glob.glob(str(tmp_path / "*" / "*"))[0]
     assert run.run(["--resume", run_dir, "--device", "cuda", "--no_progress"]) == 0
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
@@ -103,8 +91,8 @@ def test_cuda_scores_agree_with_cpu_float32(iemocap_files, tmp_path):
     """inference.py in float32 on CUDA gives the CPU's probabilities and predictions; the fp16 default is close."""
     import inference
     import main
-    summary = main.train_run(small_cuda_cfg(iemocap_files, tmp_path, epochs=2).replace(device="cpu"),
-                             progress=False)
+    from test_training import small_cfg
+    summary = main.train_run(small_cfg(iemocap_files, tmp_path, epochs=2), progress=False)
     scored = {}
     for name, extra in (("cpu", ["--device", "cpu"]), ("cuda32", ["--device", "cuda", "--eval_amp", "off"]),
                         ("cuda16", ["--device", "cuda"])):

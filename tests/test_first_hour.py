@@ -15,7 +15,7 @@ import torch
 import inference
 import main
 import run
-from conftest import ROOT
+from conftest import ROOT, interrupt_at_epoch
 from vega_utils import checkpoint
 from vega_utils.common import VegaError, atomic_write_text
 from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
@@ -174,14 +174,7 @@ def test_resume_refuses_flags_it_would_ignore(two_epoch_run, capsys):
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(files, tmp_path, monkeypatch, capsys):
-    import train
-    real = train.train_epoch
-
-    def interrupt_at_2(*args, **kw):
-        if args[10] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-    monkeypatch.setattr(train, "train_epoch", interrupt_at_2)
+    interrupt_at_epoch(monkeypatch, 2)
     assert run.run(data_flags(files, tmp_path) + ["--epochs", "3"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     run_dir = glob.glob(str(tmp_path / "IEMOCAP" / "*"))[0]

@@ -239,7 +239,7 @@ def test_unreadable_files(tmp_path, data_path, capsys, kind):
     elif kind == "no_state_dict":
         torch.save({"weights": [1, 2, 3]}, path)
     err = error_of(capsys, path, data_path, *flags(SMALL))
-    want = {"text": "not a readable checkpoint", "truncated": "truncated or corrupt",
+    want = {"text": "not a torch checkpoint: it is a text file", "truncated": "truncated or corrupt",
             "pickled_object": "would execute code", "no_state_dict": "holds no state_dict",
             "missing_file": "does not exist"}[kind]
     assert want in err

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import interrupt_at_epoch
 import main
 import run
 import train
@@ -145,16 +146,10 @@ def test_resume_gives_the_uninterrupted_result(iemocap_files, tmp_path, monkeypa
     cfg = small_cfg(iemocap_files, tmp_path, amp=amp, epochs=4, scheduler=True)
     full = read_jsonl(os.path.join(main.train_run(cfg, progress=False)["run_dir"], "metrics.jsonl"))
 
-    real_epoch = train.train_epoch
-
-    def interrupt_at_3(*args, **kw):
-        if args[10] == 3:   # the epoch argument
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kw)
-    monkeypatch.setattr(train, "train_epoch", interrupt_at_3)
+    restore = interrupt_at_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         main.train_run(cfg.replace(output_dir=str(tmp_path / "b")), progress=False)
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    restore()
     run_dir = glob.glob(str(tmp_path / "b" / "*" / "*"))[0]
     assert len(read_jsonl(os.path.join(run_dir, "metrics.jsonl"))) == 2
     assert json.load(open(os.path.join(run_dir, "summary.json")))["stopped"] == "interrupted"
