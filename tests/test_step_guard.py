@@ -126,7 +126,9 @@ def test_all_finite_sees_every_dtype_and_position():
                 broken = [x.clone() for x in tensors]
                 broken[i].view(-1)[pos] = bad
                 assert not train.all_finite(broken), (i, pos, bad)
-    assert train.all_finite([torch.full((4,), 3e38)])   # large but finite: a 2-norm would overflow here
+    assert train.all_finite([torch.full((1000,), 1e17)])   # a sum of squares of 1e37 fits float32
+    # an element whose square overflows float32 (as it would in Adam's second moment) counts as non-finite
+    assert not train.all_finite([torch.full((4,), 3e19)]) and not train.all_finite([torch.full((4,), 3e19).bfloat16()])
 
 
 def test_consecutive_bad_steps_stop_the_run(files, tmp_path, capsys):
