@@ -154,7 +154,7 @@ def scatter_rows(rows, index, zero_rows, total, out=None):
     if y is not None:
         return y
     if out is None:
-        out = rows.new_empty(total, rows.shape[1]).index_fill_(0, zero_rows, 0)
+        out = cpu_kernels.empty((total, rows.shape[1]), rows).index_fill_(0, zero_rows, 0)
     return out.index_copy_(0, index, rows)
 
 

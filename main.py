@@ -233,15 +233,19 @@ def train_run(cfg, resume_dir=None, progress=True):
 
     eval_sets = {split: train.EvalSet(loaders[split], cfg.n_speakers) for split in loaders if split != "train"}
     summary = {"run_dir": run_dir, "selected_on": select_on, "stopped": "max_epochs", **precision}
+    # skipped training steps (a non-finite loss or gradient), counted on from the epochs already done
+    guard = train.StepGuard(cfg.max_bad_steps, total=sum(r.get("skipped_steps", 0) for r in state["history"]),
+                            log=log)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     try:
         while state["epoch"] < cfg.epochs:
             train.check_stop()
             epoch = state["epoch"] + 1
             tr = train.train_epoch(model, loaders["train"], optimizer, cfg, bank, class_weights, device,
-                                   amp_dtype, scaler, scheduler, epoch, anchor_rng, progress)
-            row = {"epoch": epoch, "train_seconds": tr.pop("seconds"), "lr": optimizer.param_groups[0]["lr"]}
-            row["train_loss"] = tr.pop("total")
+                                   amp_dtype, scaler, scheduler, epoch, anchor_rng, progress, guard)
+            row = {"epoch": epoch, "train_seconds": tr.pop("seconds"), "lr": optimizer.param_groups[0]["lr"],
+                   "skipped_steps": tr.pop("skipped_steps")}
+            row["train_loss"] = tr.pop("total", float("nan"))   # nan: every step of the epoch was skipped
             row.update({f"train_{k}": v for k, v in tr.items()})
             eval_seconds = 0.0
             evals = {}
@@ -291,7 +295,7 @@ def train_run(cfg, resume_dir=None, progress=True):
         raise VegaError(f"{e} Run folder {run_dir} keeps the epochs before it.") from None
     finally:
         summary.update(best_epoch=state["best_epoch"], best_checkpoint=state["best_path"],
-                       epochs_run=state["epoch"], best=state.get("best_metrics"),
+                       epochs_run=state["epoch"], skipped_steps=guard.total, best=state.get("best_metrics"),
                        total_seconds=time.time() - started)
         if os.path.isdir(run_dir):
             write_json(os.path.join(run_dir, "summary.json"), summary)

@@ -201,3 +201,13 @@ def test_sigterm_writes_the_summary(files, tmp_path):
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["stopped"] == "terminated (SIGTERM)" and summary["epochs_run"] >= 1
     assert "--resume" in err
+
+
+def test_a_run_failing_before_its_first_epoch_is_marked_failed(files, tmp_path, capsys):
+    """Nothing to resume or keep: the folder is renamed `-failed` and the message names the first broken term."""
+    assert run.run(data_flags(files, tmp_path) + ["--epochs", "2", "--lr", "1e30", "--amp", "off",
+                                                  "--max_bad_steps", "1"]) == 2
+    err = one_error_line(capsys)
+    (run_dir,) = glob.glob(str(tmp_path / "IEMOCAP" / "*"))
+    assert run_dir.endswith("-failed") and f"the folder is now {run_dir}" in err
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["epochs_run"] == 0

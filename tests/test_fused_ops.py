@@ -89,3 +89,44 @@ def test_scatter_rows_kernel(dtype):
     with torch.no_grad():
         cpu_kernels.scatter_rows(x, index, None, total, out=scratch)   # into a buffer: other rows untouched
     assert torch.equal(scratch[index], x.detach()) and (scratch[uncovered] == 7).all()
+
+
+def nan_filled_training_step(amp):
+    """One training forward and backward of a small model through every kernel (dropout, activation + dropout,
+    the gate, the row scatter) with the kernels' buffers NaN-filled; its outputs and gradients."""
+    from dataloader import Batch
+    from vega_utils.config import load_preset, resolve
+    cfg = resolve(load_preset("IEMOCAP").replace(hidden_dim=64, n_head=4, clip_dim=16))
+    torch.manual_seed(0)
+    net = model.VEGA(cfg).train()
+    lengths = [110, 9, 100, 20, 8, 57]   # several grids, spare rows, padding positions in the grids
+    pad = torch.arange(max(lengths))[None, :] >= torch.tensor(lengths)[:, None]
+    feats = {k: torch.randn(len(lengths), max(lengths), d) * (~pad)[..., None]
+             for k, d in (("text", cfg.text_dim), ("audio", cfg.audio_dim), ("visual", cfg.visual_dim))}
+    speakers = torch.where(pad, cfg.n_speakers, torch.randint(0, cfg.n_speakers, pad.shape))
+    batch = Batch(**feats, speakers=speakers, pad_mask=pad, labels=torch.where(pad, -1, 0),
+                  dialogue_ids=list(range(len(lengths))))
+    anchors = torch.nn.functional.normalize(torch.randn(cfg.n_classes, cfg.clip_dim), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = net(batch, anchors)
+    valid = ~pad
+    outputs = [out[k][valid].float() for k in out if k.endswith("_logit")]
+    sum(o.square().mean() for o in outputs).backward()
+    return outputs, [p.grad for p in net.parameters() if p.grad is not None]
+
+
+@needs_kernels
+@pytest.mark.parametrize("amp", [True, False])
+def test_kernels_write_every_position_they_read(monkeypatch, amp):
+    """Under DEBUG_NAN_FILL the kernels' buffers start as NaN: a step that ends finite read no unwritten memory."""
+    monkeypatch.setattr(cpu_kernels, "DEBUG_NAN_FILL", True)
+    assert torch.isnan(cpu_kernels.empty((2, 3), torch.zeros(1, dtype=torch.bfloat16))).all()
+    outputs, grads = nan_filled_training_step(amp)
+    assert len(grads) > 100
+    assert all(torch.isfinite(t).all() for t in outputs + grads)
+
+    # the check can fail: a scatter that leaves the grids' padding positions unwritten shows up
+    real = cpu_kernels._scatter_rows_into
+    monkeypatch.setattr(cpu_kernels, "_scatter_rows_into", lambda out, x, index, zero: real(out, x, index, None))
+    outputs, grads = nan_filled_training_step(amp)
+    assert not all(torch.isfinite(t).all() for t in outputs + grads)

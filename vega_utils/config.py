@@ -91,6 +91,9 @@ class Config:
     ablation: Optional[str] = None
     # Run folders are named like the reference's `[MMDD-HHMM]`; False drops the brackets (no shell quoting).
     folder_brackets: bool = True
+    # stop after this many consecutive skipped training steps (non-finite loss or gradient; train.StepGuard).
+    # The default is for configs saved before the key existed; the presets set it too.
+    max_bad_steps: int = 10
     # Filled by resolve() from the dataset table; part of every saved config.
     text_dim: Optional[int] = None
     audio_dim: Optional[int] = None
@@ -177,7 +180,7 @@ def check(cfg):
         bad(f"rand {cfg.rand} must be in [0, 1]")
     if not 0.0 <= cfg.valid_ratio < 1.0:
         bad(f"valid_ratio {cfg.valid_ratio} must be in [0, 1)")
-    for key in ("outlayer_num", "clip_proj_layer_num", "batch_size", "epochs", "patience"):
+    for key in ("outlayer_num", "clip_proj_layer_num", "batch_size", "epochs", "patience", "max_bad_steps"):
         if getattr(cfg, key) < 1:
             bad(f"{key} must be at least 1")
     for key in ("outlayer_activation_fn", "clip_proj_activation_fn"):

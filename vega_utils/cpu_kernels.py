@@ -98,6 +98,18 @@ def kernel():
     return _state["lib"]
 
 
+# VEGA_DEBUG_NAN_FILL=1: the buffers the kernels are to write start as NaN, not as whatever the memory held, so a
+# position left unwritten and read later turns into a NaN loss or gradient. A debugging aid (issue 19's
+# measurements used it); off by default, it costs a pass over every buffer.
+DEBUG_NAN_FILL = os.environ.get("VEGA_DEBUG_NAN_FILL") == "1"
+
+
+def empty(shape, like):
+    """An uninitialised contiguous tensor of like's dtype and device (NaN-filled under DEBUG_NAN_FILL)."""
+    y = like.new_empty(shape)
+    return y.fill_(float("nan")) if DEBUG_NAN_FILL else y
+
+
 def _mask_args(p):
     """(threshold, scale) of dropout rate p; p = 0 gives (0, 1): every element kept, unscaled."""
     return round(p * 65536), 1.0 / (1.0 - p)
@@ -111,7 +123,7 @@ def _seed():
 
 def apply_mask(x, p, seed):
     """x (contiguous, float32 or bfloat16, CPU) -> new tensor: x_i / (1-p) or 0, the mask a function of (seed, i)."""
-    y, lib = torch.empty_like(x), kernel()
+    y, lib = empty(x.shape, x), kernel()
     fn = lib.dropout_bf16 if x.dtype == torch.bfloat16 else lib.dropout_f32
     fn(x.data_ptr(), y.data_ptr(), x.numel(), seed, *_mask_args(p), torch.get_num_threads())
     return y
@@ -139,7 +151,7 @@ class ActDropoutFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, act, p, seed):
         z = z.contiguous()
-        y = torch.empty_like(z)
+        y = empty(z.shape, z)
         kernel().act_dropout_bf16(z.data_ptr(), y.data_ptr(), z.numel(), act, seed, *_mask_args(p),
                                   torch.get_num_threads())
         ctx.save_for_backward(z)
@@ -150,7 +162,7 @@ class ActDropoutFn(torch.autograd.Function):
     def backward(ctx, grad):
         (z,) = ctx.saved_tensors
         grad = grad.contiguous()
-        dz = torch.empty_like(z)
+        dz = empty(z.shape, z)
         kernel().act_dropout_backward_bf16(grad.data_ptr(), z.data_ptr(), dz.data_ptr(), z.numel(), ctx.act,
                                            ctx.seed, *_mask_args(ctx.p), torch.get_num_threads())
         return dz, None, None, None
@@ -185,7 +197,7 @@ class SoftmaxMix3Fn(torch.autograd.Function):
     def forward(ctx, logits, stacked):
         logits, stacked = logits.contiguous(), stacked.contiguous()
         N, _, H = stacked.shape
-        y = stacked.new_empty(N, H)
+        y = empty((N, H), stacked)
         kernel().softmax_mix3_bf16(logits.data_ptr(), stacked.data_ptr(), y.data_ptr(), N, H,
                                    torch.get_num_threads())
         ctx.save_for_backward(logits, stacked)
@@ -196,7 +208,7 @@ class SoftmaxMix3Fn(torch.autograd.Function):
         logits, stacked = ctx.saved_tensors
         grad = grad.contiguous()
         N, _, H = stacked.shape
-        dl, ds = torch.empty_like(logits), torch.empty_like(stacked)
+        dl, ds = empty(logits.shape, logits), empty(stacked.shape, stacked)
         kernel().softmax_mix3_backward_bf16(grad.data_ptr(), logits.data_ptr(), stacked.data_ptr(), dl.data_ptr(),
                                             ds.data_ptr(), N, H, torch.get_num_threads())
         return dl, ds
@@ -223,7 +235,7 @@ class ScatterRowsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, index, zero_rows, total):
         ctx.save_for_backward(index)
-        return _scatter_rows_into(x.new_empty(total, x.shape[1]), x.contiguous(), index, zero_rows)
+        return _scatter_rows_into(empty((total, x.shape[1]), x), x.contiguous(), index, zero_rows)
 
     @staticmethod
     def backward(ctx, grad):

@@ -376,5 +376,7 @@ def format_epoch_line(row):
         parts.append(f"acc {100 * row['test_accuracy']:.2f}")
     if row.get("train_seconds") is not None or row.get("eval_seconds") is not None:
         parts.append(f"{row.get('train_seconds') or 0:.1f}s+{row.get('eval_seconds') or 0:.1f}s")
+    if row.get("skipped_steps"):
+        parts.append(f"{row['skipped_steps']} steps skipped")
     line = " | ".join(parts)
     return line + " *" if row.get("is_best") else line
