@@ -18,7 +18,9 @@ import sys
 import traceback
 from functools import partial
 
-import torch
+from vega_utils import threads
+threads.configure_openmp_wait()   # before torch is imported: see vega_utils/threads.py
+import torch  # noqa: E402
 from torch.utils.data import DataLoader
 
 import train
@@ -60,6 +62,7 @@ def parser():
     p.add_argument("--cpu", action="store_true", help="the reference's flag: same as --device cpu")
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                    help="autocast: auto = fp16 on CUDA, bf16 on the CPU; off = float32")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--predictions_out", metavar="CSV", help="per-utterance labels, predictions, probabilities")
     p.add_argument("--json", metavar="PATH", help="the reported numbers as JSON (fractions, not percent)")
     p.add_argument("--no_progress", action="store_true")
@@ -269,6 +272,9 @@ def score(args):
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
+        if args.threads is not None and args.threads < 1:
+            raise VegaError(f"--threads {args.threads} must be at least 1")
+        threads.apply_threads(threads.resolve_threads(args.threads))
         return score(args)
     except VegaError as e:
         if args.debug:

@@ -202,11 +202,13 @@ def train_run(cfg, resume_dir=None, progress=True):
         run_dir = make_run_dir(cfg)
         write_json(os.path.join(run_dir, "config.json"), {
             **cfg.to_dict(), "git_commit": git_commit(), "torch_version": torch.__version__,
-            "resolved_device": str(device), "amp_dtype": str(amp_dtype), "command": " ".join(sys.argv)})
+            "resolved_device": str(device), "amp_dtype": str(amp_dtype), "resolved_threads": torch.get_num_threads(),
+            "command": " ".join(sys.argv)})
         if valid_ids:
             write_json(os.path.join(run_dir, "valid_ids.json"), valid_ids)
     log(f"config: {json.dumps(cfg.to_dict())}")
     log(f"git commit {git_commit()}, torch {torch.__version__}, device {device}, amp {amp_dtype}, "
+        f"{torch.get_num_threads()} CPU threads, "
         f"{len(data.train_ids) - len(valid_ids)} train / {len(valid_ids)} valid / {len(data.test_ids)} test "
         f"dialogues, selecting on {select_on}")
 

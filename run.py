@@ -14,8 +14,10 @@ import os
 import sys
 import traceback
 
-from vega_utils.common import VegaError
-from vega_utils.config import OneLineParser, add_config_flags, config_from_args, resolve
+from vega_utils import threads
+threads.configure_openmp_wait()   # before torch is imported (by the next line): see vega_utils/threads.py
+from vega_utils.common import VegaError  # noqa: E402
+from vega_utils.config import OneLineParser, add_config_flags, config_from_args, resolve  # noqa: E402
 
 ABLATIONS = {
     "no_vega": {"clip_loss": False},                      # backbone only (SDT-style self-distillation)
@@ -112,9 +114,11 @@ def run(argv=None):
     try:
         import main
         if args.resume:
-            return 0 if main.train_run(main.config_of_run(args.resume), resume_dir=args.resume,
-                                       progress=progress) else 1
+            cfg = main.config_of_run(args.resume)
+            threads.apply_threads(threads.resolve_threads(getattr(args, "threads", cfg.threads)))
+            return 0 if main.train_run(cfg, resume_dir=args.resume, progress=progress) else 1
         cfg = build_config(args)
+        threads.apply_threads(threads.resolve_threads(cfg.threads))
         if args.demo:
             prepare_demo(cfg)
             cfg = resolve(cfg)

@@ -74,6 +74,7 @@ class Config:
     device: str
     amp: str
     valid_ratio: float
+    threads: Optional[int] = None      # CPU threads; None: the cores this process may use (vega_utils/threads.py)
     # Filled by resolve() from the dataset table; part of every saved config.
     text_dim: Optional[int] = None
     audio_dim: Optional[int] = None
@@ -166,6 +167,8 @@ def check(cfg):
         bad(f"amp {cfg.amp!r} is not one of auto, off, bf16, fp16")
     if cfg.clip_dim is not None and cfg.clip_dim < 1:
         bad("clip_dim must be positive")
+    if cfg.threads is not None and cfg.threads < 1:
+        bad(f"threads {cfg.threads} must be at least 1")
 
 
 # ---------------------------------------------------------------- command-line flags
