@@ -18,15 +18,13 @@ import sys
 import traceback
 from functools import partial
 
-from vega_utils import threads
-threads.configure_openmp_wait()   # before torch is imported: see vega_utils/threads.py
-import torch  # noqa: E402
+import torch
 from torch.utils.data import DataLoader
 
 import train
 from dataloader import DialogueDataset, collate, load_dialogues, make_loaders, speaker_names
 from model import VEGA
-from vega_utils import checkpoint, report
+from vega_utils import checkpoint, report, threads
 from vega_utils.common import DATASETS, VegaError, atomic_write_text, dataset_info, resolve_device
 from vega_utils.config import ACTIVATIONS, Config, OneLineParser, load_preset, resolve
 
@@ -62,7 +60,8 @@ def parser():
     p.add_argument("--cpu", action="store_true", help="the reference's flag: same as --device cpu")
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                    help="autocast: auto = fp16 on CUDA, bf16 on the CPU; off = float32")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (default: the cores this process may use, fewer if others keep them busy)")
     p.add_argument("--predictions_out", metavar="CSV", help="per-utterance labels, predictions, probabilities")
     p.add_argument("--json", metavar="PATH", help="the reported numbers as JSON (fractions, not percent)")
     p.add_argument("--no_progress", action="store_true")
@@ -232,7 +231,7 @@ def write_outputs(args, cfg, ev, m, heads, context):
         print(f"scores: {args.json}")
 
 
-def score(args):
+def score(args, share=None):
     obj = read_checkpoint(args.checkpoint)
     state, saved = unpack(obj, args.checkpoint)
     cfg, source = model_config(args, saved, args.checkpoint)
@@ -249,6 +248,8 @@ def score(args):
         print("note: n_head and the activation cannot be read from the weights; pass --n_head / "
               "--outlayer_activation_fn if the model was trained with other values")
     model = VEGA(cfg)
+    if share is not None:   # fewer threads for the forward pass if other processes keep cores busy
+        model.register_forward_pre_hook(lambda module, inputs: share.check(min_interval=0.1, max_window=None))
     load_weights(model, state, cfg, args.checkpoint, saved is not None)
     model.to(device)
     ev = evaluate(model, cfg, args, device, amp_dtype)
@@ -274,8 +275,9 @@ def main(argv=None):
     try:
         if args.threads is not None and args.threads < 1:
             raise VegaError(f"--threads {args.threads} must be at least 1")
-        threads.apply_threads(threads.resolve_threads(args.threads))
-        return score(args)
+        count = threads.resolve_threads(args.threads)
+        threads.apply_threads(count)
+        return score(args, threads.CoreShare(count) if args.threads is None else None)
     except VegaError as e:
         if args.debug:
             traceback.print_exc()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 import train
 from dataloader import load_dialogues, make_loaders, speaker_names, split_validation
 from model import VEGA
-from vega_utils import checkpoint, cpu_kernels, report
+from vega_utils import checkpoint, cpu_kernels, report, threads
 from vega_utils.anchor_utils import ensure_anchor_cache
 from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text, dataset_info, git_commit, \
     resolve_device, seed_everything
@@ -214,6 +214,10 @@ def train_run(cfg, resume_dir=None, progress=True):
 
     eval_sets = {split: train.EvalSet(loaders[split], cfg.n_speakers) for split in loaders if split != "train"}
     summary = {"run_dir": run_dir, "selected_on": select_on, "stopped": "max_epochs"}
+    share = None
+    if device.type == "cpu" and cfg.threads is None:   # an explicit --threads stays as given
+        share = threads.CoreShare(torch.get_num_threads())
+        share_hook = model.register_forward_pre_hook(share.hook)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     try:
         while state["epoch"] < cfg.epochs:
@@ -233,6 +237,8 @@ def train_run(cfg, resume_dir=None, progress=True):
                 row.update(split_row)
                 evals[split] = (ev, split_metrics)
             row["eval_seconds"] = eval_seconds
+            if share is not None:
+                row["cpu_threads"] = round(share.mean_threads(), 2)   # fewer while others kept cores busy
             selected_f1 = row[f"{select_on}_f1_all"]
             row["is_best"] = selected_f1 > state["best_f1"]
             if row["is_best"]:
@@ -267,6 +273,9 @@ def train_run(cfg, resume_dir=None, progress=True):
         summary["stopped"] = f"non-finite loss: {e}"
         raise VegaError(f"{e} Run folder {run_dir} keeps the epochs before it.") from None
     finally:
+        if share is not None:
+            share_hook.remove()
+            torch.set_num_threads(share.limit)
         summary.update(best_epoch=state["best_epoch"], best_checkpoint=state["best_path"],
                        epochs_run=state["epoch"], best=state.get("best_metrics"),
                        total_seconds=time.time() - started)

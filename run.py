@@ -15,9 +15,8 @@ import sys
 import traceback
 
 from vega_utils import threads
-threads.configure_openmp_wait()   # before torch is imported (by the next line): see vega_utils/threads.py
-from vega_utils.common import VegaError  # noqa: E402
-from vega_utils.config import OneLineParser, add_config_flags, config_from_args, resolve  # noqa: E402
+from vega_utils.common import VegaError
+from vega_utils.config import OneLineParser, add_config_flags, config_from_args, resolve
 
 ABLATIONS = {
     "no_vega": {"clip_loss": False},                      # backbone only (SDT-style self-distillation)

@@ -9,10 +9,10 @@ Scenarios, each timed per variant:
   busy   the same next to a separate process doing steady CPU-bound torch work (float32 matmuls in a loop on
          every core, torch's default settings: another researcher's job);
   pair   two training processes of the variant started on the same epoch at once (two of us).
-Variants: `new` is what run.py does now (vega_utils/threads.py: its thread count and wait policy); `old` is
-the behaviour before issue 17 (torch's defaults: a thread per core, libgomp's default spinning). A variant may
-carry modifiers after slashes: `new/threads=1`, `old/GOMP_SPINCOUNT=10000` (an upper-case name is an environment
-variable of the process, set before torch is imported).
+Variants: `new` is what run.py does now (vega_utils/threads.py: a thread per core, fewer while other processes
+keep cores busy); `old` is the behaviour before issue 17 (torch's defaults: a thread per core, always). A variant
+may carry modifiers after slashes: `new/threads=1` (a fixed count, as --threads 1), `old/OMP_WAIT_POLICY=PASSIVE`
+(an upper-case name is an environment variable of the process, set before torch is imported).
 Every training process sets up and runs one untimed epoch first; then the rounds run scenario by scenario and
 variant by variant, so a machine whose speed drifts weighs on all alike. For each timed epoch the script
 also reports how much CPU the rest of the machine used (cores busy outside our processes, from /proc/stat),
@@ -70,9 +70,6 @@ def split_variant(spec):
 # ---------------------------------------------------------------- child processes
 def run_child(args):
     base, threads, _ = split_variant(args.child)
-    from vega_utils import threads as vt
-    if base == "new":
-        vt.configure_openmp_wait()   # before torch, as run.py
     import random
 
     import torch
@@ -84,9 +81,10 @@ def run_child(args):
     from vega_utils.anchor_utils import load_anchor_cache
     from vega_utils.common import dataset_info, seed_everything
     from vega_utils.config import load_preset, resolve
+    from vega_utils.threads import CoreShare, apply_threads, default_threads
 
-    if base == "new" or threads:
-        vt.apply_threads(threads or vt.default_threads())
+    if base == "new" or threads:   # as run.py
+        apply_threads(threads or default_threads())
     paths = dict(data_path=os.path.join(args.data_dir, "IEMOCAP.pkl"),
                  anchor_path=os.path.join(args.data_dir, "anchor.pt"))
     cfg = load_preset("IEMOCAP").replace(**({**DEMO, **paths} if args.size == "demo" else paths))
@@ -97,6 +95,10 @@ def run_child(args):
     bank = load_anchor_cache(cfg.anchor_path, info.class_names)
     loader = make_loaders(data, cfg)["train"]
     model = VEGA(cfg)
+    share = None
+    if base == "new" and not threads:   # as main.train_run: an explicit thread count stays fixed
+        share = CoreShare(torch.get_num_threads())
+        model.register_forward_pre_hook(share.hook)
     device = torch.device("cpu")
     amp_dtype = train.resolve_amp(cfg.amp, device)
     optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
@@ -108,14 +110,20 @@ def run_child(args):
         wall, cpu = time.perf_counter(), time.process_time()
         train.train_epoch(model, batches, optimizer, cfg, bank, class_weights, device, amp_dtype, rng=rng,
                           progress=False)
-        return time.perf_counter() - wall, time.process_time() - cpu
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return wall, cpu, share.mean_threads() if share else torch.get_num_threads()
 
     warm = epoch()
     print("READY " + json.dumps({"warmup_s": warm[0], "steps": len(batches), **runtime_facts()}), flush=True)
     for line in sys.stdin:
         if line.strip() != "go":
             break
-        print("EPOCH %.4f %.4f" % epoch(), flush=True)
+        if share:   # as in a long run: the thread count already fits what the other processes do now
+            share.restart()
+            time.sleep(0.3)
+            share.check(min_interval=0)
+            share.mean_threads()
+        print("EPOCH %.4f %.4f %.2f" % epoch(), flush=True)
 
 
 class FirstBatches:
@@ -183,8 +191,8 @@ def expect(proc, tag, prefix):
 
 
 def timed_epochs(children, watched):
-    """Send 'go' to every child at once; (seconds, CPU seconds) of each, and the cores the rest of the
-    machine kept busy meanwhile (outside `watched` processes)."""
+    """Send 'go' to every child at once; (seconds, CPU seconds, mean threads) of each, and the cores the rest
+    of the machine kept busy meanwhile (outside `watched` processes)."""
     tick = os.sysconf("SC_CLK_TCK")
     m0, o0 = cpu_jiffies(watched)
     t0 = time.perf_counter()
@@ -234,9 +242,10 @@ def main_cli(argv=None):
                         if busy and scenario == "busy":
                             os.kill(busy.pid, signal.SIGSTOP)
                         rows.append({"rep": rep, "scenario": scenario, "variant": v, "seconds": [t[0] for t in times],
-                                     "cpu_seconds": [t[1] for t in times], "outside_cores": outside})
+                                     "cpu_seconds": [t[1] for t in times], "threads": [t[2] for t in times],
+                                     "outside_cores": outside})
                         print(f"round {rep + 1}/{reps} {scenario:5s} {v}: " +
-                              ", ".join(f"{t[0]:.2f} s (CPU {t[1]:.2f} s)" for t in times) +
+                              ", ".join(f"{t[0]:.2f} s (CPU {t[1]:.2f} s, {t[2]:.1f} threads)" for t in times) +
                               f"; other tenants {outside:.2f} cores", flush=True)
         finally:
             for proc in list(procs.values()) + ([busy] if "busy" in scenarios and busy else []):
@@ -247,7 +256,7 @@ def main_cli(argv=None):
     load = os.getloadavg()
     print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     summary = summarise(rows, variants, scenarios)
-    print_table(summary, variants, scenarios, facts)
+    print_table(summary, variants, scenarios)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "facts": {
@@ -266,23 +275,26 @@ def make_data(folder, size, quick):
 
 
 def summarise(rows, variants, scenarios):
-    """Median seconds per (variant, scenario) over rounds (pair: the slower of the two processes each round)."""
+    """Per (variant, scenario): median seconds over rounds (pair: the slower process of each round), the
+    threads each epoch ran with on average, and the cores other tenants used meanwhile."""
     out = {}
     for v in variants:
         for s in scenarios:
-            worst = [max(r["seconds"]) for r in rows if r["variant"] == v and r["scenario"] == s]
-            if worst:
+            mine = [r for r in rows if r["variant"] == v and r["scenario"] == s]
+            if mine:
+                worst = [max(r["seconds"]) for r in mine]
                 out[f"{v} {s}"] = {"median_s": statistics.median(worst), "runs": worst,
-                                   "outside_cores": [r["outside_cores"] for r in rows
-                                                     if r["variant"] == v and r["scenario"] == s]}
+                                   "threads": [t for r in mine for t in r["threads"]],
+                                   "outside_cores": [r["outside_cores"] for r in mine]}
     return out
 
 
-def print_table(summary, variants, scenarios, facts):
+def print_table(summary, variants, scenarios):
+    """Seconds an epoch (median), and for busy / pair the ratio to the same variant alone."""
     idle = summary.get(f"{variants[0]} alone", {}).get("median_s")
-    print(f"\n| variant | threads | " + " | ".join(f"{s} s (x own alone)" for s in scenarios) +
-          (f" | alone x {variants[0]} alone |" if idle else " |"))
-    print("|---|---|" + "---|" * (len(scenarios) + (1 if idle else 0)))
+    print("\n| variant | " + " | ".join(f"{s} s" + (" (x alone)" if s != "alone" else "") for s in scenarios) +
+          (f" | alone / {variants[0]} alone |" if idle else " |"))
+    print("|---|" + "---|" * (len(scenarios) + (1 if idle else 0)))
     for v in variants:
         alone = summary.get(f"{v} alone", {}).get("median_s")
         cells = []
@@ -290,9 +302,10 @@ def print_table(summary, variants, scenarios, facts):
             m = summary[f"{v} {s}"]["median_s"]
             cells.append(f"{m:.2f}" + (f" ({m / alone:.2f}x)" if alone and s != "alone" else ""))
         extra = f" | {alone / idle:.2f}x" if idle and alone else ""
-        print(f"| {v} | {facts[v, 0]['torch_threads']} | " + " | ".join(cells) + extra + " |")
+        print(f"| {v} | " + " | ".join(cells) + extra + " |")
     for key, s in summary.items():
-        print(f"{key}: " + ", ".join(f"{t:.2f}" for t in s["runs"]) + " s; other tenants " +
+        print(f"{key}: " + ", ".join(f"{t:.2f}" for t in s["runs"]) + " s; threads " +
+              ", ".join(f"{t:.1f}" for t in s["threads"]) + "; other tenants " +
               ", ".join(f"{c:.2f}" for c in s["outside_cores"]) + " cores")
 
 

@@ -1,4 +1,5 @@
-"""vega_utils/threads.py and --threads: one OpenMP runtime, the thread count applied everywhere, no spinning."""
+"""vega_utils/threads.py and --threads: one OpenMP runtime, the thread count applied everywhere, and fewer threads
+while other processes keep cores busy."""
 import ctypes
 import json
 import os
@@ -6,15 +7,17 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
 
 import inference
+import main
 import run
 from conftest import ROOT
 from vega_utils import cpu_kernels, threads
-from vega_utils.config import Config, load_preset
+from vega_utils.config import Config, load_preset, resolve
 from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
 
 needs_kernels = pytest.mark.skipif(os.environ.get("VEGA_CPU_KERNELS") == "0" or
@@ -23,12 +26,10 @@ needs_kernels = pytest.mark.skipif(os.environ.get("VEGA_CPU_KERNELS") == "0" or
 linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc")
 
 
-def python(code, env=None):
+def python(code):
     """Run `code` in a fresh interpreter at the repository root; its stdout."""
-    full_env = {k: v for k, v in os.environ.items() if k not in threads.OMP_WAIT_VARIABLES}
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -117,56 +118,80 @@ def test_default_threads_split_the_cores_between_jobs(monkeypatch):
     assert threads.resolve_threads(3, jobs=4) == 3
 
 
-def test_wait_policy_is_set_only_before_torch_and_never_over_the_users():
-    environ = {}
-    assert "torch" in sys.modules   # imported by this test module: too late to change libgomp
-    assert threads.configure_openmp_wait(environ) == {} and environ == {}
-    out = python("""
-        import os, sys
-        from vega_utils import threads
-        user = {"GOMP_SPINCOUNT": "5"}
-        print(threads.configure_openmp_wait(user) == {} and user == {"GOMP_SPINCOUNT": "5"})
-        import run   # the entry points configure before they import torch
-        print("torch" in sys.modules, os.environ.get("OMP_WAIT_POLICY"))
-    """)
-    assert out.split() == ["True", "True", threads.WAIT_SETTINGS["OMP_WAIT_POLICY"]]
-    out = python("import inference, os; print(os.environ.get('OMP_WAIT_POLICY'))", env={"OMP_WAIT_POLICY": "ACTIVE"})
-    assert out.strip() == "ACTIVE"
+class Machine:
+    """/proc/stat as the clock advances: `others` cores busy besides this process, which keeps `own` busy."""
+
+    def __init__(self):
+        self.now, self.busy, self.own_ticks, self.reads = 0.0, 0.0, 0.0, 0
+
+    def run(self, seconds, others, own=1.0):
+        self.now += seconds
+        self.busy += (others + own) * seconds * 100
+        self.own_ticks += own * seconds * 100
+
+    def read(self, cpus):
+        self.reads += 1
+        return int(self.busy), int(self.own_ticks)
+
+
+def share_on(machine, limit, cpus):
+    calls = []
+    share = threads.CoreShare(limit, cpus=range(cpus), read=machine.read, clock=lambda: machine.now,
+                              set_threads=calls.append)
+    share.tick = 100
+    return share, calls
+
+
+def test_core_share_follows_what_the_others_leave_free():
+    machine = Machine()
+    share, calls = share_on(machine, limit=2, cpus=2)
+    steps = [(0.0, 2), (1.0, 1), (0.5, 1), (0.3, 1), (0.2, 2), (0.5, 2), (0.6, 1), (2.0, 1), (0.0, 2)]
+    for others, expected in steps:   # others: cores busy outside this process over the last 0.6 s
+        machine.run(0.6, others)
+        assert share.check() == expected, (others, share.threads)
+    assert calls == [1, 2, 1, 2]   # torch is told only of changes
+    machine = Machine()
+    share, calls = share_on(machine, limit=4, cpus=8)   # 8 cores, 2 jobs: at most 4 threads each
+    for others, expected in [(4.0, 4), (5.2, 3), (5.0, 3), (7.5, 1), (1.0, 4)]:
+        machine.run(0.6, others)
+        assert share.check() == expected
+    assert calls == [3, 1, 4]
+
+
+def test_core_share_measures_only_recent_windows():
+    machine = Machine()
+    share, calls = share_on(machine, limit=2, cpus=2)
+    machine.run(0.2, others=2.0)
+    assert share.check() == 2 and machine.reads == 1       # under half a second: not even read
+    machine.run(5.0, others=2.0, own=0.0)                   # this process waited (say, for its turn) ...
+    assert share.check() == 2 and machine.reads == 2       # ... so that window only starts a new one
+    machine.run(0.6, others=2.0)
+    assert share.check() == 1
+    machine.run(0.6, others=0.0)
+    assert share.check() == 2
+    machine.run(0.6, others=2.0)
+    assert share.check(min_interval=0.1, max_window=None) == 1
+    assert share.mean_threads() == pytest.approx((0.6 * 2 + 0.6 * 1 + 0.6 * 2) / 1.8)
+    assert share.mean_threads() == 1.0                       # nothing measured since: the current count
+    assert calls == [1, 2, 1]
+
+
+def test_core_share_does_nothing_without_proc():
+    share = threads.CoreShare(2, cpus=[0], read=lambda cpus: None, set_threads=lambda n: pytest.fail("set"))
+    assert not share.enabled and share.check(min_interval=0) == 2
 
 
 @linux_only
-@pytest.mark.skipif(torch.__config__.parallel_info().find("OpenMP") < 0, reason="torch without OpenMP")
-def test_idle_openmp_threads_sleep_instead_of_spinning():
-    """After a parallel region, the worker of a process started through run.py uses (almost) no CPU while
-    the main thread does other work; with libgomp's defaults it spins for milliseconds after every region."""
-    code = """
-        import os, sys, time
-        if sys.argv[-1] == "run":
-            import run
-        import torch
-
-        def worker_cpu_seconds():
-            total = 0
-            for tid in os.listdir("/proc/self/task"):
-                if int(tid) != os.getpid():
-                    with open(f"/proc/self/task/{tid}/schedstat") as f:
-                        total += int(f.read().split()[0])
-            return total / 1e9
-
-        torch.set_num_threads(2)
-        x = torch.randn(1 << 16)
-        x.add_(1)
-        time.sleep(0.1)
-        before = worker_cpu_seconds()
-        for _ in range(20):
-            x.add_(1)          # one parallel region, a few microseconds of work per thread
-            time.sleep(0.02)   # the main thread busy elsewhere
-        print(worker_cpu_seconds() - before)
-    """
-    polite = float(python(code.replace("sys.argv[-1]", "'run'")))
-    default = float(python(code.replace("sys.argv[-1]", "'plain'")))
-    assert polite < 0.005, f"the OpenMP worker used {polite:.4f} s of CPU while idle"
-    assert default > 0.005   # the measurement sees spinning (libgomp: ~0.5-10 ms a region, CPU-dependent)
+def test_proc_readings_add_up():
+    cpus = os.sched_getaffinity(0)
+    busy0, own0 = threads.read_cpu_ticks(cpus)
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    busy1, own1 = threads.read_cpu_ticks(cpus)
+    tick = os.sysconf("SC_CLK_TCK")
+    assert (own1 - own0) / tick >= 0.2            # this process's own 0.3 s of CPU ...
+    assert busy1 - busy0 >= own1 - own0 - 2       # ... is part of what its cores did
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +221,25 @@ def test_threads_flag_is_applied_and_saved(files, tmp_path, given):
     assert config["threads"] == given and config["resolved_threads"] == expected
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two threads to have fewer")
+def test_training_takes_fewer_threads_while_the_machine_is_full(files, tmp_path, monkeypatch):
+    def full(cpus):   # every core busy with other processes' work, none of it this process's
+        return int(time.monotonic() * 100 * len(cpus)), 0
+    monkeypatch.setattr(threads, "read_cpu_ticks", full)
+    monkeypatch.setattr(threads, "INTERVAL", 0.0)
+    cfg = resolve(load_preset("IEMOCAP").replace(
+        data_path=str(files / "IEMOCAP.pkl"), anchor_path=str(files / "anchor.pt"), output_dir=str(tmp_path),
+        hidden_dim=32, clip_dim=512, epochs=2, batch_size=4))
+    limit = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(threads, "_torch_set_threads", lambda n: (seen.append(n), torch.set_num_threads(n)))
+    rows = [json.loads(line) for line in open(os.path.join(main.train_run(cfg, progress=False)["run_dir"],
+                                                            "metrics.jsonl"))]
+    assert seen == [1]
+    assert 1.0 <= rows[0]["cpu_threads"] < limit and rows[1]["cpu_threads"] == 1.0   # 1st: from 2 to 1
+    assert torch.get_num_threads() == limit   # given back when the run ends
+
+
 def test_bad_thread_counts_are_one_line_errors(capsys, monkeypatch):
     assert run.run(["--threads", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: invalid setting: threads 0 must be at least 1"
@@ -205,10 +249,10 @@ def test_bad_thread_counts_are_one_line_errors(capsys, monkeypatch):
 
 def test_inference_applies_threads_before_scoring(monkeypatch):
     saved = torch.get_num_threads()
-    monkeypatch.setattr(inference, "score", lambda args: torch.get_num_threads())
+    monkeypatch.setattr(inference, "score", lambda args, share: (torch.get_num_threads(), share is None))
     try:
-        assert inference.main(["--threads", "1"]) == 1
-        assert inference.main([]) == threads.default_threads()
+        assert inference.main(["--threads", "1"]) == (1, True)                       # fixed: no CoreShare
+        assert inference.main([]) == (threads.default_threads(), False)
     finally:
         torch.set_num_threads(saved)
 
