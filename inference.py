@@ -61,7 +61,7 @@ def parser():
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                    help="autocast: auto = fp16 on CUDA, bf16 on the CPU; off = float32")
     p.add_argument("--threads", type=int,
-                   help="CPU threads (default: the cores this process may use, fewer if others keep them busy)")
+                   help="CPU threads (default: the cores this process may use)")
     p.add_argument("--predictions_out", metavar="CSV", help="per-utterance labels, predictions, probabilities")
     p.add_argument("--json", metavar="PATH", help="the reported numbers as JSON (fractions, not percent)")
     p.add_argument("--no_progress", action="store_true")
@@ -248,7 +248,7 @@ def score(args, share=None):
         print("note: n_head and the activation cannot be read from the weights; pass --n_head / "
               "--outlayer_activation_fn if the model was trained with other values")
     model = VEGA(cfg)
-    if share is not None:   # fewer threads for the forward pass if other processes keep cores busy
+    if share is not None:   # idle OpenMP threads sleep if other processes keep the cores busy
         model.register_forward_pre_hook(lambda module, inputs: share.check(min_interval=0.1, max_window=None))
     load_weights(model, state, cfg, args.checkpoint, saved is not None)
     model.to(device)
@@ -277,7 +277,11 @@ def main(argv=None):
             raise VegaError(f"--threads {args.threads} must be at least 1")
         count = threads.resolve_threads(args.threads)
         threads.apply_threads(count)
-        return score(args, threads.CoreShare(count) if args.threads is None else None)
+        share = threads.CoreShare(count)
+        try:
+            return score(args, share)
+        finally:
+            share.close()
     except VegaError as e:
         if args.debug:
             traceback.print_exc()

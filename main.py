@@ -215,7 +215,7 @@ def train_run(cfg, resume_dir=None, progress=True):
     eval_sets = {split: train.EvalSet(loaders[split], cfg.n_speakers) for split in loaders if split != "train"}
     summary = {"run_dir": run_dir, "selected_on": select_on, "stopped": "max_epochs"}
     share = None
-    if device.type == "cpu" and cfg.threads is None:   # an explicit --threads stays as given
+    if device.type == "cpu":   # idle OpenMP threads sleep while other processes keep the cores busy
         share = threads.CoreShare(torch.get_num_threads())
         share_hook = model.register_forward_pre_hook(share.hook)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -237,8 +237,8 @@ def train_run(cfg, resume_dir=None, progress=True):
                 row.update(split_row)
                 evals[split] = (ev, split_metrics)
             row["eval_seconds"] = eval_seconds
-            if share is not None:
-                row["cpu_threads"] = round(share.mean_threads(), 2)   # fewer while others kept cores busy
+            if share is not None:   # share of the epoch the machine was shared (waits slept)
+                row["cpu_shared"] = round(share.sleeping_share(), 2)
             selected_f1 = row[f"{select_on}_f1_all"]
             row["is_best"] = selected_f1 > state["best_f1"]
             if row["is_best"]:
@@ -275,7 +275,7 @@ def train_run(cfg, resume_dir=None, progress=True):
     finally:
         if share is not None:
             share_hook.remove()
-            torch.set_num_threads(share.limit)
+            share.close()
         summary.update(best_epoch=state["best_epoch"], best_checkpoint=state["best_path"],
                        epochs_run=state["epoch"], best=state.get("best_metrics"),
                        total_seconds=time.time() - started)

@@ -12,7 +12,8 @@
     (its cheaper dropout mask and matmul backward).
 (b) default: exactly what `python run.py` runs — train.train_epoch / train.eval_epoch on the packed rows,
     resolve_amp('auto') (bf16 autocast on the CPU, fp16 + GradScaler on CUDA), main.build_optimizer, and
-    main.train_run's threads (vega_utils/threads.py: --threads' default, fewer while others keep cores busy).
+    main.train_run's threads (vega_utils/threads.py: --threads' default; idle OpenMP threads sleep while other
+    processes keep the cores busy).
 (b0) for reference only (--variants a,b,b0): (b) with torch's default threads and no CoreShare, as before
     issue 17: on an idle machine (b) and (b0) should not differ.
 (a) and (a0) keep torch's defaults, as the reference runs.

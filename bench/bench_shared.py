@@ -9,10 +9,11 @@ Scenarios, each timed per variant:
   busy   the same next to a separate process doing steady CPU-bound torch work (float32 matmuls in a loop on
          every core, torch's default settings: another researcher's job);
   pair   two training processes of the variant started on the same epoch at once (two of us).
-Variants: `new` is what run.py does now (vega_utils/threads.py: a thread per core, fewer while other processes
-keep cores busy); `old` is the behaviour before issue 17 (torch's defaults: a thread per core, always). A variant
-may carry modifiers after slashes: `new/threads=1` (a fixed count, as --threads 1), `old/OMP_WAIT_POLICY=PASSIVE`
-(an upper-case name is an environment variable of the process, set before torch is imported).
+Variants: `new` is what run.py does now (vega_utils/threads.py: a thread per core, idle OpenMP threads sleep while
+other processes keep the cores busy); `old` is the behaviour before issue 17 (torch's defaults: a thread per core,
+spinning). A variant may carry modifiers after slashes: `new/threads=1` (as --threads 1),
+`old/OMP_WAIT_POLICY=PASSIVE` (an upper-case name is an environment variable of the process, set before torch is
+imported).
 Every training process sets up and runs one untimed epoch first; then the rounds run scenario by scenario and
 variant by variant, so a machine whose speed drifts weighs on all alike. For each timed epoch the script
 also reports how much CPU the rest of the machine used (cores busy outside our processes, from /proc/stat),
@@ -96,7 +97,7 @@ def run_child(args):
     loader = make_loaders(data, cfg)["train"]
     model = VEGA(cfg)
     share = None
-    if base == "new" and not threads:   # as main.train_run: an explicit thread count stays fixed
+    if base == "new":   # as main.train_run
         share = CoreShare(torch.get_num_threads())
         model.register_forward_pre_hook(share.hook)
     device = torch.device("cpu")
@@ -111,7 +112,7 @@ def run_child(args):
         train.train_epoch(model, batches, optimizer, cfg, bank, class_weights, device, amp_dtype, rng=rng,
                           progress=False)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        return wall, cpu, share.mean_threads() if share else torch.get_num_threads()
+        return wall, cpu, share.sleeping_share() if share else 0.0
 
     warm = epoch()
     print("READY " + json.dumps({"warmup_s": warm[0], "steps": len(batches), **runtime_facts()}), flush=True)
@@ -122,7 +123,7 @@ def run_child(args):
             share.restart()
             time.sleep(0.3)
             share.check(min_interval=0)
-            share.mean_threads()
+            share.sleeping_share()
         print("EPOCH %.4f %.4f %.2f" % epoch(), flush=True)
 
 
@@ -191,8 +192,8 @@ def expect(proc, tag, prefix):
 
 
 def timed_epochs(children, watched):
-    """Send 'go' to every child at once; (seconds, CPU seconds, mean threads) of each, and the cores the rest
-    of the machine kept busy meanwhile (outside `watched` processes)."""
+    """Send 'go' to every child at once; (seconds, CPU seconds, share of the epoch with sleeping waits) of each,
+    and the cores the rest of the machine kept busy meanwhile (outside `watched` processes)."""
     tick = os.sysconf("SC_CLK_TCK")
     m0, o0 = cpu_jiffies(watched)
     t0 = time.perf_counter()
@@ -242,10 +243,10 @@ def main_cli(argv=None):
                         if busy and scenario == "busy":
                             os.kill(busy.pid, signal.SIGSTOP)
                         rows.append({"rep": rep, "scenario": scenario, "variant": v, "seconds": [t[0] for t in times],
-                                     "cpu_seconds": [t[1] for t in times], "threads": [t[2] for t in times],
+                                     "cpu_seconds": [t[1] for t in times], "sleeping": [t[2] for t in times],
                                      "outside_cores": outside})
                         print(f"round {rep + 1}/{reps} {scenario:5s} {v}: " +
-                              ", ".join(f"{t[0]:.2f} s (CPU {t[1]:.2f} s, {t[2]:.1f} threads)" for t in times) +
+                              ", ".join(f"{t[0]:.2f} s (CPU {t[1]:.2f} s, waits sleeping {t[2]:.0%})" for t in times) +
                               f"; other tenants {outside:.2f} cores", flush=True)
         finally:
             for proc in list(procs.values()) + ([busy] if "busy" in scenarios and busy else []):
@@ -275,8 +276,8 @@ def make_data(folder, size, quick):
 
 
 def summarise(rows, variants, scenarios):
-    """Per (variant, scenario): median seconds over rounds (pair: the slower process of each round), the
-    threads each epoch ran with on average, and the cores other tenants used meanwhile."""
+    """Per (variant, scenario): median seconds over rounds (pair: the slower process of each round), the share
+    of each epoch with sleeping waits, and the cores other tenants used meanwhile."""
     out = {}
     for v in variants:
         for s in scenarios:
@@ -284,7 +285,7 @@ def summarise(rows, variants, scenarios):
             if mine:
                 worst = [max(r["seconds"]) for r in mine]
                 out[f"{v} {s}"] = {"median_s": statistics.median(worst), "runs": worst,
-                                   "threads": [t for r in mine for t in r["threads"]],
+                                   "sleeping": [t for r in mine for t in r["sleeping"]],
                                    "outside_cores": [r["outside_cores"] for r in mine]}
     return out
 
@@ -304,8 +305,8 @@ def print_table(summary, variants, scenarios):
         extra = f" | {alone / idle:.2f}x" if idle and alone else ""
         print(f"| {v} | " + " | ".join(cells) + extra + " |")
     for key, s in summary.items():
-        print(f"{key}: " + ", ".join(f"{t:.2f}" for t in s["runs"]) + " s; threads " +
-              ", ".join(f"{t:.1f}" for t in s["threads"]) + "; other tenants " +
+        print(f"{key}: " + ", ".join(f"{t:.2f}" for t in s["runs"]) + " s; waits sleeping " +
+              ", ".join(f"{t:.0%}" for t in s["sleeping"]) + "; other tenants " +
               ", ".join(f"{c:.2f}" for c in s["outside_cores"]) + " cores")
 
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -134,51 +135,70 @@ class Machine:
         return int(self.busy), int(self.own_ticks)
 
 
-def share_on(machine, limit, cpus):
-    calls = []
-    share = threads.CoreShare(limit, cpus=range(cpus), read=machine.read, clock=lambda: machine.now,
-                              set_threads=calls.append)
+class Waits:
+    available, on = True, False
+
+    def __init__(self):
+        self.calls = []
+
+    def set(self, on):
+        self.calls.append(on)
+        self.on = on
+
+
+def share_on(machine, threads_, cpus):
+    waits = Waits()
+    share = threads.CoreShare(threads_, cpus=range(cpus), read=machine.read, clock=lambda: machine.now, waits=waits)
     share.tick = 100
-    return share, calls
+    return share, waits
 
 
-def test_core_share_follows_what_the_others_leave_free():
+def test_waits_sleep_while_the_others_leave_too_few_cores():
     machine = Machine()
-    share, calls = share_on(machine, limit=2, cpus=2)
-    steps = [(0.0, 2), (1.0, 1), (0.5, 1), (0.3, 1), (0.2, 2), (0.5, 2), (0.6, 1), (2.0, 1), (0.0, 2)]
-    for others, expected in steps:   # others: cores busy outside this process over the last 0.6 s
+    share, waits = share_on(machine, 2, cpus=2)
+    steps = [(0.0, False), (1.0, True), (0.4, True), (0.3, True), (0.2, False), (0.5, False), (0.6, True),
+             (2.0, True), (0.0, False)]
+    for others, sleeping in steps:   # others: cores busy outside this process over the last 0.6 s
         machine.run(0.6, others)
-        assert share.check() == expected, (others, share.threads)
-    assert calls == [1, 2, 1, 2]   # torch is told only of changes
+        assert share.check() == sleeping, others
+    assert waits.calls == [True, False, True, False]   # switched only on a change
     machine = Machine()
-    share, calls = share_on(machine, limit=4, cpus=8)   # 8 cores, 2 jobs: at most 4 threads each
-    for others, expected in [(4.0, 4), (5.2, 3), (5.0, 3), (7.5, 1), (1.0, 4)]:
+    share, waits = share_on(machine, 4, cpus=8)   # 8 cores, 2 jobs: 4 threads each
+    for others, sleeping in [(4.0, False), (4.6, True), (4.3, True), (4.2, False)]:
         machine.run(0.6, others)
-        assert share.check() == expected
-    assert calls == [3, 1, 4]
+        assert share.check() == sleeping, others
 
 
 def test_core_share_measures_only_recent_windows():
     machine = Machine()
-    share, calls = share_on(machine, limit=2, cpus=2)
+    share, waits = share_on(machine, 2, cpus=2)
     machine.run(0.2, others=2.0)
-    assert share.check() == 2 and machine.reads == 1       # under half a second: not even read
-    machine.run(5.0, others=2.0, own=0.0)                   # this process waited (say, for its turn) ...
-    assert share.check() == 2 and machine.reads == 2       # ... so that window only starts a new one
+    assert not share.check() and machine.reads == 1     # under half a second: not even read
+    machine.run(5.0, others=2.0, own=0.0)                # this process waited (say, for its turn) ...
+    assert not share.check() and machine.reads == 2     # ... so that window only starts a new one
     machine.run(0.6, others=2.0)
-    assert share.check() == 1
+    assert share.check()
     machine.run(0.6, others=0.0)
-    assert share.check() == 2
+    assert not share.check()
     machine.run(0.6, others=2.0)
-    assert share.check(min_interval=0.1, max_window=None) == 1
-    assert share.mean_threads() == pytest.approx((0.6 * 2 + 0.6 * 1 + 0.6 * 2) / 1.8)
-    assert share.mean_threads() == 1.0                       # nothing measured since: the current count
-    assert calls == [1, 2, 1]
+    assert share.check(min_interval=0.1, max_window=None)
+    assert share.sleeping_share() == pytest.approx(1 / 3)   # slept in the second of the three windows
+    assert share.sleeping_share() == 1.0                     # nothing measured since: the current state
+    share.close()
+    assert waits.calls == [True, False, True, False]
 
 
-def test_core_share_does_nothing_without_proc():
-    share = threads.CoreShare(2, cpus=[0], read=lambda cpus: None, set_threads=lambda n: pytest.fail("set"))
-    assert not share.enabled and share.check(min_interval=0) == 2
+def test_core_share_does_nothing_without_proc_libgomp_or_a_second_thread():
+    class Never(Waits):
+        def set(self, on):
+            pytest.fail("switched")
+    class NoGomp(Never):
+        available = False
+    no_proc = threads.CoreShare(2, cpus=[0, 1], read=lambda cpus: None, waits=Never())
+    no_gomp = threads.CoreShare(2, cpus=[0, 1], read=lambda cpus: (0, 0), waits=NoGomp())
+    one = threads.CoreShare(1, cpus=[0, 1], read=lambda cpus: (0, 0), waits=Never())
+    for share in (no_proc, no_gomp, one):
+        assert not share.enabled and not share.check(min_interval=0)
 
 
 @linux_only
@@ -192,6 +212,49 @@ def test_proc_readings_add_up():
     tick = os.sysconf("SC_CLK_TCK")
     assert (own1 - own0) / tick >= 0.2            # this process's own 0.3 s of CPU ...
     assert busy1 - busy0 >= own1 - own0 - 2       # ... is part of what its cores did
+
+
+@linux_only
+@pytest.mark.skipif(not threads.SleepingWaits().available, reason="torch without libgomp")
+def test_sleeping_waits_stop_the_spinning_and_give_it_back():
+    """The OpenMP worker's CPU time while the main thread does other work after each parallel region: libgomp
+    spins for ~1-15 ms (CPU-dependent) after every region; with SleepingWaits on, microseconds."""
+    out = python("""
+        import os, time
+        import torch
+        from vega_utils.threads import SleepingWaits
+
+        def worker_seconds():
+            me, total = os.getpid(), 0
+            for tid in os.listdir("/proc/self/task"):
+                if int(tid) != me:
+                    with open(f"/proc/self/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[0])
+            return total / 1e9
+
+        def per_region():
+            x.add_(1)
+            time.sleep(0.1)
+            before = worker_seconds()
+            for _ in range(20):
+                x.add_(1)          # one parallel region, microseconds of work per thread
+                time.sleep(0.05)   # the main thread busy elsewhere
+            return (worker_seconds() - before) / 20
+
+        torch.set_num_threads(2)
+        x = torch.randn(1 << 16)
+        waits = SleepingWaits()
+        spinning = per_region()
+        count = len(os.listdir("/proc/self/task"))
+        waits.set(True)
+        sleeping = per_region()
+        waits.set(False)
+        print(spinning, sleeping, per_region(), len(os.listdir("/proc/self/task")) - count)
+    """)
+    spinning, sleeping, again, extra_threads = out.split()
+    assert float(spinning) > 5e-4 and float(again) > 5e-4
+    assert float(sleeping) < 2e-4
+    assert int(extra_threads) == 0   # the helper's pool is gone
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +284,9 @@ def test_threads_flag_is_applied_and_saved(files, tmp_path, given):
     assert config["threads"] == given and config["resolved_threads"] == expected
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two threads to have fewer")
-def test_training_takes_fewer_threads_while_the_machine_is_full(files, tmp_path, monkeypatch):
+@pytest.mark.skipif(torch.get_num_threads() < 2 or not threads.SleepingWaits().available,
+                    reason="needs two threads on libgomp")
+def test_training_waits_sleep_while_the_machine_is_full(files, tmp_path, monkeypatch):
     def full(cpus):   # every core busy with other processes' work, none of it this process's
         return int(time.monotonic() * 100 * len(cpus)), 0
     monkeypatch.setattr(threads, "read_cpu_ticks", full)
@@ -230,14 +294,16 @@ def test_training_takes_fewer_threads_while_the_machine_is_full(files, tmp_path,
     cfg = resolve(load_preset("IEMOCAP").replace(
         data_path=str(files / "IEMOCAP.pkl"), anchor_path=str(files / "anchor.pt"), output_dir=str(tmp_path),
         hidden_dim=32, clip_dim=512, epochs=2, batch_size=4))
-    limit = torch.get_num_threads()
-    seen = []
-    monkeypatch.setattr(threads, "_torch_set_threads", lambda n: (seen.append(n), torch.set_num_threads(n)))
+    switches = []
+    real_set = threads.SleepingWaits.set
+    monkeypatch.setattr(threads.SleepingWaits, "set", lambda self, on: (switches.append(on), real_set(self, on)))
+    threads_before = torch.get_num_threads()
     rows = [json.loads(line) for line in open(os.path.join(main.train_run(cfg, progress=False)["run_dir"],
                                                             "metrics.jsonl"))]
-    assert seen == [1]
-    assert 1.0 <= rows[0]["cpu_threads"] < limit and rows[1]["cpu_threads"] == 1.0   # 1st: from 2 to 1
-    assert torch.get_num_threads() == limit   # given back when the run ends
+    assert switches == [True, False]   # on at the first measurement, off when the run ends
+    assert 0 < rows[0]["cpu_shared"] <= 1 and rows[1]["cpu_shared"] == 1.0
+    assert torch.get_num_threads() == threads_before
+    assert not [t for t in threading.enumerate() if t.name == "vega-omp-sleep"]
 
 
 def test_bad_thread_counts_are_one_line_errors(capsys, monkeypatch):
@@ -249,10 +315,10 @@ def test_bad_thread_counts_are_one_line_errors(capsys, monkeypatch):
 
 def test_inference_applies_threads_before_scoring(monkeypatch):
     saved = torch.get_num_threads()
-    monkeypatch.setattr(inference, "score", lambda args, share: (torch.get_num_threads(), share is None))
+    monkeypatch.setattr(inference, "score", lambda args, share: (torch.get_num_threads(), share.threads))
     try:
-        assert inference.main(["--threads", "1"]) == (1, True)                       # fixed: no CoreShare
-        assert inference.main([]) == (threads.default_threads(), False)
+        assert inference.main(["--threads", "1"]) == (1, 1)
+        assert inference.main([]) == (threads.default_threads(),) * 2
     finally:
         torch.set_num_threads(saved)
 

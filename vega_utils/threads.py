@@ -1,24 +1,30 @@
-"""CPU threads of a run: how many (--threads), and fewer while other processes keep cores busy.
+"""CPU threads of a run: how many (--threads), and how they wait while other processes keep cores busy.
 
 torch's ops, oneDNN and the C kernels (cpu_kernels.c) run their parallel regions on one OpenMP runtime: the
 kernels ask for libgomp.so.1 by soname, so the loader gives them the copy torch loaded (tests/test_threads.py),
 and they use torch.get_num_threads() threads. libgomp makes a thread that has finished its part of a region spin
 (~8 ms on this project's machine) before it sleeps, and a training step opens a region every ~0.1 ms, so a
-process with N threads keeps N cores busy all the time. That is what makes an idle machine fast; next to another
-busy process it is ruinous: spinning threads take the time slices the working ones need, and a region ends only
-when all its threads have run (epochs 10-100x slower, bench/README.md "Shared machine"). Sleeping at once instead
-(OMP_WAIT_POLICY=PASSIVE) fixed that but made an idle epoch up to 2x slower: a wake-up per region.
+process with N threads keeps N cores busy all the time. On an idle machine that is what makes it fast (sleeping
+at once, OMP_WAIT_POLICY=PASSIVE, made an idle demo epoch 2x slower: a wake-up per region). Next to another busy
+process it is ruinous: spinning threads take the time slices the working ones need, and a region ends only when
+all its threads have run (epochs 10-100x slower). Figures: bench/README.md, "Shared machine".
 
-So the spinning stays, and `CoreShare` lowers the thread count to the cores the other processes leave free,
-measured from /proc/stat every half second while training; it goes back up when they are free again.
+libgomp reads its wait policy once, at load; but it spins only 100 times (microseconds) "if there are more
+OpenMP threads than available CPUs" (its documentation of GOMP_SPINCOUNT), counting every thread pool of the
+process. So `CoreShare` measures, every half second while training, how many cores of this process's CPU set
+other processes keep busy; when ours would not all have a core, `SleepingWaits` starts an idle pool of cores + 1
+threads on a helper thread, and every wait of ours turns short; when the cores are free again, it ends that pool
+and the threads spin as before. The thread count itself never changes (results do not depend on the load).
 """
+import ctypes
 import os
+import threading
 import time
 
 INTERVAL = 0.5       # seconds between measurements: ~100 clock ticks on two cores
 MAX_WINDOW = 2.0     # a longer gap between checks (this process paused): measure afresh
-DOWN_MARGIN = 0.5    # fewer threads when the free cores fall this far below the threads in use ...
-UP_MARGIN = 0.75     # ... more when they rise this far above (the gap keeps it from flapping)
+SLEEP_ABOVE = 0.5    # sleeping waits once the others leave fewer than threads - 0.5 cores free ...
+SPIN_BELOW = 0.25    # ... spinning again once they leave threads - 0.25 (the gap keeps it from flapping)
 
 
 def cores_available():
@@ -70,53 +76,96 @@ def read_cpu_ticks(cpus):
         return None
 
 
+class SleepingWaits:
+    """Switches the libgomp torch loaded between its spinning waits and short ones, at run time (see above)."""
+
+    def __init__(self):
+        try:   # RTLD_NOLOAD: only the copy already loaded (torch's), never a new one
+            self.gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except (OSError, AttributeError):
+            self.gomp = None
+        else:
+            self.fn_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+            self.noop = self.fn_type(lambda data: None)   # kept: libgomp calls it from its threads
+            self.gomp.GOMP_parallel.argtypes = [self.fn_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            self.gomp.GOMP_parallel.restype = None
+        self.helper = self.release = None
+
+    @property
+    def available(self):
+        return self.gomp is not None
+
+    @property
+    def on(self):
+        return self.helper is not None
+
+    def set(self, on):
+        if not self.available or on == self.on:
+            return
+        if on:
+            started, self.release = threading.Event(), threading.Event()
+            self.helper = threading.Thread(target=self._hold_pool, args=(started,), daemon=True,
+                                           name="vega-omp-sleep")
+            self.helper.start()
+            started.wait()
+        else:
+            self.release.set()
+            self.helper.join()   # the thread's exit frees its pool: the count drops, spinning resumes
+            self.helper = self.release = None
+
+    def _hold_pool(self, started):
+        # one empty region with more threads than the process may use cores; its pool lives as long as this
+        # thread, sleeping (it is past the CPU count itself)
+        self.gomp.GOMP_parallel(self.noop, None, cores_available() + 1, 0)
+        started.set()
+        self.release.wait()
+
+
 class CoreShare:
-    """Keeps torch's thread count at the cores other processes leave free, at most `limit`.
+    """Sleeping waits while other processes leave this one's `threads` fewer cores than it has threads.
 
     `check()` is cheap; call it often (main.train_run calls it before every forward pass): every INTERVAL
     seconds it measures how many cores of this process's CPU set others kept busy since the last measurement
-    and sets threads to what is left (at least 1). `read`, `clock` and `set_threads` are for tests.
+    and switches the waits. `read`, `clock` and `waits` are for tests (`waits`: anything with available,
+    on and set(bool)).
     """
 
-    def __init__(self, limit, cpus=None, read=None, clock=time.monotonic, set_threads=None):
-        self.limit = self.threads = limit
+    def __init__(self, threads, cpus=None, read=None, clock=time.monotonic, waits=None):
+        self.threads = threads
         self.cpus = set(cpus) if cpus is not None else set(os.sched_getaffinity(0))
         self.read = read or read_cpu_ticks
         self.clock = clock
-        self.set_threads = set_threads or _torch_set_threads
+        self.waits = waits or SleepingWaits()
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.thread_seconds = self.seconds = 0.0   # for the mean thread count of a period
+        self.sleeping_seconds = self.seconds = 0.0   # for the share of a period spent sleeping
         self.last = (clock(), self.read(self.cpus))
-        self.enabled = self.last[1] is not None
+        # one thread never waits for another
+        self.enabled = self.last[1] is not None and self.waits.available and threads > 1
 
     def check(self, min_interval=None, max_window=MAX_WINDOW):
-        """Re-measure if `min_interval` seconds have passed; returns the thread count in use. A window longer
+        """Re-measure if `min_interval` seconds have passed; returns whether waits sleep now. A window longer
         than `max_window` (None: any) only starts a new one: what others did while this process waited (say,
         between epochs) says little about now."""
         now = self.clock()
         if not self.enabled or now - self.last[0] < (INTERVAL if min_interval is None else min_interval):
-            return self.threads
+            return self.waits.on
         ticks = self.read(self.cpus)
         if ticks is None:
             self.enabled = False
-            return self.threads
+            return self.waits.on
         (then, (busy0, own0)), (busy1, own1) = self.last, ticks
         self.last = (now, ticks)
         if max_window is not None and now - then > max_window:
-            return self.threads
+            return self.waits.on
         others = ((busy1 - busy0) - (own1 - own0)) / self.tick / (now - then)
-        self.thread_seconds += self.threads * (now - then)
+        self.sleeping_seconds += (now - then) * self.waits.on
         self.seconds += now - then
         free = len(self.cpus) - others
-        wanted = self.threads
-        if free < self.threads - DOWN_MARGIN:
-            wanted = max(1, int(free + 0.5))
-        elif free > self.threads + UP_MARGIN:
-            wanted = min(self.limit, int(free + 0.25))
-        if wanted != self.threads:
-            self.set_threads(wanted)
-            self.threads = wanted
-        return self.threads
+        if not self.waits.on and free < self.threads - SLEEP_ABOVE:
+            self.waits.set(True)
+        elif self.waits.on and free > self.threads - SPIN_BELOW:
+            self.waits.set(False)
+        return self.waits.on
 
     def restart(self):
         """Start a new measuring window now (the next check decides on what others do from here on)."""
@@ -126,13 +175,11 @@ class CoreShare:
         """As a forward pre-hook: `model.register_forward_pre_hook(share.hook)`."""
         self.check()
 
-    def mean_threads(self):
-        """Mean thread count since the last call (time-weighted over the measured intervals), then reset."""
-        mean = self.thread_seconds / self.seconds if self.seconds else float(self.threads)
-        self.thread_seconds = self.seconds = 0.0
-        return mean
+    def sleeping_share(self):
+        """Share of the time measured since the last call during which waits slept, then reset."""
+        share = self.sleeping_seconds / self.seconds if self.seconds else float(self.waits.on)
+        self.sleeping_seconds = self.seconds = 0.0
+        return share
 
-
-def _torch_set_threads(n):
-    import torch
-    torch.set_num_threads(n)
+    def close(self):
+        self.waits.set(False)
