@@ -249,7 +249,7 @@ def score(args, share=None):
               "--outlayer_activation_fn if the model was trained with other values")
     model = VEGA(cfg)
     if share is not None:   # idle OpenMP threads sleep if other processes keep the cores busy
-        model.register_forward_pre_hook(lambda module, inputs: share.check(min_interval=0.1, max_window=None))
+        model.register_forward_pre_hook(share.hook)
     load_weights(model, state, cfg, args.checkpoint, saved is not None)
     model.to(device)
     ev = evaluate(model, cfg, args, device, amp_dtype)
@@ -277,7 +277,7 @@ def main(argv=None):
             raise VegaError(f"--threads {args.threads} must be at least 1")
         count = threads.resolve_threads(args.threads)
         threads.apply_threads(count)
-        share = threads.CoreShare(count)
+        share = threads.CoreShare(count, interval=0.1, max_window=None)   # one forward pass: decide at it
         try:
             return score(args, share)
         finally:

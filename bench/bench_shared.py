@@ -112,7 +112,7 @@ def run_child(args):
         train.train_epoch(model, batches, optimizer, cfg, bank, class_weights, device, amp_dtype, rng=rng,
                           progress=False)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        return wall, cpu, share.sleeping_share() if share else 0.0
+        return wall, cpu, share.sleeping_share() if share else -1.0   # -1: no CoreShare
 
     warm = epoch()
     print("READY " + json.dumps({"warmup_s": warm[0], "steps": len(batches), **runtime_facts()}), flush=True)
@@ -122,7 +122,7 @@ def run_child(args):
         if share:   # as in a long run: the thread count already fits what the other processes do now
             share.restart()
             time.sleep(0.3)
-            share.check(min_interval=0)
+            share.check(interval=0)
             share.sleeping_share()
         print("EPOCH %.4f %.4f %.2f" % epoch(), flush=True)
 
@@ -246,7 +246,7 @@ def main_cli(argv=None):
                                      "cpu_seconds": [t[1] for t in times], "sleeping": [t[2] for t in times],
                                      "outside_cores": outside})
                         print(f"round {rep + 1}/{reps} {scenario:5s} {v}: " +
-                              ", ".join(f"{t[0]:.2f} s (CPU {t[1]:.2f} s, waits sleeping {t[2]:.0%})" for t in times) +
+                              ", ".join(f"{t[0]:.2f} s (CPU {t[1]:.2f} s, waits sleeping {percent(t[2])})" for t in times) +
                               f"; other tenants {outside:.2f} cores", flush=True)
         finally:
             for proc in list(procs.values()) + ([busy] if "busy" in scenarios and busy else []):
@@ -273,6 +273,10 @@ def make_data(folder, size, quick):
         sizes = {**sizes, "n_train": 27, "n_test": 9}
     make_synthetic_dataset(os.path.join(folder, "IEMOCAP.pkl"), **sizes)
     make_synthetic_anchor_cache(os.path.join(folder, "anchor.pt"), clip_dim=512, seed=0)
+
+
+def percent(share):
+    return "-" if share < 0 else f"{share:.0%}"
 
 
 def summarise(rows, variants, scenarios):
@@ -306,7 +310,7 @@ def print_table(summary, variants, scenarios):
         print(f"| {v} | " + " | ".join(cells) + extra + " |")
     for key, s in summary.items():
         print(f"{key}: " + ", ".join(f"{t:.2f}" for t in s["runs"]) + " s; waits sleeping " +
-              ", ".join(f"{t:.0%}" for t in s["sleeping"]) + "; other tenants " +
+              ", ".join(percent(t) for t in s["sleeping"]) + "; other tenants " +
               ", ".join(f"{c:.2f}" for c in s["outside_cores"]) + " cores")
 
 

@@ -181,7 +181,8 @@ def test_core_share_measures_only_recent_windows():
     machine.run(0.6, others=0.0)
     assert not share.check()
     machine.run(0.6, others=2.0)
-    assert share.check(min_interval=0.1, max_window=None)
+    share.max_window = None
+    assert share.check(interval=0.1)
     assert share.sleeping_share() == pytest.approx(1 / 3)   # slept in the second of the three windows
     assert share.sleeping_share() == 1.0                     # nothing measured since: the current state
     share.close()
@@ -198,7 +199,7 @@ def test_core_share_does_nothing_without_proc_libgomp_or_a_second_thread():
     no_gomp = threads.CoreShare(2, cpus=[0, 1], read=lambda cpus: (0, 0), waits=NoGomp())
     one = threads.CoreShare(1, cpus=[0, 1], read=lambda cpus: (0, 0), waits=Never())
     for share in (no_proc, no_gomp, one):
-        assert not share.enabled and not share.check(min_interval=0)
+        assert not share.enabled and not share.check(interval=0)
 
 
 @linux_only

@@ -124,14 +124,16 @@ class SleepingWaits:
 class CoreShare:
     """Sleeping waits while other processes leave this one's `threads` fewer cores than it has threads.
 
-    `check()` is cheap; call it often (main.train_run calls it before every forward pass): every INTERVAL
-    seconds it measures how many cores of this process's CPU set others kept busy since the last measurement
-    and switches the waits. `read`, `clock` and `waits` are for tests (`waits`: anything with available,
-    on and set(bool)).
+    `check()` is cheap; call it often (main.train_run calls it before every forward pass): every `interval`
+    seconds (default INTERVAL) it measures how many cores of this process's CPU set others kept busy since the
+    last measurement and switches the waits. A window longer than `max_window` (None: any) only starts a new
+    one: what others did while this process waited (say, between epochs) says little about now. `read`,
+    `clock` and `waits` are for tests (`waits`: anything with available, on and set(bool)).
     """
 
-    def __init__(self, threads, cpus=None, read=None, clock=time.monotonic, waits=None):
-        self.threads = threads
+    def __init__(self, threads, interval=None, max_window=MAX_WINDOW, cpus=None, read=None, clock=time.monotonic,
+                 waits=None):
+        self.threads, self.interval, self.max_window = threads, interval, max_window
         self.cpus = set(cpus) if cpus is not None else set(os.sched_getaffinity(0))
         self.read = read or read_cpu_ticks
         self.clock = clock
@@ -142,12 +144,11 @@ class CoreShare:
         # one thread never waits for another
         self.enabled = self.last[1] is not None and self.waits.available and threads > 1
 
-    def check(self, min_interval=None, max_window=MAX_WINDOW):
-        """Re-measure if `min_interval` seconds have passed; returns whether waits sleep now. A window longer
-        than `max_window` (None: any) only starts a new one: what others did while this process waited (say,
-        between epochs) says little about now."""
+    def check(self, interval=None):
+        """Re-measure if `interval` (default: the share's) seconds have passed; returns whether waits sleep."""
         now = self.clock()
-        if not self.enabled or now - self.last[0] < (INTERVAL if min_interval is None else min_interval):
+        interval = next(v for v in (interval, self.interval, INTERVAL) if v is not None)
+        if not self.enabled or now - self.last[0] < interval:
             return self.waits.on
         ticks = self.read(self.cpus)
         if ticks is None:
@@ -155,7 +156,7 @@ class CoreShare:
             return self.waits.on
         (then, (busy0, own0)), (busy1, own1) = self.last, ticks
         self.last = (now, ticks)
-        if max_window is not None and now - then > max_window:
+        if self.max_window is not None and now - then > self.max_window:
             return self.waits.on
         others = ((busy1 - busy0) - (own1 - own0)) / self.tick / (now - then)
         self.sleeping_seconds += (now - then) * self.waits.on
@@ -172,7 +173,8 @@ class CoreShare:
         self.last = (self.clock(), self.read(self.cpus))
 
     def hook(self, module, inputs):
-        """As a forward pre-hook: `model.register_forward_pre_hook(share.hook)`."""
+        """As a forward pre-hook: `model.register_forward_pre_hook(share.hook)` (returns None: the inputs
+        stay as they are)."""
         self.check()
 
     def sleeping_share(self):
