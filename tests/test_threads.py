@@ -1,6 +1,5 @@
 """vega_utils/threads.py and --threads: one OpenMP runtime, the thread count applied everywhere, and fewer threads
 while other processes keep cores busy."""
-import ctypes
 import json
 import os
 import shutil
@@ -35,31 +34,15 @@ def python(code):
     return proc.stdout
 
 
-class DlInfo(ctypes.Structure):
-    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
-
-
-def library_defining(handle, symbol):
-    """The file that defines `symbol` as seen from the library `handle` (dlsym searches its dependencies)."""
-    address = ctypes.cast(getattr(handle, symbol), ctypes.c_void_p).value
-    info = DlInfo()
-    libdl = ctypes.CDLL(None)
-    libdl.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(DlInfo)]
-    assert libdl.dladdr(address, ctypes.byref(info))
-    return os.path.realpath(info.dli_fname.decode())
-
-
 @needs_kernels
 @linux_only
 def test_kernels_run_on_torchs_openmp_runtime():
     """One thread pool: the kernels' parallel regions go to the libgomp that torch's own ops use."""
     lib = cpu_kernels.kernel()
-    torch_cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-    torchs = library_defining(torch_cpu, "GOMP_parallel")
+    torchs = threads.torch_openmp_library()
     assert "libgomp" in os.path.basename(torchs)
-    assert library_defining(lib, "GOMP_parallel") == torchs
-    assert library_defining(lib, "omp_get_thread_num") == torchs
+    assert threads.defining_library(lib, "GOMP_parallel") == torchs
+    assert threads.defining_library(lib, "omp_get_thread_num") == torchs
 
 
 @needs_kernels

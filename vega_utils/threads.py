@@ -76,15 +76,42 @@ def read_cpu_ticks(cpus):
         return None
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def defining_library(handle, symbol):
+    """Path of the file that defines `symbol` as the library `handle` sees it (its dependencies searched)."""
+    address = ctypes.cast(getattr(handle, symbol), ctypes.c_void_p).value
+    info, libc = _DlInfo(), ctypes.CDLL(None)
+    libc.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    if not libc.dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        raise OSError(f"dladdr found no library for {symbol}")
+    return os.path.realpath(info.dli_fname.decode())
+
+
+def torch_openmp_library():
+    """The OpenMP runtime torch's CPU library calls (a libgomp, whatever its file name), or None."""
+    import torch
+    try:
+        torch_cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"),
+                                mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        return defining_library(torch_cpu, "GOMP_parallel")
+    except (OSError, AttributeError):   # not loaded under that name, not libgomp, or no dladdr
+        return None
+
+
 class SleepingWaits:
-    """Switches the libgomp torch loaded between its spinning waits and short ones, at run time (see above)."""
+    """Switches the libgomp torch uses between its spinning waits and short ones, at run time (see above)."""
 
     def __init__(self):
+        path = torch_openmp_library()
         try:   # RTLD_NOLOAD: only the copy already loaded (torch's), never a new one
-            self.gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-        except (OSError, AttributeError):
+            self.gomp = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY) if path else None
+        except OSError:
             self.gomp = None
-        else:
+        if self.gomp is not None:
             self.fn_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
             self.noop = self.fn_type(lambda data: None)   # kept: libgomp calls it from its threads
             self.gomp.GOMP_parallel.argtypes = [self.fn_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
