@@ -27,12 +27,16 @@ SLEEP_ABOVE = 0.5    # sleeping waits once the others leave fewer than threads -
 SPIN_BELOW = 0.25    # ... spinning again once they leave threads - 0.25 (the gap keeps it from flapping)
 
 
-def cores_available():
+def allowed_cpus():
     """CPUs this process may run on (its affinity mask, which taskset and cgroup cpusets narrow)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):   # not Linux
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def cores_available():
+    return len(allowed_cpus())
 
 
 def default_threads(jobs=1):
@@ -149,7 +153,7 @@ class SleepingWaits:
 
 
 class CoreShare:
-    """Sleeping waits while other processes leave this one's `threads` fewer cores than it has threads.
+    """Makes idle OpenMP threads sleep while other processes leave fewer free cores than this one has threads.
 
     `check()` is cheap; call it often (main.train_run calls it before every forward pass): every `interval`
     seconds (default INTERVAL) it measures how many cores of this process's CPU set others kept busy since the
@@ -161,7 +165,7 @@ class CoreShare:
     def __init__(self, threads, interval=None, max_window=MAX_WINDOW, cpus=None, read=None, clock=time.monotonic,
                  waits=None):
         self.threads, self.interval, self.max_window = threads, interval, max_window
-        self.cpus = set(cpus) if cpus is not None else set(os.sched_getaffinity(0))
+        self.cpus = set(cpus) if cpus is not None else allowed_cpus()
         self.read = read or read_cpu_ticks
         self.clock = clock
         self.waits = waits or SleepingWaits()
@@ -181,10 +185,10 @@ class CoreShare:
         if ticks is None:
             self.enabled = False
             return self.waits.on
-        (then, (busy0, own0)), (busy1, own1) = self.last, ticks
-        self.last = (now, ticks)
-        if self.max_window is not None and now - then > self.max_window:
+        (then, before), self.last = self.last, (now, ticks)
+        if before is None or (self.max_window is not None and now - then > self.max_window):
             return self.waits.on
+        (busy0, own0), (busy1, own1) = before, ticks
         others = ((busy1 - busy0) - (own1 - own0)) / self.tick / (now - then)
         self.sleeping_seconds += (now - then) * self.waits.on
         self.seconds += now - then
