@@ -254,7 +254,8 @@ def print_table(results, device):
     if "b0" in results and "b" in results:
         b0, b = results["b0"], results["b"]
         print(f"ratio (b0)/(b) (above 1: issue 17's thread handling is faster): training "
-              f"{b0['train_median_s'] / b['train_median_s']:.3f}x, evaluation {b0['eval_median_s'] / b['eval_median_s']:.3f}x")
+              f"{b0['train_median_s'] / b['train_median_s']:.3f}x, "
+              f"evaluation {b0['eval_median_s'] / b['eval_median_s']:.3f}x")
 
 
 def run_children(args, folder, reps):

@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 
 def split_variant(spec):
-    """'new/threads=1/GOMP_SPINCOUNT=0' -> ('new', threads or None, {env})."""
+    """'new/threads=1/OMP_WAIT_POLICY=PASSIVE' -> ('new', threads or None, {env})."""
     base, *mods = spec.split("/")
     if base not in ("new", "old"):
         raise SystemExit(f"unknown variant {spec!r}: it starts with new or old")
@@ -217,7 +217,7 @@ def main_cli(argv=None):
     reps, steps = (1, 3) if args.quick else (args.reps, args.steps)
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cores", flush=True)
-    procs, facts, rows = {}, {}, []
+    procs, facts, rows, busy = {}, {}, [], None
     with tempfile.TemporaryDirectory(prefix="vega-shared-") as folder:
         make_data(folder, args.size, args.quick)
         try:
@@ -227,7 +227,6 @@ def main_cli(argv=None):
                 for k in range(2 if "pair" in scenarios else 1):
                     procs[v, k], facts[v, k] = start(me + ["--child", v], split_variant(v)[2], f"{v}#{k}")
                     print(f"{v}#{k} ready: {json.dumps(facts[v, k])}", flush=True)
-            busy = None
             if "busy" in scenarios:
                 busy, _ = start(me + ["--busy"], {}, "busy")
                 os.kill(busy.pid, signal.SIGSTOP)
@@ -245,11 +244,11 @@ def main_cli(argv=None):
                         rows.append({"rep": rep, "scenario": scenario, "variant": v, "seconds": [t[0] for t in times],
                                      "cpu_seconds": [t[1] for t in times], "sleeping": [t[2] for t in times],
                                      "outside_cores": outside})
-                        print(f"round {rep + 1}/{reps} {scenario:5s} {v}: " +
-                              ", ".join(f"{t[0]:.2f} s (CPU {t[1]:.2f} s, waits sleeping {percent(t[2])})" for t in times) +
+                        each = [f"{t[0]:.2f} s (CPU {t[1]:.2f} s, waits sleeping {percent(t[2])})" for t in times]
+                        print(f"round {rep + 1}/{reps} {scenario:5s} {v}: " + ", ".join(each) +
                               f"; other tenants {outside:.2f} cores", flush=True)
         finally:
-            for proc in list(procs.values()) + ([busy] if "busy" in scenarios and busy else []):
+            for proc in list(procs.values()) + ([busy] if busy else []):
                 if proc.poll() is None:
                     os.kill(proc.pid, signal.SIGCONT)
                     proc.kill()
