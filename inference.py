@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 import train
 from dataloader import DialogueDataset, collate, load_dialogues, make_loaders, speaker_names
 from model import VEGA
-from vega_utils import checkpoint, report
+from vega_utils import checkpoint, report, threads
 from vega_utils.common import DATASETS, VegaError, atomic_write_text, dataset_info, resolve_device
 from vega_utils.config import ACTIVATIONS, AMP_CHOICES, Config, OneLineParser, load_preset, resolve
 
@@ -62,6 +62,8 @@ def parser():
     p.add_argument("--eval_amp", "--amp", dest="eval_amp", choices=list(AMP_CHOICES), default=None,
                    help="precision: auto = float32 on the CPU, fp16 autocast on CUDA (the reference's); off = "
                         "float32 everywhere (default: the checkpoint's eval_amp, else auto)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (default: the cores this process may use)")
     p.add_argument("--predictions_out", metavar="CSV", help="per-utterance labels, predictions, probabilities")
     p.add_argument("--json", metavar="PATH", help="the reported numbers as JSON (fractions, not percent)")
     p.add_argument("--no_progress", action="store_true")
@@ -231,7 +233,7 @@ def write_outputs(args, cfg, ev, m, heads, context):
         print(f"scores: {args.json}")
 
 
-def score(args):
+def score(args, share=None):
     obj = read_checkpoint(args.checkpoint)
     state, saved = unpack(obj, args.checkpoint)
     cfg, source = model_config(args, saved, args.checkpoint)
@@ -247,6 +249,8 @@ def score(args):
         print("note: n_head and the activation cannot be read from the weights; pass --n_head / "
               "--outlayer_activation_fn if the model was trained with other values")
     model = VEGA(cfg)
+    if share is not None:   # idle OpenMP threads sleep if other processes keep the cores busy
+        model.register_forward_pre_hook(share.hook)
     load_weights(model, state, cfg, args.checkpoint, saved is not None)
     model.to(device)
     ev = evaluate(model, cfg, args, device, amp_dtype)
@@ -270,7 +274,15 @@ def score(args):
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        return score(args)
+        if args.threads is not None and args.threads < 1:
+            raise VegaError(f"--threads {args.threads} must be at least 1")
+        count = threads.resolve_threads(args.threads)
+        threads.apply_threads(count)
+        share = threads.CoreShare(count, interval=0.1, max_window=None)   # one forward pass: decide at it
+        try:
+            return score(args, share)
+        finally:
+            share.close()
     except VegaError as e:
         if args.debug:
             traceback.print_exc()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 import train
 from dataloader import load_dialogues, make_loaders, speaker_names, split_validation
 from model import VEGA
-from vega_utils import checkpoint, cpu_kernels, report
+from vega_utils import checkpoint, cpu_kernels, report, threads
 from vega_utils.anchor_utils import ensure_anchor_cache
 from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text, dataset_info, git_commit, \
     resolve_device, seed_everything
@@ -222,12 +222,14 @@ def train_run(cfg, resume_dir=None, progress=True):
         run_dir = make_run_dir(cfg)
         write_json(os.path.join(run_dir, "config.json"), {
             **cfg.to_dict(), "git_commit": git_commit(), "torch_version": torch.__version__,
-            "resolved_device": str(device), **precision, "command": " ".join(sys.argv)})
+            "resolved_device": str(device), **precision, "resolved_threads": torch.get_num_threads(),
+            "command": " ".join(sys.argv)})
         if valid_ids:
             write_json(os.path.join(run_dir, "valid_ids.json"), valid_ids)
     log(f"config: {describe_config(cfg)}; every setting in {os.path.join(run_dir, 'config.json')}")
     log(f"git commit {git_commit()}, torch {torch.__version__}, device {device}, training in "
         f"{precision['train_precision']}, evaluating in {precision['eval_precision']}, "
+        f"{torch.get_num_threads()} CPU threads, "
         f"{len(data.train_ids) - len(valid_ids)} train / {len(valid_ids)} valid / {len(data.test_ids)} test "
         f"dialogues, selecting on {select_on}")
 
@@ -236,6 +238,10 @@ def train_run(cfg, resume_dir=None, progress=True):
     # skipped training steps (a non-finite loss or gradient), counted on from the epochs already done
     guard = train.StepGuard(cfg.max_bad_steps, total=sum(r.get("skipped_steps", 0) for r in state["history"]),
                             log=log)
+    share = None
+    if device.type == "cpu":   # idle OpenMP threads sleep while other processes keep the cores busy
+        share = threads.CoreShare(torch.get_num_threads())
+        share_hook = model.register_forward_pre_hook(share.hook)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     try:
         while state["epoch"] < cfg.epochs:
@@ -257,6 +263,8 @@ def train_run(cfg, resume_dir=None, progress=True):
                 row.update(split_row)
                 evals[split] = (ev, split_metrics)
             row["eval_seconds"] = eval_seconds
+            if share is not None:   # share of the epoch the machine was shared (waits slept)
+                row["cpu_shared"] = round(share.sleeping_share(), 2)
             selected_f1 = row[f"{select_on}_f1_all"]
             row["is_best"] = selected_f1 > state["best_f1"]
             if row["is_best"]:
@@ -294,6 +302,9 @@ def train_run(cfg, resume_dir=None, progress=True):
             raise VegaError(f"{e} No epoch finished; the folder is now {run_dir}") from None
         raise VegaError(f"{e} Run folder {run_dir} keeps the epochs before it.") from None
     finally:
+        if share is not None:
+            share_hook.remove()
+            share.close()
         summary.update(best_epoch=state["best_epoch"], best_checkpoint=state["best_path"],
                        epochs_run=state["epoch"], skipped_steps=guard.total, best=state.get("best_metrics"),
                        total_seconds=time.time() - started)

@@ -15,6 +15,7 @@ import shlex
 import sys
 import traceback
 
+from vega_utils import threads
 from vega_utils.common import VegaError
 from vega_utils.config import ABLATIONS, OneLineParser, add_config_flags, config_from_args, resolve
 
@@ -106,7 +107,7 @@ def run_seeds(cfg, seeds, progress):
 
 # What may change when a run is resumed: how long it goes on, and where it runs. Anything else would make the
 # resumed run a different experiment than the one its folder records.
-RESUME_FLAGS = ("epochs", "patience", "device", "max_bad_steps")
+RESUME_FLAGS = ("epochs", "patience", "device", "max_bad_steps", "threads")
 
 
 def resume_config(args):
@@ -144,9 +145,12 @@ def run(argv=None):
     install_sigterm_handler()
     try:
         if args.resume:
-            summary = main.train_run(resume_config(args), resume_dir=args.resume, progress=progress)
+            cfg = resume_config(args)
+            threads.apply_threads(threads.resolve_threads(cfg.threads))
+            summary = main.train_run(cfg, resume_dir=args.resume, progress=progress)
             return 0 if summary else 1
         cfg = build_config(args)
+        threads.apply_threads(threads.resolve_threads(cfg.threads))
         if args.demo:
             prepare_demo(cfg)
             cfg = resolve(cfg)

@@ -12,7 +12,12 @@
     (its cheaper dropout mask and matmul backward).
 (b) default: exactly what `python run.py` runs — train.train_epoch / train.eval_epoch on the packed rows,
     resolve_amp('auto') for training (bf16 autocast on the CPU, fp16 + GradScaler on CUDA), resolve_eval_amp('auto')
-    for evaluation (float32 on the CPU, fp16 autocast on CUDA), main.build_optimizer.
+    for evaluation (float32 on the CPU, fp16 autocast on CUDA), main.build_optimizer, and main.train_run's
+    threads (vega_utils/threads.py: --threads' default; idle OpenMP threads sleep while other processes keep the
+    cores busy).
+(b0) for reference only (--variants a,b,b0): (b) with torch's default threads and no CoreShare, as before
+    issue 17: on an idle machine (b) and (b0) should not differ.
+(a) and (a0) keep torch's defaults, as the reference runs.
 Timing: one untimed warm-up epoch, then --reps epochs, each a training epoch followed by an evaluation pass; the
 variants run in their own processes, taking turns epoch by epoch (a, b, a, b, ...) so that a machine whose speed
 drifts (other tenants) weighs on both alike.
@@ -39,13 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=5, help="timed epochs per variant (median reported)")
     p.add_argument("--quick", action="store_true", help="tiny data (a few batches), 1 rep: checks the script")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--variants", default="a,b", help="comma-separated subset of a,b,a0")
+    p.add_argument("--variants", default="a,b", help="comma-separated subset of a,b,a0,b0")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no_eval_vega", dest="eval_vega", action="store_false",
                    help="(b) evaluates without the VEGA branch (no VEGA test-loss terms; predictions unchanged)")
     p.add_argument("--eval_amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="(b)'s evaluation precision (default: run.py's, float32 on the CPU)")
-    p.add_argument("--variant", choices=["a", "a0", "b"], help=argparse.SUPPRESS)   # child process mode
+    p.add_argument("--variant", choices=["a", "a0", "b", "b0"], help=argparse.SUPPRESS)   # child process mode
     p.add_argument("--data_dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -126,9 +131,12 @@ def run_variant(args):
     from vega_utils.anchor_utils import load_anchor_cache
     from vega_utils.common import dataset_info, seed_everything
     from vega_utils.config import load_preset, resolve
+    from vega_utils.threads import CoreShare, apply_threads, default_threads
 
     device = torch.device(args.device)
-    fast = args.variant == "b"
+    fast = args.variant in ("b", "b0")
+    if args.variant == "b":   # as run.py and main.train_run
+        apply_threads(default_threads())
     if args.variant == "a":
         use_stock_layers()
     cfg = resolve(load_preset("IEMOCAP").replace(
@@ -141,6 +149,8 @@ def run_variant(args):
     bank = load_anchor_cache(cfg.anchor_path, info.class_names).to(device)
     loaders = make_loaders(data, cfg, pin_memory=device.type == "cuda")
     model = VEGA(cfg).to(device)
+    if args.variant == "b" and device.type == "cpu":
+        model.register_forward_pre_hook(CoreShare(torch.get_num_threads()).hook)
     class_weights = torch.tensor(info.class_weights, device=device)
     rng = random.Random(cfg.seed)
     amp_dtype = train.resolve_amp(cfg.amp, device)
@@ -230,7 +240,8 @@ def summarise(r):
 
 
 def print_table(results, device):
-    names = {"a": "(a) straightforward", "a0": "(a0) padded fp32, project layers", "b": "(b) default fast path"}
+    names = {"a": "(a) straightforward", "a0": "(a0) padded fp32, project layers", "b": "(b) default fast path",
+             "b0": "(b0) (b) before issue 17"}
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
     print(f"| variant | train s/epoch (median) | train utt/s | eval s/pass (median) | eval utt/s | {mem} |")
     print("|---|---|---|---|---|---|")
@@ -247,6 +258,11 @@ def print_table(results, device):
         print(f"ratio (a)/(b): training {a['train_median_s'] / b['train_median_s']:.2f}x, "
               f"evaluation {a['eval_median_s'] / b['eval_median_s']:.2f}x, "
               f"peak memory (b)/(a) {(b['peak_rss_mb'] / a['peak_rss_mb']):.2f}")
+    if "b0" in results and "b" in results:
+        b0, b = results["b0"], results["b"]
+        print(f"ratio (b0)/(b) (above 1: issue 17's thread handling is faster): training "
+              f"{b0['train_median_s'] / b['train_median_s']:.3f}x, "
+              f"evaluation {b0['eval_median_s'] / b['eval_median_s']:.3f}x")
 
 
 def run_children(args, folder, reps):

@@ -94,6 +94,7 @@ class Config:
     # stop after this many consecutive skipped training steps (non-finite loss or gradient; train.StepGuard).
     # The default is for configs saved before the key existed; the presets set it too.
     max_bad_steps: int = 10
+    threads: Optional[int] = None      # CPU threads; None: the cores this process may use (vega_utils/threads.py)
     # Filled by resolve() from the dataset table; part of every saved config.
     text_dim: Optional[int] = None
     audio_dim: Optional[int] = None
@@ -195,6 +196,8 @@ def check(cfg):
         bad(f"ablation {cfg.ablation!r} is not one of {', '.join(ABLATIONS)}")
     if cfg.clip_dim is not None and cfg.clip_dim < 1:
         bad("clip_dim must be positive")
+    if cfg.threads is not None and cfg.threads < 1:
+        bad(f"threads {cfg.threads} must be at least 1")
 
 
 # ---------------------------------------------------------------- command-line flags
