@@ -214,10 +214,8 @@ def train_run(cfg, resume_dir=None, progress=True):
 
     eval_sets = {split: train.EvalSet(loaders[split], cfg.n_speakers) for split in loaders if split != "train"}
     summary = {"run_dir": run_dir, "selected_on": select_on, "stopped": "max_epochs"}
-    share = None
-    if device.type == "cpu":   # idle OpenMP threads sleep while other processes keep the cores busy
-        share = threads.CoreShare(torch.get_num_threads())
-        share_hook = model.register_forward_pre_hook(share.hook)
+    # idle OpenMP threads sleep while other processes keep the cores busy
+    share = threads.CoreShare(torch.get_num_threads()).start() if device.type == "cpu" else None
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     try:
         while state["epoch"] < cfg.epochs:
@@ -274,7 +272,6 @@ def train_run(cfg, resume_dir=None, progress=True):
         raise VegaError(f"{e} Run folder {run_dir} keeps the epochs before it.") from None
     finally:
         if share is not None:
-            share_hook.remove()
             share.close()
         summary.update(best_epoch=state["best_epoch"], best_checkpoint=state["best_path"],
                        epochs_run=state["epoch"], best=state.get("best_metrics"),
