@@ -233,7 +233,7 @@ def write_outputs(args, cfg, ev, m, heads, context):
         print(f"scores: {args.json}")
 
 
-def score(args, share=None):
+def score(args):
     obj = read_checkpoint(args.checkpoint)
     state, saved = unpack(obj, args.checkpoint)
     cfg, source = model_config(args, saved, args.checkpoint)
@@ -249,8 +249,6 @@ def score(args, share=None):
         print("note: n_head and the activation cannot be read from the weights; pass --n_head / "
               "--outlayer_activation_fn if the model was trained with other values")
     model = VEGA(cfg)
-    if share is not None:   # idle OpenMP threads sleep if other processes keep the cores busy
-        model.register_forward_pre_hook(share.hook)
     load_weights(model, state, cfg, args.checkpoint, saved is not None)
     model.to(device)
     ev = evaluate(model, cfg, args, device, amp_dtype)
@@ -278,9 +276,9 @@ def main(argv=None):
             raise VegaError(f"--threads {args.threads} must be at least 1")
         count = threads.resolve_threads(args.threads)
         threads.apply_threads(count)
-        share = threads.CoreShare(count, interval=0.1, max_window=None)   # one forward pass: decide at it
+        share = threads.CoreShare(count).start()   # idle OpenMP threads sleep while others keep cores busy
         try:
-            return score(args, share)
+            return score(args)
         finally:
             share.close()
     except VegaError as e:

@@ -238,10 +238,8 @@ def train_run(cfg, resume_dir=None, progress=True):
     # skipped training steps (a non-finite loss or gradient), counted on from the epochs already done
     guard = train.StepGuard(cfg.max_bad_steps, total=sum(r.get("skipped_steps", 0) for r in state["history"]),
                             log=log)
-    share = None
-    if device.type == "cpu":   # idle OpenMP threads sleep while other processes keep the cores busy
-        share = threads.CoreShare(torch.get_num_threads())
-        share_hook = model.register_forward_pre_hook(share.hook)
+    # idle OpenMP threads sleep while other processes keep the cores busy
+    share = threads.CoreShare(torch.get_num_threads()).start() if device.type == "cpu" else None
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     try:
         while state["epoch"] < cfg.epochs:
@@ -303,7 +301,6 @@ def train_run(cfg, resume_dir=None, progress=True):
         raise VegaError(f"{e} Run folder {run_dir} keeps the epochs before it.") from None
     finally:
         if share is not None:
-            share_hook.remove()
             share.close()
         summary.update(best_epoch=state["best_epoch"], best_checkpoint=state["best_path"],
                        epochs_run=state["epoch"], skipped_steps=guard.total, best=state.get("best_metrics"),

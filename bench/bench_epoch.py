@@ -150,7 +150,7 @@ def run_variant(args):
     loaders = make_loaders(data, cfg, pin_memory=device.type == "cuda")
     model = VEGA(cfg).to(device)
     if args.variant == "b" and device.type == "cpu":
-        model.register_forward_pre_hook(CoreShare(torch.get_num_threads()).hook)
+        CoreShare(torch.get_num_threads()).start()   # for the life of the process, as main.train_run's run
     class_weights = torch.tensor(info.class_weights, device=device)
     rng = random.Random(cfg.seed)
     amp_dtype = train.resolve_amp(cfg.amp, device)
@@ -196,6 +196,8 @@ def run_variant(args):
     for _ in range(args.reps):
         if sys.stdin.readline().strip() != "go":
             raise SystemExit("bench child: expected 'go' on stdin")
+        # CoreShare saw the other variant's epoch: as in a run, where nothing alternates, let it see this one
+        time.sleep(0.6)
         train_s.append(timed(train_once))
         eval_s.append(timed(eval_once))
         print(f"EPOCH {train_s[-1]:.3f} {eval_s[-1]:.3f}", flush=True)

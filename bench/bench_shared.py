@@ -96,10 +96,7 @@ def run_child(args):
     bank = load_anchor_cache(cfg.anchor_path, info.class_names)
     loader = make_loaders(data, cfg)["train"]
     model = VEGA(cfg)
-    share = None
-    if base == "new":   # as main.train_run
-        share = CoreShare(torch.get_num_threads())
-        model.register_forward_pre_hook(share.hook)
+    share = CoreShare(torch.get_num_threads()).start() if base == "new" else None   # as main.train_run
     device = torch.device("cpu")
     amp_dtype = train.resolve_amp(cfg.amp, device)
     optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
@@ -119,10 +116,8 @@ def run_child(args):
     for line in sys.stdin:
         if line.strip() != "go":
             break
-        if share:   # as in a long run: the thread count already fits what the other processes do now
-            share.restart()
-            time.sleep(0.3)
-            share.check(interval=0)
+        time.sleep(0.6)   # as in a long run: CoreShare has seen what the other processes do now
+        if share:
             share.sleeping_share()
         print("EPOCH %.4f %.4f %.2f" % epoch(), flush=True)
 

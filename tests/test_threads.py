@@ -152,22 +152,16 @@ def test_waits_sleep_while_the_others_leave_too_few_cores():
         assert share.check() == sleeping, others
 
 
-def test_core_share_measures_only_recent_windows():
+def test_core_share_reports_the_share_of_time_spent_sleeping():
     machine = Machine()
     share, waits = share_on(machine, 2, cpus=2)
-    machine.run(0.2, others=2.0)
-    assert not share.check() and machine.reads == 1     # under half a second: not even read
-    machine.run(5.0, others=2.0, own=0.0)                # this process waited (say, for its turn) ...
-    assert not share.check() and machine.reads == 2     # ... so that window only starts a new one
-    machine.run(0.6, others=2.0)
-    assert share.check()
-    machine.run(0.6, others=0.0)
-    assert not share.check()
-    machine.run(0.6, others=2.0)
-    share.max_window = None
-    assert share.check(interval=0.1)
-    assert share.sleeping_share() == pytest.approx(1 / 3)   # slept in the second of the three windows
-    assert share.sleeping_share() == 1.0                     # nothing measured since: the current state
+    for others in (0.0, 2.0, 2.0, 0.0):
+        machine.run(0.5, others)
+        share.check()
+    assert share.sleeping_share() == pytest.approx(0.5)   # the 3rd and 4th windows were measured sleeping
+    assert share.sleeping_share() == 0.0                   # nothing measured since: the current state
+    machine.run(0.5, 2.0)
+    share.check()
     share.close()
     assert waits.calls == [True, False, True, False]
 
@@ -182,7 +176,7 @@ def test_core_share_does_nothing_without_proc_libgomp_or_a_second_thread():
     no_gomp = threads.CoreShare(2, cpus=[0, 1], read=lambda cpus: (0, 0), waits=NoGomp())
     one = threads.CoreShare(1, cpus=[0, 1], read=lambda cpus: (0, 0), waits=Never())
     for share in (no_proc, no_gomp, one):
-        assert not share.enabled and not share.check(interval=0)
+        assert not share.enabled and not share.check() and share.start().watcher is None
 
 
 @linux_only
@@ -274,7 +268,7 @@ def test_training_waits_sleep_while_the_machine_is_full(files, tmp_path, monkeyp
     def full(cpus):   # every core busy with other processes' work, none of it this process's
         return int(time.monotonic() * 100 * len(cpus)), 0
     monkeypatch.setattr(threads, "read_cpu_ticks", full)
-    monkeypatch.setattr(threads, "INTERVAL", 0.0)
+    monkeypatch.setattr(threads, "INTERVAL", 0.02)
     cfg = resolve(load_preset("IEMOCAP").replace(
         data_path=str(files / "IEMOCAP.pkl"), anchor_path=str(files / "anchor.pt"), output_dir=str(tmp_path),
         hidden_dim=32, clip_dim=512, epochs=2, batch_size=4))
@@ -287,7 +281,7 @@ def test_training_waits_sleep_while_the_machine_is_full(files, tmp_path, monkeyp
     assert switches == [True, False]   # on at the first measurement, off when the run ends
     assert 0 < rows[0]["cpu_shared"] <= 1 and rows[1]["cpu_shared"] == 1.0
     assert torch.get_num_threads() == threads_before
-    assert not [t for t in threading.enumerate() if t.name == "vega-omp-sleep"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("vega-")]   # watcher and helper gone
 
 
 def test_bad_thread_counts_are_one_line_errors(capsys, monkeypatch):
@@ -299,10 +293,10 @@ def test_bad_thread_counts_are_one_line_errors(capsys, monkeypatch):
 
 def test_inference_applies_threads_before_scoring(monkeypatch):
     saved = torch.get_num_threads()
-    monkeypatch.setattr(inference, "score", lambda args, share: (torch.get_num_threads(), share.threads))
+    monkeypatch.setattr(inference, "score", lambda args: torch.get_num_threads())
     try:
-        assert inference.main(["--threads", "1"]) == (1, 1)
-        assert inference.main([]) == (threads.default_threads(),) * 2
+        assert inference.main(["--threads", "1"]) == 1
+        assert inference.main([]) == threads.default_threads()
     finally:
         torch.set_num_threads(saved)
 

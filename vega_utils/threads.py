@@ -11,18 +11,18 @@ all its threads have run (epochs 10-100x slower). Figures: bench/README.md, "Sha
 
 libgomp reads its wait policy once, at load; but it spins only 100 times (microseconds) "if there are more
 OpenMP threads than available CPUs" (its documentation of GOMP_SPINCOUNT), counting every thread pool of the
-process. So `CoreShare` measures, every half second while training, how many cores of this process's CPU set
-other processes keep busy; when ours would not all have a core, `SleepingWaits` starts an idle pool of cores + 1
-threads on a helper thread, and every wait of ours turns short; when the cores are free again, it ends that pool
-and the threads spin as before. The thread count itself never changes (results do not depend on the load).
+process. So `CoreShare` measures, four times a second on a watcher thread, how many cores of this process's CPU
+set other processes keep busy; when ours would not all have a core, `SleepingWaits` starts an idle pool of
+cores + 1 threads on a helper thread, and every wait of ours turns short; when the cores are free again, it ends
+that pool and the threads spin as before. The thread count itself never changes (results do not depend on the
+load).
 """
 import ctypes
 import os
 import threading
 import time
 
-INTERVAL = 0.5       # seconds between measurements: ~100 clock ticks on two cores
-MAX_WINDOW = 2.0     # a longer gap between checks (this process paused): measure afresh
+INTERVAL = 0.25      # seconds between measurements: ~50 clock ticks on two cores
 SLEEP_ABOVE = 0.5    # sleeping waits once the others leave fewer than threads - 0.5 cores free ...
 SPIN_BELOW = 0.25    # ... spinning again once they leave threads - 0.25 (the gap keeps it from flapping)
 
@@ -116,10 +116,10 @@ class SleepingWaits:
         except OSError:
             self.gomp = None
         if self.gomp is not None:
-            self.fn_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-            self.noop = self.fn_type(lambda data: None)   # kept: libgomp calls it from its threads
-            self.gomp.GOMP_parallel.argtypes = [self.fn_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            self.gomp.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
             self.gomp.GOMP_parallel.restype = None
+            # the region's body: free(NULL), which does nothing, in C (no Python, no GIL, in libgomp's threads)
+            self.body = ctypes.cast(ctypes.CDLL(None).free, ctypes.c_void_p)
         self.helper = self.release = None
 
     @property
@@ -147,7 +147,7 @@ class SleepingWaits:
     def _hold_pool(self, started):
         # one empty region with more threads than the process may use cores; its pool lives as long as this
         # thread, sleeping (it is past the CPU count itself)
-        self.gomp.GOMP_parallel(self.noop, None, cores_available() + 1, 0)
+        self.gomp.GOMP_parallel(self.body, None, cores_available() + 1, 0)
         started.set()
         self.release.wait()
 
@@ -155,64 +155,68 @@ class SleepingWaits:
 class CoreShare:
     """Makes idle OpenMP threads sleep while other processes leave fewer free cores than this one has threads.
 
-    `check()` is cheap; call it often (main.train_run calls it before every forward pass): every `interval`
-    seconds (default INTERVAL) it measures how many cores of this process's CPU set others kept busy since the
-    last measurement and switches the waits. A window longer than `max_window` (None: any) only starts a new
-    one: what others did while this process waited (say, between epochs) says little about now. `read`,
-    `clock` and `waits` are for tests (`waits`: anything with available, on and set(bool)).
+    `start()` runs `check()` every INTERVAL seconds on a watcher thread (the waits are process-wide, so any
+    thread may switch them; the training loop is left alone); `close()` stops it and restores spinning.
+    `check()` measures how many cores of this process's CPU set the others kept busy since the last check and
+    switches the waits. `read`, `clock` and `waits` are for tests (`waits`: anything with available, on and
+    set(bool)).
     """
 
-    def __init__(self, threads, interval=None, max_window=MAX_WINDOW, cpus=None, read=None, clock=time.monotonic,
-                 waits=None):
-        self.threads, self.interval, self.max_window = threads, interval, max_window
+    def __init__(self, threads, cpus=None, read=None, clock=time.monotonic, waits=None):
+        self.threads = threads
         self.cpus = set(cpus) if cpus is not None else allowed_cpus()
         self.read = read or read_cpu_ticks
         self.clock = clock
         self.waits = waits or SleepingWaits()
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.sleeping_seconds = self.seconds = 0.0   # for the share of a period spent sleeping
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.watcher = None
         self.last = (clock(), self.read(self.cpus))
         # one thread never waits for another
         self.enabled = self.last[1] is not None and self.waits.available and threads > 1
 
-    def check(self, interval=None):
-        """Re-measure if `interval` (default: the share's) seconds have passed; returns whether waits sleep."""
+    def start(self):
+        if self.enabled and self.watcher is None:
+            self.watcher = threading.Thread(target=self._watch, daemon=True, name="vega-core-share")
+            self.watcher.start()
+        return self
+
+    def _watch(self):
+        while not self.stop.wait(INTERVAL):
+            self.check()
+
+    def check(self):
+        """Measure since the last check and switch the waits; returns whether they sleep now."""
+        ticks = self.read(self.cpus) if self.enabled else None
         now = self.clock()
-        interval = next(v for v in (interval, self.interval, INTERVAL) if v is not None)
-        if not self.enabled or now - self.last[0] < interval:
+        with self.lock:
+            (then, before), self.last = self.last, (now, ticks)
+            if ticks is None or before is None or now <= then:
+                return self.waits.on
+            (busy0, own0), (busy1, own1) = before, ticks
+            others = ((busy1 - busy0) - (own1 - own0)) / self.tick / (now - then)
+            self.sleeping_seconds += (now - then) * self.waits.on
+            self.seconds += now - then
+            free = len(self.cpus) - others
+            if not self.waits.on and free < self.threads - SLEEP_ABOVE:
+                self.waits.set(True)
+            elif self.waits.on and free > self.threads - SPIN_BELOW:
+                self.waits.set(False)
             return self.waits.on
-        ticks = self.read(self.cpus)
-        if ticks is None:
-            self.enabled = False
-            return self.waits.on
-        (then, before), self.last = self.last, (now, ticks)
-        if before is None or (self.max_window is not None and now - then > self.max_window):
-            return self.waits.on
-        (busy0, own0), (busy1, own1) = before, ticks
-        others = ((busy1 - busy0) - (own1 - own0)) / self.tick / (now - then)
-        self.sleeping_seconds += (now - then) * self.waits.on
-        self.seconds += now - then
-        free = len(self.cpus) - others
-        if not self.waits.on and free < self.threads - SLEEP_ABOVE:
-            self.waits.set(True)
-        elif self.waits.on and free > self.threads - SPIN_BELOW:
-            self.waits.set(False)
-        return self.waits.on
-
-    def restart(self):
-        """Start a new measuring window now (the next check decides on what others do from here on)."""
-        self.last = (self.clock(), self.read(self.cpus))
-
-    def hook(self, module, inputs):
-        """As a forward pre-hook: `model.register_forward_pre_hook(share.hook)` (returns None: the inputs
-        stay as they are)."""
-        self.check()
 
     def sleeping_share(self):
         """Share of the time measured since the last call during which waits slept, then reset."""
-        share = self.sleeping_seconds / self.seconds if self.seconds else float(self.waits.on)
-        self.sleeping_seconds = self.seconds = 0.0
+        with self.lock:
+            share = self.sleeping_seconds / self.seconds if self.seconds else float(self.waits.on)
+            self.sleeping_seconds = self.seconds = 0.0
         return share
 
     def close(self):
-        self.waits.set(False)
+        self.stop.set()
+        if self.watcher is not None:
+            self.watcher.join()
+            self.watcher = None
+        with self.lock:
+            self.waits.set(False)
