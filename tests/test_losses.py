@@ -22,6 +22,7 @@ def spec_kl(student, teacher, temperature):
     return F.kl_div(log_q, p, reduction="none").mean() * temperature * temperature
 
 
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
 def test_gradients_are_finite_where_the_teacher_probability_is_zero():
     # the measured case: teacher logits up to 57.5, T = exp(t_cls_temp) = 0.63 -> gaps of 121 T; p underflows
     torch.manual_seed(0)
@@ -41,7 +42,7 @@ def test_gradients_are_finite_where_the_teacher_probability_is_zero():
     ref = [x.detach().double().requires_grad_() for x in (student, teacher, log_temp)]
     expected = spec_kl(ref[0], ref[1], ref[2].exp())
     expected.backward()
-    assert abs(loss.item() - expected.item()) <= 1e-6 * float(expected)
+    assert abs(loss.item() - expected.item()) <= 1e-6 * expected.item()
     for got, want in zip((student.grad, teacher.grad, log_temp.grad), (r.grad for r in ref)):
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
@@ -59,7 +60,7 @@ def test_value_and_gradient_are_the_spec_formula():
     ref = [x.double().requires_grad_() for x in (student, teacher)]
     expected = spec_kl(*ref, temperature.double())
     expected.backward()
-    assert abs(loss.item() - expected.item()) <= 1e-6 * float(expected)
+    assert abs(loss.item() - expected.item()) <= 1e-6 * expected.item()
     for got, want in zip(ours, ref):
         assert (got.grad.double() - want.grad).abs().max() <= 1e-6 * want.grad.abs().max()
 
