@@ -7,7 +7,7 @@ and they use torch.get_num_threads() threads. libgomp makes a thread that has fi
 process with N threads keeps N cores busy all the time. On an idle machine that is what makes it fast (sleeping
 at once, OMP_WAIT_POLICY=PASSIVE, made an idle demo epoch 2x slower: a wake-up per region). Next to another busy
 process it is ruinous: spinning threads take the time slices the working ones need, and a region ends only when
-all its threads have run (epochs 10-100x slower). Figures: bench/README.md, "Shared machine".
+all its threads have run (epochs 8-80x slower). Figures: bench/README.md, "Shared machine".
 
 libgomp reads its wait policy once, at load; but it spins only 100 times (microseconds) "if there are more
 OpenMP threads than available CPUs" (its documentation of GOMP_SPINCOUNT), counting every thread pool of the
