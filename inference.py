@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 import train
 from dataloader import DialogueDataset, collate, load_dialogues, make_loaders, speaker_names
-from model import VEGA
+from main import build_model
 from vega_utils import checkpoint, report, threads
 from vega_utils.common import DATASETS, VegaError, atomic_write_text, dataset_info, resolve_device
 from vega_utils.config import ACTIVATIONS, AMP_CHOICES, Config, OneLineParser, load_preset, resolve
@@ -248,7 +248,7 @@ def score(args):
     if saved is None:
         print("note: n_head and the activation cannot be read from the weights; pass --n_head / "
               "--outlayer_activation_fn if the model was trained with other values")
-    model = VEGA(cfg)
+    model = build_model(cfg)
     load_weights(model, state, cfg, args.checkpoint, saved is not None)
     model.to(device)
     ev = evaluate(model, cfg, args, device, amp_dtype)

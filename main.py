@@ -18,13 +18,13 @@ from tqdm import tqdm
 
 import train
 from dataloader import load_dialogues, make_loaders, speaker_names, split_validation
+from fast import ShadowAdam, accelerate, cpu_kernels, is_accelerated
 from model import VEGA
-from vega_utils import checkpoint, cpu_kernels, report, threads
+from vega_utils import checkpoint, report, threads
 from vega_utils.anchor_utils import ensure_anchor_cache
 from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text, dataset_info, git_commit, \
     resolve_device, seed_everything
 from vega_utils.config import Config, load_preset, resolve
-from vega_utils.shadow_weights import ShadowAdam
 
 LAST = "last.pth"
 
@@ -81,11 +81,18 @@ def write_json(path, obj):
 
 
 # ---------------------------------------------------------------- building blocks
+def build_model(cfg, device="cpu"):
+    """model.py's VEGA; with cfg.fast (the default) the fast package's modules and packed layout swapped in."""
+    model = VEGA(cfg)
+    return (accelerate(model) if cfg.fast else model).to(device)
+
+
 def build_optimizer(cfg, model, amp_dtype=None, device=None):
-    """The configured optimizer. Training in bf16 on the CPU, Adam/AdamW keep bf16 weight copies
-    (vega_utils/shadow_weights.py: the same update, no per-step weight casts) when the CPU kernels are built."""
+    """The configured optimizer. Training the fast model in bf16 on the CPU, Adam/AdamW keep bf16 weight copies
+    (fast/shadow_weights.py: the same update, no per-step weight casts) when the CPU kernels are built."""
     on_cpu_bf16 = amp_dtype == torch.bfloat16 and device is not None and torch.device(device).type == "cpu"
-    if on_cpu_bf16 and cfg.optimizer in ("AdamW", "Adam") and cpu_kernels.kernel() is not None:
+    if on_cpu_bf16 and is_accelerated(model) and cfg.optimizer in ("AdamW", "Adam") \
+            and cpu_kernels.kernel() is not None:
         return ShadowAdam(model, lr=cfg.lr, weight_decay=cfg.l2, decoupled=cfg.optimizer == "AdamW")
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernels do the same update in one pass over memory: 3x faster steps than foreach on the CPU.
@@ -190,7 +197,7 @@ def train_run(cfg, resume_dir=None, progress=True):
     bank, cfg = load_anchors(cfg)
     _, valid_ids = split_validation(data.train_ids, cfg.valid_ratio, cfg.seed)
     loaders = make_loaders(data, cfg, valid_ids=valid_ids, pin_memory=device.type == "cuda")
-    model = VEGA(cfg).to(device)
+    model = build_model(cfg, device)
     optimizer = build_optimizer(cfg, model, amp_dtype, device)
     scheduler = build_scheduler(cfg, optimizer, len(loaders["train"]))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None

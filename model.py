@@ -1,202 +1,77 @@
-"""VEGA: an SDT-style multimodal fusion transformer plus the VEGA visual-anchor branch (spec section 2).
+"""VEGA (spec section 2) in plain PyTorch: an SDT-style multimodal fusion transformer, the VEGA visual-anchor
+branch and the losses.
 
-Every per-utterance layer runs on the valid utterances only, packed into rows (N, H) (plus a few spare rows
-that keep matrix shapes repeating); only attention needs dialogues side by side, in grids (layout.py).
-`compute_padding=True` pushes every padded position through every layer as the reference does (same
-parameters, same code), which the parity tests and the benchmark baseline use. Under autocast the products
-run in the lower precision and the residual stream stays in it; float32 is exact (the parity tests).
+This file computes what the reference computes, the straightforward way: every (dialogue, position) of the
+padded (B, L) batch is a row, and attention sees the whole batch as one grid (`PaddedLayout`). The fast
+package (`fast/`) swaps in faster modules with the same parameter names and a packed layout of the valid
+utterances; this file never imports it.
 
-Parameter names follow the reference exactly (`state_dict_manifest.json`): published checkpoints load strictly.
+Parameter names follow the reference exactly (tests/fixtures/state_dict_manifest.json): published checkpoints
+load strictly. Mask convention everywhere: pad_mask (B, L) bool, True = padding.
 """
 import math
+import random
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layout import make_layout
-from vega_utils import cpu_kernels
-from vega_utils.shadow_weights import product_weight
-
 MODALITIES = ("t", "a", "v")
+HEADS = MODALITIES + ("all",)   # the four classifier heads (and the four VEGA projections)
 # Encoder `s_x` builds a representation of target x attending to source s. Per target, the order
 # (self, other, other) is the concatenation order of the reduce layer.
 ENCODERS_BY_TARGET = {"t": ("t_t", "a_t", "v_t"), "a": ("a_a", "t_a", "v_a"), "v": ("v_v", "t_v", "a_v")}
 ENCODER_NAMES = tuple(n for names in ENCODERS_BY_TARGET.values() for n in names)
 INPUT_LAYERS = {"t": "textf_input", "a": "acouf_input", "v": "visuf_input"}
-MAX_LEN = 512
-NEG_FILL = -1e4  # padded-key score; small enough in magnitude for fp16 autocast
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with a faster CPU path (same parameter-free module, so names are unchanged).
-
-    On the CPU, torch's bernoulli_ costs about 12 ns an element. The default path is the one-pass C kernel of
-    vega_utils/cpu_kernels.py. Without a compiler, the fallback compares 16 random bits per element with a
-    threshold, writing the 0/1 mask straight in x's dtype. Both drop with probability p to within 8e-6 and scale
-    survivors by 1/(1-p). CUDA keeps torch's fused kernel.
-    """
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        if x.is_cuda or self.p >= 1.0:
-            return F.dropout(x, self.p, True)
-        y = cpu_kernels.dropout(x, self.p)
-        if y is not None:
-            return y
-        n = x.numel()
-        # the full int64 range: plain random_() leaves the top bit 0, which would bias every fourth int16
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
-        bits = bits.view(torch.int16)[:n].view(x.shape)                           # uniform on [-2^15, 2^15)
-        keep = torch.ge(bits, round(self.p * 65536) - 32768,                      # P(keep) = 1 - p
-                        out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
-        return x * keep.mul_(1.0 / (1.0 - self.p))
-
-
-def compute_dtype(x):
-    """The dtype matrix products run in: autocast's when it is on, else x's own."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def cast(x, dtype):
-    """x in dtype; skips the call when it already is (a no-op .to() still costs ~3 us: ~900 a training step)."""
-    return x if x is None or x.dtype == dtype else x.to(dtype)
-
-
-def _onednn_linear_available():
-    try:
-        x = torch.ones(2, 4, dtype=torch.bfloat16)
-        torch.ops.mkldnn._linear_pointwise(x, x, x[0, :2], "none", [], "")
-        return True
-    except (AttributeError, RuntimeError):   # a build without oneDNN (not x86) or without this op
-        return False
-
-
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and _onednn_linear_available()
-
-
-def linear(x, weight, bias):
-    """x W^T + b. For rows x (N, D) in bf16 on the CPU: oneDNN's linear, which adds the bias as it writes the
-    product (aten's addmm first copies the bias into the output, then accumulates into it: 7-11% slower here).
-    Same numbers: both round the float32 accumulation once to bf16."""
-    if bias is not None and x.dim() == 2 and ONEDNN_LINEAR and x.device.type == "cpu" \
-            and compute_dtype(x) == torch.bfloat16:
-        bf16 = torch.bfloat16
-        return torch.ops.mkldnn._linear_pointwise(cast(x, bf16), cast(weight, bf16), cast(bias, bf16), "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-class LinearFn(torch.autograd.Function):
-    """y = x W^T + b for rows x (N, D), in the compute dtype, with a backward written for the CPU.
-
-    What autocast + F.linear would do, except: the weight gradient comes out as grad^T @ x, already in the
-    weight's layout (autograd's (x^T grad)^T needs a strided copy before it can be accumulated); and with
-    exact_conv (the input projections, whose weights are Conv1d's) float32 goes through conv1d, which rounds
-    exactly as the reference's padded Conv1d (a plain matmul differs by ~1e-7 relative, too much for the 1e-6
-    parity) while lower precision uses a matmul (mkldnn's bf16 conv for this shape is ~15x slower).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, exact_conv):
-        dt = compute_dtype(x)
-        xc, wc, bc = cast(x, dt), cast(weight, dt), cast(bias, dt)
-        if exact_conv and dt == torch.float32:
-            y = F.conv1d(xc.unsqueeze(-1), wc.unsqueeze(-1), bc).squeeze(-1)       # (N, D, 1) -> (N, H)
-        else:
-            y = linear(xc, wc, bc)                                                 # (N, H)
-        ctx.save_for_backward(xc, wc)
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        xc, wc = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad = cast(grad, wc.dtype)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = cast(grad @ wc, x_dtype)                                      # (N, D)
-        if ctx.needs_input_grad[1]:
-            grad_w = cast(grad.t() @ xc, w_dtype)                                  # (H, D), contiguous
-        if b_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = cast(grad.sum(0), b_dtype)                                    # (H,)
-        return grad_x, grad_w, grad_b, None
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters) whose training-time product is LinearFn.
-
-    Without gradients it is `linear` alone. When the optimizer keeps a bf16 copy of the weight (`shadow`,
-    vega_utils/shadow_weights.py), bf16 products use that copy; otherwise the weight is cast to bf16 for the
-    product (once per evaluation forward pass).
-    """
-    shadow = None
-
-    def forward(self, x):
-        weight = product_weight(self, x)
-        if not torch.is_grad_enabled():
-            return linear(x, weight, self.bias)
-        y = LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, self.bias, False)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def make_activation(name):
-    return {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU(), "tanh": nn.Tanh(),
-            "leaky_relu": nn.LeakyReLU(), "elu": nn.ELU(), "none": nn.Identity()}[name]
+MAX_LEN = 512               # positional table length
+NEG_FILL = -1e4             # score at padded keys (the reference's; small enough in magnitude for fp16)
+ANCHOR_LOGIT_SCALE = 100.0  # anchor logits are 100 x cosine(projection, anchor), as CLIP scales its logits
+ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
+               "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "none": nn.Identity}
 
 
 def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-def activation_then_dropout(x, activation, act_module, dropout):
-    """dropout(act_module(x)): one fused bf16 CPU pass when the kernels know `activation`, else torch's ops."""
-    y = cpu_kernels.activation_dropout(x, activation, dropout.p, dropout.training)
-    return dropout(act_module(x)) if y is None else y
-
-
-class MLP(nn.Sequential):
-    """Linear layers with an activation (+ Dropout) between them; same modules and names as nn.Sequential.
-
-    An activation the CPU kernels know (gelu, elu) followed by its Dropout runs as one fused pass in bf16.
-    """
-
-    def __init__(self, activation, *layers):
-        super().__init__(*layers)
-        self.activation = activation
-
-    def forward(self, x):
-        layers, i = list(self), 0
-        while i < len(layers):
-            if i + 1 < len(layers) and isinstance(layers[i + 1], Dropout) and not isinstance(layers[i], Linear):
-                x, i = activation_then_dropout(x, self.activation, layers[i], layers[i + 1]), i + 2
-            else:
-                x, i = layers[i](x), i + 1
-        return x
-
-
 def make_mlp(n_layers, d_in, d_hidden, d_out, activation, drop):
     """Linear layers d_in -> d_hidden ... -> d_out with activation (+ dropout when drop > 0) between them.
-
-    Dropout modules exist only when drop > 0: that decides the index numbers in parameter names.
-    """
+    Dropout modules exist only when drop > 0: that decides the index numbers in parameter names (spec 2.1.7)."""
     layers, d = [], d_in
     for _ in range(n_layers - 1):
-        layers += [Linear(d, d_hidden), make_activation(activation)]
+        layers += [nn.Linear(d, d_hidden), ACTIVATION_MODULES[activation]()]
         if drop > 0:
-            layers.append(Dropout(drop))
+            layers.append(nn.Dropout(drop))
         d = d_hidden
-    layers.append(Linear(d, d_out))
-    return MLP(activation, *layers)
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
 
 
-def is_backbone_key(name):
-    """What a best-epoch checkpoint holds: everything but the VEGA branch and the unused gate logit."""
-    return not ("_clip_proj." in name or name.endswith("_clip_temp") or name == "prob_gate_logit")
+class PaddedLayout:
+    """Where each utterance of a batch is computed. Here, the reference's way: all B*L positions are rows (R, H),
+    padding included, and attention takes the batch as one grid (B, h, L, dh). The fast package's packed
+    layout has the same methods and computes the valid utterances only."""
+
+    def __init__(self, pad_mask):
+        self.B, self.L = pad_mask.shape
+        self.key_pads = [pad_mask]                                                  # one grid: (B, L)
+        self.positions = torch.arange(self.L, device=pad_mask.device).repeat(self.B)  # (B*L,)
+
+    def to_rows(self, x, fill=0):
+        return x.flatten(0, 1)                                                      # (B, L, ...) -> (B*L, ...)
+
+    def to_padded(self, x):
+        return x.view(self.B, self.L, *x.shape[1:])                                 # (B*L, ...) -> (B, L, ...)
+
+    def to_grids(self, x, n_head):
+        return [x.view(self.B, self.L, n_head, -1).transpose(1, 2).contiguous()]    # (B, h, L, dh)
+
+    def from_grids(self, grids):
+        B, h, L, dh = grids[0].shape
+        return grids[0].transpose(1, 2).reshape(B * L, h * dh)                      # (B*L, H)
 
 
+# ---------------------------------------------------------------- 2.1 backbone
 class PositionalEncoding(nn.Module):
     def __init__(self, dim, max_len=MAX_LEN):
         super().__init__()
@@ -208,36 +83,30 @@ class PositionalEncoding(nn.Module):
         self.register_buffer("pe", pe.unsqueeze(0))                                 # (1, max_len, H)
 
     def forward(self, positions):
-        return self.pe[0].index_select(0, positions)                               # (N, H)
+        return self.pe[0].index_select(0, positions)                               # (R, H)
 
 
 class MultiHeadedAttention(nn.Module):
     def __init__(self, n_head, dim, dropout):
         super().__init__()
         self.n_head, self.d_head = n_head, dim // n_head
-        self.linear_k = Linear(dim, dim)
-        self.linear_v = Linear(dim, dim)
-        self.linear_q = Linear(dim, dim)
-        self.linear = Linear(dim, dim)
-        self.dropout = Dropout(dropout)
+        self.linear_k = nn.Linear(dim, dim)
+        self.linear_v = nn.Linear(dim, dim)
+        self.linear_q = nn.Linear(dim, dim)
+        self.linear = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, source, target, lay):
-        h, dh = self.n_head, self.d_head
-        q = self.linear_q(target) / math.sqrt(dh)                                  # (R, H)
+        q = self.linear_q(target) / math.sqrt(self.d_head)                         # (R, H)
         k, v = self.linear_k(source), self.linear_v(source)                        # (R, H)
-        if not torch.is_grad_enabled() and compute_dtype(q) != torch.float32:
-            # Evaluation in lower precision: the fused kernel, on transposed views. Every query has a valid key in
-            # its own dialogue, so masking with -inf instead of -1e4 gives the same weights.
-            per_grid = zip(*(lay.to_grids(x, h, contiguous=False, scratch=name) for name, x in zip("qkv", (q, k, v))))
-            context = [F.scaled_dot_product_attention(*qkv, attn_mask=mask, scale=1.0)
-                       for qkv, mask in zip(per_grid, lay.attend_masks())]
-        else:
-            per_grid = zip(*(lay.to_grids(x, h) for x in (q, k, v)))               # (q, k, v) per grid
-            context = [self.attend(*qkv, grid.key_pad) for qkv, grid in zip(per_grid, lay.grids)]
-        return self.linear(lay.from_grids(context))                                # (R, H)
+        return self.linear(self.attend_grids(q, k, v, lay))                        # (R, H)
+
+    def attend_grids(self, q, k, v, lay):
+        per_grid = zip(*(lay.to_grids(x, self.n_head) for x in (q, k, v)))         # (q, k, v) per grid
+        return lay.from_grids([self.attend(*qkv, key_pad) for qkv, key_pad in zip(per_grid, lay.key_pads)])
 
     def attend(self, q, k, v, key_pad):
-        """One grid: q, k, v (Bg, h, Lg, dh), key_pad (Bg, Lg) True = padding -> context (Bg, h, Lg, dh)."""
+        """One grid: q, k, v (Bg, h, Lg, dh), key_pad (Bg, Lg) -> context (Bg, h, Lg, dh)."""
         scores = q @ k.transpose(-2, -1)                                           # (Bg, h, Lg, Lg)
         scores.masked_fill_(key_pad[:, None, None, :], NEG_FILL)                   # matmul's backward keeps q, k
         return self.dropout(torch.softmax(scores, dim=-1)) @ v
@@ -248,15 +117,14 @@ class PositionwiseFeedForward(nn.Module):
 
     def __init__(self, dim, d_ff, dropout):
         super().__init__()
-        self.w_1 = Linear(dim, d_ff)
-        self.w_2 = Linear(d_ff, dim)
+        self.w_1 = nn.Linear(dim, d_ff)
+        self.w_2 = nn.Linear(d_ff, dim)
         self.layer_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.dropout_1 = Dropout(dropout)
-        self.dropout_2 = Dropout(dropout)
+        self.dropout_1 = nn.Dropout(dropout)
+        self.dropout_2 = nn.Dropout(dropout)
 
     def forward(self, x):
-        pre = self.w_1(self.layer_norm(x))                                         # (N, d_ff)
-        inter = activation_then_dropout(pre, "gelu_tanh", gelu_tanh, self.dropout_1)
+        inter = self.dropout_1(gelu_tanh(self.w_1(self.layer_norm(x))))           # (R, d_ff)
         return self.dropout_2(self.w_2(inter)) + x
 
 
@@ -268,7 +136,7 @@ class TransformerEncoderLayer(nn.Module):
         # The reference normalises the target here only in layers after the first; with its single layer
         # this norm is never used, but its weights are part of every checkpoint.
         self.layer_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, source, target, lay):
         x = self.dropout(self.self_attn(source, target, lay)) + target
@@ -276,7 +144,7 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """One cross-modal encoder: target attends to source (both (N, H) rows).
+    """One cross-modal encoder: target attends to source (both rows (R, H)).
 
     The reference adds positions and speakers inside every encoder. All nine hold the same sinusoid table, so
     the backbone makes each modality's (x + pos) + speaker sum once and passes it in; each encoder still
@@ -287,7 +155,7 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.pos_emb = PositionalEncoding(dim)
         self.transformer_inter = nn.ModuleList([TransformerEncoderLayer(dim, n_head, dim, dropout)])
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, source, target, lay):
         if source is target:   # self-attention: dropout applied once
@@ -300,7 +168,7 @@ class TransformerEncoder(nn.Module):
 class UnimodalGate(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.fc = Linear(dim, dim, bias=False)
+        self.fc = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x):
         return torch.sigmoid(self.fc(x)) * x
@@ -311,17 +179,17 @@ class MultimodalGate(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.fc = Linear(dim, dim, bias=False)
+        self.fc = nn.Linear(dim, dim, bias=False)
 
     def forward(self, *hs):
-        stacked = torch.stack(hs, dim=-2)                                          # (N, 3, H)
-        logits = self.fc(stacked)                                                  # (N, 3, H)
-        y = cpu_kernels.softmax_mix3(logits, stacked)                              # bf16 CPU: one fused pass
-        if y is None:
-            y = (torch.softmax(logits, dim=-2) * stacked).sum(dim=-2)             # (N, H)
-        return y
+        stacked = torch.stack(hs, dim=-2)                                          # (R, 3, H)
+        return self.mix(self.fc(stacked), stacked)                                 # (R, H)
+
+    def mix(self, logits, stacked):
+        return (torch.softmax(logits, dim=-2) * stacked).sum(dim=-2)
 
 
+# ---------------------------------------------------------------- the model
 class VEGA(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -331,14 +199,14 @@ class VEGA(nn.Module):
             self.register_parameter(f"{m}_cls_temp", nn.Parameter(torch.tensor(math.log(2.0))))
         for m in ("a", "v", "t"):
             self.register_parameter(f"{m}_clip_temp", nn.Parameter(torch.tensor(math.log(2.0))))
-        self.prob_gate_logit = nn.Parameter(torch.tensor(0.0))  # kept for checkpoint compatibility
+        self.prob_gate_logit = nn.Parameter(torch.tensor(0.0))  # unused by predictions (spec 2.2), kept for checkpoints
         self.speaker_embeddings = nn.Embedding(cfg.n_speakers + 1, H, padding_idx=cfg.n_speakers)
         for name in ENCODER_NAMES:
             self.add_module(name, TransformerEncoder(H, cfg.n_head, cfg.dropout))
         for name in ENCODER_NAMES:
             self.add_module(f"{name}_gate", UnimodalGate(H))
         for m in MODALITIES:
-            self.add_module(f"features_reduce_{m}", Linear(3 * H, H))
+            self.add_module(f"features_reduce_{m}", nn.Linear(3 * H, H))
         self.last_gate = MultimodalGate(H)
         dims = {"t": cfg.text_dim, "a": cfg.audio_dim, "v": cfg.visual_dim}
         for m in MODALITIES:
@@ -347,57 +215,46 @@ class VEGA(nn.Module):
         for m in ("all",) + MODALITIES:
             self.add_module(f"{m}_clip_proj", make_mlp(cfg.clip_proj_layer_num, H, H, cfg.clip_dim,
                                                        cfg.clip_proj_activation_fn, cfg.clip_proj_drop))
-        for m in MODALITIES + ("all",):
+        for m in HEADS:
             self.add_module(f"{m}_output_layer", make_mlp(cfg.outlayer_num, H, H, C,
                                                           cfg.outlayer_activation_fn, cfg.outlayer_drop))
 
-    def layout(self, pad_mask, compute_padding):
-        if pad_mask.shape[1] > MAX_LEN:
-            raise ValueError(f"a dialogue of {pad_mask.shape[1]} utterances exceeds the positional table ({MAX_LEN})")
-        return make_layout(pad_mask, compute_padding, grouped=torch.is_autocast_enabled(pad_mask.device.type))
+    def layout(self, pad_mask):
+        return PaddedLayout(pad_mask)
 
     def backbone(self, batch, lay):
-        """Fused features per modality and overall, as rows: {'t','a','v','all'} -> (N, H)."""
+        """Fused features per modality and overall, as rows: {'t','a','v','all'} -> (R, H). Spec 2.1.1-6."""
         feats = {"t": batch.text, "a": batch.audio, "v": batch.visual}
+        speaker = self.speaker_embeddings(lay.to_rows(batch.speakers, fill=self.n_speakers))    # (R, H)
+        pos = self.t_t.pos_emb(lay.positions)                                       # (R, H)
         x = {}
         for m in MODALITIES:
-            rows = lay.to_rows(feats[m])                                           # (R, D)
-            x[m] = LinearFn.apply(rows, product_weight(getattr(self, INPUT_LAYERS[m]), rows), None, True)  # (R, H)
-        # Under autocast the residual stream stays in the compute dtype; in float32 these casts do nothing.
-        speakers = lay.to_rows(batch.speakers, fill=self.n_speakers)              # spare rows: padding id
-        speaker_emb = self.speaker_embeddings(speakers).to(x["t"].dtype)           # (R, H)
-        # every encoder holds the same table; spare rows past it (batches near MAX_LEN) reuse its last row
-        pos = self.t_t.pos_emb(lay.positions.clamp(max=MAX_LEN - 1)).to(x["t"].dtype)  # (R, H)
-        # (x + pos) + speaker, in this order: float addition is not associative and parity is checked to 1e-6.
-        x = {m: x[m] + pos + speaker_emb for m in MODALITIES}
+            rows = lay.to_rows(feats[m]).unsqueeze(-1)                              # (R, D_m, 1)
+            # the 1x1 Conv1d maps each utterance alone; (x + pos) + speaker in this order: float addition
+            # is not associative and parity is checked to 1e-6
+            x[m] = getattr(self, INPUT_LAYERS[m])(rows).squeeze(-1) + pos + speaker  # (R, H)
         h = {}
         for target, names in ENCODERS_BY_TARGET.items():
-            gated = []
-            for name in names:
-                y = getattr(self, name)(x[name.split("_")[0]], x[target], lay)     # (N, H)
-                gated.append(getattr(self, f"{name}_gate")(y))
-            h[target] = getattr(self, f"features_reduce_{target}")(torch.cat(gated, dim=-1))  # (N, 3H) -> (N, H)
+            gated = [getattr(self, f"{name}_gate")(getattr(self, name)(x[name.split("_")[0]], x[target], lay))
+                     for name in names]                                             # 3 x (R, H)
+            h[target] = getattr(self, f"features_reduce_{target}")(torch.cat(gated, dim=-1))  # (R, 3H) -> (R, H)
         h["all"] = self.last_gate(h["t"], h["a"], h["v"])
         return h
 
-    def forward(self, batch, anchors=None, compute_padding=False, features=True):
-        """batch: dataloader.Batch. anchors: (C, K) L2-normalised, or None to skip the VEGA branch
-        (it never changes predictions). features=False leaves out `all_transformer_out` (the fused features,
-        which evaluation does not use). Returns a dict of (B, L, ...) tensors, zero where not computed."""
-        lay = self.layout(batch.pad_mask, compute_padding)
+    def forward(self, batch, anchors=None, features=True):
+        """batch: dataloader.Batch. anchors: (C, K) from pick_anchors, or None to skip the VEGA branch (it never
+        changes predictions). features=False leaves out `all_transformer_out` (the fused features, which
+        evaluation does not use). Returns a dict of (B, L, ...) tensors, zero where not computed."""
+        if batch.pad_mask.shape[1] > MAX_LEN:
+            raise ValueError(f"a dialogue of {batch.pad_mask.shape[1]} utterances exceeds the positional table "
+                             f"({MAX_LEN})")
+        lay = self.layout(batch.pad_mask)
         h = self.backbone(batch, lay)
-        rows = {f"{m}_logit": getattr(self, f"{m}_output_layer")(h[m]) for m in MODALITIES + ("all",)}  # (N, C)
+        rows = {f"{m}_logit": getattr(self, f"{m}_output_layer")(h[m]) for m in HEADS}  # (R, C)
         if features:
-            rows["all_transformer_out"] = h["all"]                                  # (N, H)
+            rows["all_transformer_out"] = h["all"]                                  # (R, H)
         if anchors is not None:
-            anchors = anchors.float()
-            for m in MODALITIES + ("all",):
-                proj = getattr(self, f"{m}_clip_proj")(h[m])                       # (N, K)
-                # In float32 even under autocast: logits near +-100 in fp16 would be rounded to steps of
-                # 1/32-1/16 before the CE and KL terms (the reference's autocast does; this small product is cheap).
-                with torch.autocast(proj.device.type, enabled=False):
-                    proj = F.normalize(proj.float(), dim=-1)
-                    rows[f"{m}_clip_logit"] = 100.0 * proj @ anchors.t()            # (N, C)
+            rows.update(self.anchor_logits(h, anchors))
             rows.update(self.probability_mixes(rows["all_logit"], rows["all_clip_logit"]))
         out = {k: lay.to_padded(v) for k, v in rows.items()}                        # (B, L, ...)
         temps = ("cls", "clip") if anchors is not None else ("cls",)
@@ -406,13 +263,106 @@ class VEGA(nn.Module):
                 out[f"{m}_{kind}_temp"] = getattr(self, f"{m}_{kind}_temp").exp()
         return out
 
+    # ------------------------------------------------------------ 2.2 VEGA branch
+    def anchor_logits(self, h, anchors):
+        """Per head, 100 x cosine(projection of its features, each class anchor): {'<m>_clip_logit': (R, C)}.
+
+        In float32 even under autocast: logits near +-100 in fp16 would be rounded to steps of 1/32-1/16 before
+        the CE and KL terms (the reference's autocast does; README lists it among the deliberate differences)."""
+        logits = {}
+        for m in HEADS:
+            proj = getattr(self, f"{m}_clip_proj")(h[m])                           # (R, K)
+            with torch.autocast(proj.device.type, enabled=False):
+                proj = F.normalize(proj.float(), dim=-1)
+                logits[f"{m}_clip_logit"] = ANCHOR_LOGIT_SCALE * proj @ anchors.float().t()  # (R, C)
+        return logits
+
     def probability_mixes(self, cls_logit, clip_logit):
         """The reference's two unused outputs (spec 2.2), kept so its outputs can be compared."""
-        p, q = torch.softmax(cls_logit.float(), -1), torch.softmax(clip_logit.float(), -1)  # (N, C)
+        p, q = torch.softmax(cls_logit.float(), -1), torch.softmax(clip_logit.float(), -1)  # (R, C)
         g = torch.sigmoid(self.prob_gate_logit)
         average = g * p + (1 - g) * q
         p_wins = p.max(-1, keepdim=True).values > q.max(-1, keepdim=True).values   # Q on a tie
         return {"average_prob": average, "max_prob": torch.where(p_wins, p, q)}
 
-    def backbone_state_dict(self):
-        return {k: v.detach().cpu() for k, v in self.state_dict().items() if is_backbone_key(k)}
+
+def pick_anchors(bank, training, rand, rng=random):
+    """The (C, K) anchors of one forward pass, L2-normalised (spec 2.2). bank: vega_utils.anchor_utils.AnchorBank.
+
+    Training: with probability `rand` one uniformly drawn image per class, otherwise the class centres.
+    Evaluation always uses the centres (the reference also draws there; see README).
+    """
+    if training and rng.random() < rand:
+        chosen = torch.stack([b[rng.randrange(b.shape[0])] for b in bank.banks])   # (C, K)
+    else:
+        chosen = bank.centers
+    return F.normalize(chosen.float(), dim=-1)
+
+
+# ---------------------------------------------------------------- 2.3 losses
+# (config lambda key, head, loss term name), per loss group
+LOSS_GROUPS = {
+    "cls": [("cls_all_lambda", "all", "cls_all"), ("cls_t_lambda", "t", "cls_t"),
+            ("cls_a_lambda", "a", "cls_a"), ("cls_v_lambda", "v", "cls_v")],
+    "cls_kl": [("t_cls_all_cls_kl_lambda", "t", "kl_t"), ("a_cls_all_cls_kl_lambda", "a", "kl_a"),
+               ("v_cls_all_cls_kl_lambda", "v", "kl_v")],
+    "clip": [("t_clip_lambda", "t", "clip_t"), ("a_clip_lambda", "a", "clip_a"),
+             ("v_clip_lambda", "v", "clip_v"), ("all_clip_lambda", "all", "clip_all")],
+    "clip_kl": [("t_clip_all_clip_kl_lambda", "t", "clip_kl_t"), ("a_clip_all_clip_kl_lambda", "a", "clip_kl_a"),
+                ("v_clip_all_clip_kl_lambda", "v", "clip_kl_v")],
+}
+GROUP_LAMBDAS = {"cls": "cls_lambda", "cls_kl": "cls_all_cls_kl_lambda", "clip": "clip_lambda",
+                 "clip_kl": "clip_all_clip_kl_lambda"}
+
+
+def weighted_ce(logits, labels, class_weights):
+    """Cross-entropy with fixed class weights: sum_i w_yi * nll_i / sum_i w_yi. logits (N, C), labels (N,)."""
+    return F.cross_entropy(logits.float(), labels, weight=class_weights)
+
+
+def distill_kl(student, teacher, temperature):
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over (utterance, class) elements.
+
+    The teacher is not detached: as in the reference, gradients reach the fused head through this term.
+    Computed as F.kl_div(log q, p) does, p log p - p log q with p log p = xlogy(p, p), except that the log's
+    argument has 1 where p is 0. Same values (xlogy(0, y) = 0), but kl_div's gradient of xlogy(p, p) in its
+    second p is p / p: NaN where p underflows to 0, as it does once a teacher logit gap exceeds ~104 T
+    (confident late training; issue 19). With 1 there, those entries pass gradient 0, the true limit.
+    """
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    p = F.softmax(teacher.float() / temperature, dim=-1)
+    kl = torch.xlogy(p, torch.where(p > 0, p, 1.0)) - p * log_q
+    return kl.mean() * temperature * temperature
+
+
+def compute_losses(out, batch, cfg, class_weights):
+    """Every loss term by name (unweighted), the four weighted group sums and 'total'. Valid utterances only.
+
+        cls     = sum_m l_m CE(m)                     cls_kl  = sum_m l'_m KL(m, all, T_m^cls)
+        clip    = sum_m l''_m CE(m_clip)              clip_kl = sum_m l'''_m KL(m_clip, all_clip, T_m^clip)
+        total   = cls_lambda cls + cls_all_cls_kl_lambda cls_kl + clip_lambda clip + clip_all_clip_kl_lambda clip_kl
+    """
+    valid = ~batch.pad_mask                                                     # (B, L)
+    labels = batch.labels[valid]                                                # (N,)
+    rows = {k: v[valid] for k, v in out.items() if k.endswith("_logit")}       # (N, C) each
+    term_fns = {
+        "cls": lambda m: weighted_ce(rows[f"{m}_logit"], labels, class_weights),
+        "cls_kl": lambda m: distill_kl(rows[f"{m}_logit"], rows["all_logit"], out[f"{m}_cls_temp"]),
+        "clip": lambda m: weighted_ce(rows[f"{m}_clip_logit"], labels, class_weights),
+        "clip_kl": lambda m: distill_kl(rows[f"{m}_clip_logit"], rows["all_clip_logit"], out[f"{m}_clip_temp"]),
+    }
+    vega = "all_clip_logit" in out
+    switched_on = {"cls": cfg.cls_loss, "cls_kl": cfg.cls_all_cls_kl_loss, "clip": cfg.clip_loss and vega,
+                   "clip_kl": cfg.clip_loss and vega and cfg.clip_all_clip_kl_loss}
+    terms, groups = {}, {}
+    for group, spec in LOSS_GROUPS.items():
+        if not switched_on[group]:
+            continue
+        groups[group] = 0.0
+        for lambda_key, m, term in spec:
+            terms[term] = term_fns[group](m)
+            groups[group] = groups[group] + getattr(cfg, lambda_key) * terms[term]
+    if not groups:
+        raise ValueError("every loss group is switched off: nothing to train")
+    total = sum(getattr(cfg, GROUP_LAMBDAS[g]) * v for g, v in groups.items())
+    return {**terms, **groups, "total": total}

@@ -59,8 +59,6 @@ def run_variant(args):
     from vega_utils.report import classification_metrics
 
     fast = args.variant == "b"
-    if not fast:
-        bench_epoch.use_stock_layers()
     device = torch.device("cpu")
     info = dataset_info("IEMOCAP")
     for seed in args.seeds:
@@ -72,7 +70,7 @@ def run_variant(args):
         data = load_dialogues(cfg.data_path, cfg.Dataset)
         bank = load_anchor_cache(cfg.anchor_path, info.class_names)
         loaders = make_loaders(data, cfg)
-        model = VEGA(cfg)
+        model = main.build_model(cfg) if fast else VEGA(cfg)   # (a): model.py as it is
         weights = torch.tensor(info.class_weights)
         rng = random.Random(seed)
         amp_dtype = train.resolve_amp(cfg.amp, device)

@@ -4,20 +4,19 @@
     python bench/bench_epoch.py --quick          # a few batches, a sanity check of the script itself
     python bench/bench_epoch.py --device cuda    # when a GPU is lent
 
-(a) straightforward: the reference's computation written the plain way — float32, every padded utterance
-    position through every layer (compute_padding=True), stock PyTorch layers (nn.Dropout, autograd's Linear
-    and Conv1d, see use_stock_layers), torch.optim.AdamW with its defaults; evaluation = the same padded float32
-    forward with the VEGA branch and every loss term, as the reference evaluates.
-(a0) for reference only (--variants a0): the same padded float32 computation with this project's layer code
-    (its cheaper dropout mask and matmul backward).
-(b) default: exactly what `python run.py` runs — train.train_epoch / train.eval_epoch on the packed rows,
+(a) straightforward: model.py's plain VEGA as it is (nothing swapped or patched): the reference's computation,
+    float32, every padded utterance position through every layer, stock PyTorch layers (nn.Linear, nn.Conv1d,
+    nn.Dropout), torch.optim.AdamW with its defaults; evaluation = the same padded float32 forward with the VEGA
+    branch and every loss term, as the reference evaluates.
+(b) default: exactly what `python run.py` runs — main.build_model (the fast package's modules swapped into the
+    plain model), train.train_epoch / train.eval_epoch on the packed rows,
     resolve_amp('auto') for training (bf16 autocast on the CPU, fp16 + GradScaler on CUDA), resolve_eval_amp('auto')
     for evaluation (float32 on the CPU, fp16 autocast on CUDA), main.build_optimizer, and main.train_run's
     threads (vega_utils/threads.py: --threads' default; idle OpenMP threads sleep while other processes keep the
     cores busy).
 (b0) for reference only (--variants a,b,b0): (b) with torch's default threads and no CoreShare, as before
     issue 17: on an idle machine (b) and (b0) should not differ.
-(a) and (a0) keep torch's defaults, as the reference runs.
+(a) keeps torch's defaults, as the reference runs.
 Timing: one untimed warm-up epoch, then --reps epochs, each a training epoch followed by an evaluation pass; the
 variants run in their own processes, taking turns epoch by epoch (a, b, a, b, ...) so that a machine whose speed
 drifts (other tenants) weighs on both alike.
@@ -44,13 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=5, help="timed epochs per variant (median reported)")
     p.add_argument("--quick", action="store_true", help="tiny data (a few batches), 1 rep: checks the script")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--variants", default="a,b", help="comma-separated subset of a,b,a0,b0")
+    p.add_argument("--variants", default="a,b", help="comma-separated subset of a,b,b0")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no_eval_vega", dest="eval_vega", action="store_false",
                    help="(b) evaluates without the VEGA branch (no VEGA test-loss terms; predictions unchanged)")
     p.add_argument("--eval_amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="(b)'s evaluation precision (default: run.py's, float32 on the CPU)")
-    p.add_argument("--variant", choices=["a", "a0", "b", "b0"], help=argparse.SUPPRESS)   # child process mode
+    p.add_argument("--variant", choices=["a", "b", "b0"], help=argparse.SUPPRESS)   # child process mode
     p.add_argument("--data_dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -68,35 +67,14 @@ def make_data(folder, quick):
 
 
 # ---------------------------------------------------------------- one variant (child process)
-def use_stock_layers():
-    """Swap this project's faster layer code for the stock PyTorch ops the reference uses (process-wide).
-
-    model.Dropout -> nn.Dropout's forward (bernoulli mask); model.LinearFn -> F.linear / F.conv1d with
-    autograd's own backward. Same parameters, same numbers up to rounding.
-    """
-    import torch.nn as nn
-    import torch.nn.functional as F
-    import model
-
-    class StockLinearFn:
-        @staticmethod
-        def apply(x, weight, bias, exact_conv):
-            if exact_conv:
-                return F.conv1d(x.unsqueeze(-1), weight.unsqueeze(-1), bias).squeeze(-1)
-            return F.linear(x, weight, bias)
-
-    model.Dropout.forward = nn.Dropout.forward
-    model.LinearFn = StockLinearFn
-
-
 def straightforward_train_epoch(model, loader, optimizer, cfg, bank, class_weights, device, rng):
     """The reference's training step: padded float32 forward, every loss, backward, AdamW."""
-    import train
+    from model import compute_losses, pick_anchors
     model.train()
     for batch in loader:
         batch = batch.to(device)
-        out = model(batch, bank.pick(training=True, rand=cfg.rand, rng=rng), compute_padding=True)
-        loss = train.compute_losses(out, batch, cfg, class_weights)["total"]
+        out = model(batch, pick_anchors(bank, training=True, rand=cfg.rand, rng=rng))
+        loss = compute_losses(out, batch, cfg, class_weights)["total"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -106,15 +84,15 @@ def straightforward_train_epoch(model, loader, optimizer, cfg, bank, class_weigh
 def straightforward_eval(model, loader, cfg, bank, class_weights, device):
     """The reference's evaluation: padded float32 forward with the VEGA branch, every loss, predictions."""
     import torch
-    import train
+    from model import compute_losses, pick_anchors
     model.eval()
-    anchors = bank.pick(training=False, rand=cfg.rand)
+    anchors = pick_anchors(bank, training=False, rand=cfg.rand)
     preds, labels = [], []
     with torch.no_grad():
         for batch in loader:
             batch = batch.to(device)
-            out = model(batch, anchors, compute_padding=True)
-            float(train.compute_losses(out, batch, cfg, class_weights)["total"])
+            out = model(batch, anchors)
+            float(compute_losses(out, batch, cfg, class_weights)["total"])
             preds.append(out["all_logit"][~batch.pad_mask].argmax(-1).cpu())
             labels.append(batch.labels[~batch.pad_mask].cpu())
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
@@ -137,8 +115,6 @@ def run_variant(args):
     fast = args.variant in ("b", "b0")
     if args.variant == "b":   # as run.py and main.train_run
         apply_threads(default_threads())
-    if args.variant == "a":
-        use_stock_layers()
     cfg = resolve(load_preset("IEMOCAP").replace(
         data_path=os.path.join(args.data_dir, "IEMOCAP.pkl"), anchor_path=os.path.join(args.data_dir, "anchor.pt"),
         clip_dim=512, num_workers=0, device=args.device, amp="auto" if fast else "off",
@@ -148,7 +124,7 @@ def run_variant(args):
     data = load_dialogues(cfg.data_path, cfg.Dataset)
     bank = load_anchor_cache(cfg.anchor_path, info.class_names).to(device)
     loaders = make_loaders(data, cfg, pin_memory=device.type == "cuda")
-    model = VEGA(cfg).to(device)
+    model = main.build_model(cfg, device) if fast else VEGA(cfg).to(device)   # (a): model.py as it is
     if args.variant == "b" and device.type == "cpu":
         CoreShare(torch.get_num_threads()).start()   # for the life of the process, as main.train_run's run
     class_weights = torch.tensor(info.class_weights, device=device)
@@ -242,7 +218,7 @@ def summarise(r):
 
 
 def print_table(results, device):
-    names = {"a": "(a) straightforward", "a0": "(a0) padded fp32, project layers", "b": "(b) default fast path",
+    names = {"a": "(a) straightforward", "b": "(b) default fast path",
              "b0": "(b0) (b) before issue 17"}
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
     print(f"| variant | train s/epoch (median) | train utt/s | eval s/pass (median) | eval utt/s | {mem} |")

@@ -77,7 +77,6 @@ def run_child(args):
     import main
     import train
     from dataloader import load_dialogues, make_loaders
-    from model import VEGA
     from run import DEMO
     from vega_utils.anchor_utils import load_anchor_cache
     from vega_utils.common import dataset_info, seed_everything
@@ -95,7 +94,7 @@ def run_child(args):
     info = dataset_info(cfg.Dataset)
     bank = load_anchor_cache(cfg.anchor_path, info.class_names)
     loader = make_loaders(data, cfg)["train"]
-    model = VEGA(cfg)
+    model = main.build_model(cfg)
     share = CoreShare(torch.get_num_threads()).start() if base == "new" else None   # as main.train_run
     device = torch.device("cpu")
     amp_dtype = train.resolve_amp(cfg.amp, device)

@@ -69,11 +69,10 @@ class Trap:
 
     @contextlib.contextmanager
     def armed(self, on):
-        import model
-        from vega_utils import cpu_kernels, shadow_weights
+        from fast import cpu_kernels, layers, shadow_weights
         saved = [(cpu_kernels, "kernel", cpu_kernels.kernel),
                  (shadow_weights.ShadowAdam, "__init__", shadow_weights.ShadowAdam.__init__),
-                 (model, "ONEDNN_LINEAR", model.ONEDNN_LINEAR)]
+                 (layers, "ONEDNN_LINEAR", layers.ONEDNN_LINEAR)]
 
         def trap(*a, **k):
             self.reached += 1
@@ -81,7 +80,7 @@ class Trap:
         if on:
             cpu_kernels.kernel = trap
             shadow_weights.ShadowAdam.__init__ = trap
-            model.ONEDNN_LINEAR = False   # the oneDNN branch is then never taken; kernel() traps the rest
+            layers.ONEDNN_LINEAR = False   # the oneDNN branch is then never taken; kernel() traps the rest
         try:
             yield
         finally:

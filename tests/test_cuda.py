@@ -20,25 +20,25 @@ CUDA = torch.device("cuda")
 @pytest.fixture
 def no_cpu_only_code(monkeypatch):
     """Fail if anything built for the CPU runs: the C kernels, ShadowAdam, oneDNN's linear."""
-    import model
-    from vega_utils import cpu_kernels, shadow_weights
+    from fast import cpu_kernels, shadow_weights
 
     def forbidden(*a, **k):
         raise AssertionError("CPU-only code reached in a CUDA run")
     monkeypatch.setattr(cpu_kernels, "kernel", forbidden)
     monkeypatch.setattr(shadow_weights.ShadowAdam, "__init__", forbidden)
-    monkeypatch.setattr(model.torch.ops.mkldnn, "_linear_pointwise", forbidden, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", forbidden, raising=False)
 
 
 @pytest.mark.parametrize("name", ["iemocap", "meld"])
-@pytest.mark.parametrize("compute_padding", [True, False], ids=["padded", "packed"])
-def test_parity_float32_on_cuda(name, compute_padding, no_cpu_only_code):
+@pytest.mark.parametrize("kind", ["plain", "fast"])
+def test_parity_float32_on_cuda(name, kind, no_cpu_only_code):
     import train
+    from fast import accelerate
     from test_parity import check_against_reference, fixture_setup
     train.exact_float32(CUDA)
     fx, cfg, model, batch, anchors, weights = fixture_setup(name)
-    check_against_reference(fx, cfg, model.to(CUDA), batch.to(CUDA), anchors.to(CUDA), weights.to(CUDA),
-                            compute_padding)
+    model = accelerate(model) if kind == "fast" else model
+    check_against_reference(fx, cfg, model.to(CUDA), batch.to(CUDA), anchors.to(CUDA), weights.to(CUDA))
 
 
 def small_cuda_cfg(files, out, **kw):

@@ -5,17 +5,17 @@ import torch
 import inference
 import main
 import train
-from model import VEGA
-from vega_utils import checkpoint, cpu_kernels
+from fast import cpu_kernels
+from vega_utils import checkpoint
 from vega_utils.common import VegaError
 from vega_utils.config import load_preset, resolve
-from vega_utils.shadow_weights import ShadowAdam
+from fast.shadow_weights import ShadowAdam
 
 
 def small_model(seed=0):
     torch.manual_seed(seed)
     cfg = resolve(load_preset("IEMOCAP").replace(hidden_dim=32, n_head=4, clip_dim=16, device="cpu"))
-    return cfg, VEGA(cfg)
+    return cfg, main.build_model(cfg)
 
 
 def one_backward(model, scaler=None):

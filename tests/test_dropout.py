@@ -1,12 +1,12 @@
-"""The CPU kernels (vega_utils/cpu_kernels.py): dropout and gelu_tanh + dropout, and the torch-only fallback."""
+"""The CPU kernels (fast/cpu_kernels.py): dropout and gelu_tanh + dropout, and the torch-only fallback."""
 import os
 import shutil
 
 import pytest
 import torch
 
-from model import Dropout
-from vega_utils import cpu_kernels
+from fast.layers import FastDropout as Dropout
+from fast import cpu_kernels
 
 P = 0.53
 

@@ -1,13 +1,12 @@
-"""bf16 CPU products and kernels of model.py: oneDNN's linear, the fused multimodal gate (vega_utils/cpu_kernels.py)."""
+"""bf16 CPU products and kernels of the fast package: oneDNN's linear, the fused multimodal gate (fast/cpu_kernels.py)."""
 import os
 import shutil
 
 import pytest
 import torch
 
-import model
-from model import MultimodalGate
-from vega_utils import cpu_kernels
+from fast import accelerate, cpu_kernels, layers
+from model import VEGA, MultimodalGate
 
 needs_kernels = pytest.mark.skipif(os.environ.get("VEGA_CPU_KERNELS") == "0" or
                                    (shutil.which("gcc") is None and shutil.which("cc") is None),
@@ -51,7 +50,7 @@ def test_softmax_mix3_kernel():
 @needs_kernels
 def test_gate_takes_the_kernel_in_bf16_and_agrees_with_float32():
     torch.manual_seed(1)
-    gate = MultimodalGate(64)
+    gate = accelerate(MultimodalGate(64))
     hs = [torch.randn(50, 64) for _ in range(3)]
     ref = gate(*hs)                                                            # float32: torch's ops
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -60,15 +59,15 @@ def test_gate_takes_the_kernel_in_bf16_and_agrees_with_float32():
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)           # bf16 products and inputs
 
 
-@pytest.mark.skipif(not model.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 def test_bf16_linear_is_addmm_without_the_bias_copy():
     torch.manual_seed(2)
     x, w, b = torch.randn(333, 768), torch.randn(512, 768), torch.randn(512)
     expected = torch.nn.functional.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = model.linear(x, w, b)                               # autocast's casts, then oneDNN's linear
+        y = layers.linear(x, w, b)                               # autocast's casts, then oneDNN's linear
     assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
-    assert torch.equal(model.linear(x, w, b), torch.nn.functional.linear(x, w, b))   # float32: aten's own
+    assert torch.equal(layers.linear(x, w, b), torch.nn.functional.linear(x, w, b))   # float32: aten's own
 
 
 @needs_kernels
@@ -98,7 +97,7 @@ def nan_filled_training_step(amp):
     from vega_utils.config import load_preset, resolve
     cfg = resolve(load_preset("IEMOCAP").replace(hidden_dim=64, n_head=4, clip_dim=16))
     torch.manual_seed(0)
-    net = model.VEGA(cfg).train()
+    net = accelerate(VEGA(cfg)).train()
     lengths = [110, 9, 100, 20, 8, 57]   # several grids, spare rows, padding positions in the grids
     pad = torch.arange(max(lengths))[None, :] >= torch.tensor(lengths)[:, None]
     feats = {k: torch.randn(len(lengths), max(lengths), d) * (~pad)[..., None]

@@ -14,7 +14,8 @@ import inference
 import train
 from conftest import ROOT, reference_file
 from dataloader import load_dialogues, make_loaders
-from model import VEGA, is_backbone_key
+from model import VEGA
+from vega_utils.checkpoint import backbone_state_dict, is_backbone_key
 from vega_utils import checkpoint, report
 from vega_utils.common import dataset_info
 from vega_utils.config import load_preset, resolve
@@ -83,7 +84,7 @@ def test_published_format_default_config_needs_no_flags(tmp_path, data_path):
     """The full-size default model, saved as the authors did (backbone keys only), scored with no model flags."""
     cfg, model = build(data_path)
     path = tmp_path / "IEMOCAP.pth"
-    torch.save(model.backbone_state_dict(), path)
+    torch.save(backbone_state_dict(model), path)
     frame, scores = score_files(tmp_path, path, data_path)
     assert_same_scores(frame, scores, expected(model, cfg))
     assert "no config" in scores["config_source"]
@@ -92,8 +93,8 @@ def test_published_format_default_config_needs_no_flags(tmp_path, data_path):
 def test_published_format_other_config(tmp_path, data_path):
     cfg, model = build(data_path, **OTHER)
     path = tmp_path / "other.pth"
-    torch.save(model.backbone_state_dict(), path)
-    assert any(k.startswith("all_output_layer.2.") for k in model.backbone_state_dict())
+    torch.save(backbone_state_dict(model), path)
+    assert any(k.startswith("all_output_layer.2.") for k in backbone_state_dict(model))
     frame, scores = score_files(tmp_path, path, data_path, *flags(OTHER))
     assert_same_scores(frame, scores, expected(model, cfg))
 
@@ -103,7 +104,7 @@ def test_other_layouts_score_the_same(tmp_path, data_path, layout, capsys):
     cfg, model = build(data_path, **OTHER)
     path, extra = tmp_path / "ckpt.pth", flags(OTHER)
     if layout == "state_dict_entry":
-        torch.save({"state_dict": model.backbone_state_dict()}, path)
+        torch.save({"state_dict": backbone_state_dict(model)}, path)
     elif layout == "project":
         checkpoint.save_best(path, model, cfg, epoch=3, metrics={"weighted_f1": 0.5})
         extra = []   # the config travels with the file
@@ -178,7 +179,7 @@ def error_of(capsys, checkpoint_path, data_path, *extra):
 def test_a_checkpoint_of_another_config_names_the_fix(tmp_path, data_path, capsys, built, flags, expected):
     _, model = build(data_path, **built)
     path = tmp_path / "other.pth"
-    torch.save(model.backbone_state_dict(), path)
+    torch.save(backbone_state_dict(model), path)
     err = error_of(capsys, path, data_path, *flags)
     for text in expected:
         assert text in err, text
@@ -186,7 +187,7 @@ def test_a_checkpoint_of_another_config_names_the_fix(tmp_path, data_path, capsy
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path, data_path, capsys):
     _, model = build(data_path, **SMALL)
-    state = model.backbone_state_dict()
+    state = backbone_state_dict(model)
     del state["t_t_gate.fc.weight"]
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "broken.pth"
@@ -197,7 +198,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, data_path, capsys):
 
 def test_many_missing_keys_are_capped(tmp_path, data_path, capsys):
     _, model = build(data_path, **SMALL)
-    state = {k: v for k, v in model.backbone_state_dict().items() if not k.startswith("t_t.")}
+    state = {k: v for k, v in backbone_state_dict(model).items() if not k.startswith("t_t.")}
     path = tmp_path / "partial.pth"
     torch.save(state, path)
     err = error_of(capsys, path, data_path, *flags(SMALL))
@@ -232,10 +233,10 @@ def test_unreadable_files(tmp_path, data_path, capsys, kind):
     if kind == "text":
         path.write_text("this is not a checkpoint\n")
     elif kind == "truncated":
-        torch.save(model.backbone_state_dict(), path)
+        torch.save(backbone_state_dict(model), path)
         path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     elif kind == "pickled_object":
-        torch.save({"state_dict": model.backbone_state_dict(), "loader": np.random.default_rng(0)}, path)
+        torch.save({"state_dict": backbone_state_dict(model), "loader": np.random.default_rng(0)}, path)
     elif kind == "no_state_dict":
         torch.save({"weights": [1, 2, 3]}, path)
     err = error_of(capsys, path, data_path, *flags(SMALL))

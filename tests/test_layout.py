@@ -1,13 +1,14 @@
-"""layout.py: packed rows and length-grouped attention grids give the padded computation's numbers."""
+"""fast/layout.py: packed rows and length-grouped attention grids give the padded computation's numbers."""
+import copy
 import itertools
 import random
 
 import pytest
 import torch
 
-import model as model_module
-from layout import KEY_BUCKET, ROW_BUCKET, group_by_length, make_layout, round_up
-from model import VEGA
+from fast import accelerate, layers
+from fast.layout import KEY_BUCKET, ROW_BUCKET, group_by_length, make_layout, round_up
+from model import VEGA, PaddedLayout
 from vega_utils.config import load_preset, resolve
 
 
@@ -50,7 +51,7 @@ def test_layout_places_every_utterance_once(grouped, suffix):
     torch.manual_seed(1)
     for B, L in [(1, 8), (9, 110), (31, 112), (5, 3)]:
         pad = random_pad_mask(rng, B, L, suffix)
-        lay = make_layout(pad, compute_padding=False, grouped=grouped)
+        lay = make_layout(pad, grouped=grouped)
         n_valid = int((~pad).sum())
         assert lay.n_rows >= n_valid and (not grouped or lay.n_rows == round_up(n_valid, ROW_BUCKET))
         # rows -> (dialogue, position) through the grids; the first N rows are the valid utterances in order
@@ -107,27 +108,28 @@ def make_batch(cfg, lengths):
 def test_grouped_grids_compute_the_padded_numbers(monkeypatch):
     """Float32 through several length-grouped grids: outputs and gradients equal the padded computation."""
     cfg, model = small_model()
+    fast = accelerate(copy.deepcopy(model))
     batch = make_batch(cfg, [110, 9, 100, 20, 8, 57])
     anchors = torch.nn.functional.normalize(torch.randn(cfg.n_classes, cfg.clip_dim), dim=-1)
-    ref = model(batch, anchors, compute_padding=True)
+    ref = model(batch, anchors)                                   # model.py's padded computation
     calls = []
 
-    def grouped_layout(pad_mask, compute_padding, grouped):
-        lay = make_layout(pad_mask, compute_padding, grouped=True)
+    def grouped_layout(pad_mask, grouped, max_position=None):
+        lay = make_layout(pad_mask, grouped=True, max_position=max_position)
         calls.append(len(lay.grids))
         return lay
 
-    monkeypatch.setattr(model_module, "make_layout", grouped_layout)
-    out = model(batch, anchors)
+    monkeypatch.setattr(layers, "make_layout", grouped_layout)
+    out = fast(batch, anchors)
     assert calls and calls[0] >= 2
     valid = ~batch.pad_mask
     for k in ("all_logit", "t_logit", "all_clip_logit", "all_transformer_out"):
         torch.testing.assert_close(out[k][valid], ref[k][valid], rtol=1e-5, atol=1e-5)
     grads = {}
-    for name, o in (("ref", ref), ("grouped", out)):
-        model.zero_grad()
+    for name, o, net in (("ref", ref, model), ("grouped", out, fast)):
+        net.zero_grad()
         (o["all_logit"][valid].square().sum() + o["v_clip_logit"][valid].sum()).backward()
-        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads[name] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     scale = max(g.abs().max() for g in grads["ref"].values())
     for n, g in grads["ref"].items():
         # relative to the largest gradient entry: some are zero but for rounding (a key bias shifts every score)
@@ -135,12 +137,20 @@ def test_grouped_grids_compute_the_padded_numbers(monkeypatch):
         assert err < 1e-5, (n, err.item())
 
 
-@pytest.mark.parametrize("kind", ["padded", "packed", "grouped"])
+def test_padded_layout_grid_is_the_batch():
+    pad = random_pad_mask(random.Random(3), 9, 110)
+    lay, x = PaddedLayout(pad), torch.randn(9 * 110, 32)
+    (grid,) = lay.to_grids(x, 4)
+    assert grid.shape == (9, 4, 110, 8) and torch.equal(grid[2, 1, 5], x[2 * 110 + 5, 8:16])
+    assert torch.equal(lay.from_grids([grid]), x) and torch.equal(lay.key_pads[0], pad)
+
+
+@pytest.mark.parametrize("kind", ["packed", "grouped"])
 def test_rows_to_grids_and_back(kind):
     """to_grids puts each row at its (slot, position) of its grid, zeros elsewhere; from_grids reads them back."""
     rng = random.Random(3)
     pad = random_pad_mask(rng, 9, 110)
-    lay = make_layout(pad, compute_padding=kind == "padded", grouped=kind == "grouped")
+    lay = make_layout(pad, grouped=kind == "grouped")
     h, H = 4, 32
     for contiguous in (True, False):
         for scratch in (None, "q"):
@@ -163,6 +173,7 @@ def test_fused_evaluation_attention_matches_the_plain_one():
     """bf16 evaluation takes the fused attention on reused grid buffers; with gradients on, the same model and
     layout take the plain batched-matmul path. Both compute the same numbers up to bf16 rounding."""
     cfg, model = small_model()
+    model = accelerate(model)
     batch = make_batch(cfg, [110, 9, 100, 20, 8, 57])
     valid = ~batch.pad_mask
     outs = {}

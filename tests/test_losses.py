@@ -1,4 +1,4 @@
-"""train.distill_kl when the teacher is confident enough that its softmax underflows to exact zeros (issue 19:
+"""model.distill_kl when the teacher is confident enough that its softmax underflows to exact zeros (issue 19:
 a default bf16 MELD run that died at epoch 60 with NaN gradients from a finite loss)."""
 import math
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import main
 import train
 from dataloader import load_dialogues, make_loaders
-from model import VEGA
+from model import compute_losses, distill_kl, pick_anchors
 from vega_utils.common import dataset_info
 from vega_utils.config import load_preset, resolve
 from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
@@ -34,7 +34,7 @@ def test_gradients_are_finite_where_the_teacher_probability_is_zero():
     student.requires_grad_()
     assert (F.softmax(teacher / log_temp.exp(), -1) == 0).any()   # the state the run reached
     with torch.autograd.detect_anomaly(check_nan=True):   # no NaN anywhere in the backward, not even masked
-        loss = train.distill_kl(student, teacher, log_temp.exp())
+        loss = distill_kl(student, teacher, log_temp.exp())
         loss.backward()
     for name, t in (("student", student), ("teacher", teacher), ("temperature", log_temp)):
         assert torch.isfinite(t.grad).all(), name
@@ -52,7 +52,7 @@ def test_value_and_gradient_are_the_spec_formula():
     student, teacher = torch.randn(40, 7) * 4, torch.randn(40, 7) * 4
     temperature = torch.tensor(1.7)
     ours = [x.clone().requires_grad_() for x in (student, teacher)]
-    loss = train.distill_kl(*ours, temperature)
+    loss = distill_kl(*ours, temperature)
     loss.backward()
     kl_div = F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1),
                       reduction="none").mean() * temperature * temperature
@@ -79,16 +79,16 @@ def test_confident_model_trains_on(tmp_path, amp):
     bank, cfg = main.load_anchors(cfg)
     batch = next(iter(make_loaders(load_dialogues(cfg.data_path, cfg.Dataset), cfg)["train"]))
     torch.manual_seed(0)
-    model = VEGA(cfg)
+    model = main.build_model(cfg)
     optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
     with torch.no_grad():   # class 0 by ~240 logits: over 104 T (T = 2 at the start) in every utterance
         model.all_output_layer[-1].bias.copy_(torch.tensor([120.0, -120, 0, 0, 0, 0])[:cfg.n_classes])
     model.train()
     with train.autocast(device, amp_dtype):
-        out = model(batch, bank.pick(training=False, rand=0.0))
+        out = model(batch, pick_anchors(bank, training=False, rand=0.0))
     teacher = out["all_logit"][~batch.pad_mask].float()
     assert (F.softmax(teacher / out["t_cls_temp"], -1) == 0).any()
-    losses = train.compute_losses(out, batch, cfg, torch.tensor(dataset_info(cfg.Dataset).class_weights))
+    losses = compute_losses(out, batch, cfg, torch.tensor(dataset_info(cfg.Dataset).class_weights))
     assert torch.isfinite(losses["total"])
     losses["total"].backward()
     grads = train.gradients(optimizer)

@@ -1,4 +1,5 @@
 """The reference's own numbers (tests/fixtures): outputs, losses and gradients, spec section 6."""
+import copy
 import json
 
 import pytest
@@ -6,9 +7,10 @@ import torch
 
 from conftest import reference_file, rel_err
 from dataloader import batch_from_reference
-from model import VEGA, is_backbone_key
-from train import compute_losses
+from fast import accelerate, is_accelerated
+from model import VEGA, compute_losses, pick_anchors
 from vega_utils.anchor_utils import AnchorBank
+from vega_utils.checkpoint import backbone_state_dict, is_backbone_key
 from vega_utils.common import dataset_info
 from vega_utils.config import Config, load_preset, resolve
 
@@ -25,7 +27,8 @@ def fixture_setup(name):
     model.load_state_dict(fx["state_dict"], strict=True)
     model.eval()
     batch = batch_from_reference(fx["batch"], cfg.n_speakers)
-    anchors = AnchorBank.from_reference_dict(fx["anchor_dict"], info.class_names).pick(training=False, rand=cfg.rand)
+    anchors = pick_anchors(AnchorBank.from_reference_dict(fx["anchor_dict"], info.class_names), training=False,
+                           rand=cfg.rand)
     return fx, cfg, model, batch, anchors, torch.tensor(info.class_weights)
 
 
@@ -34,15 +37,19 @@ def fixture(request):
     return fixture_setup(request.param)
 
 
-@pytest.mark.parametrize("compute_padding", [True, False], ids=["padded", "packed"])
-def test_outputs_losses_grads_match_reference(fixture, compute_padding):
-    check_against_reference(*fixture, compute_padding)
+@pytest.mark.parametrize("kind", ["plain", "fast"])
+def test_outputs_losses_grads_match_reference(fixture, kind):
+    """model.py's plain VEGA, and the same weights with the fast package's modules swapped in."""
+    fx, cfg, model, *rest = fixture
+    check_against_reference(fx, cfg, accelerate(copy.deepcopy(model)) if kind == "fast" else model, *rest)
 
 
-def check_against_reference(fx, cfg, model, batch, anchors, weights, compute_padding):
-    """Outputs, losses and gradients of `model` (on any device, float32) against the reference's, spec section 6."""
+def check_against_reference(fx, cfg, model, batch, anchors, weights):
+    """Outputs, losses and gradients of `model` (plain or accelerated, on any device, float32) against the
+    reference's, spec section 6."""
+    packed = is_accelerated(model)
     model.zero_grad()
-    out = model(batch, anchors, compute_padding=compute_padding)
+    out = model(batch, anchors)
     losses = compute_losses(out, batch, cfg, weights)
     losses["total"].backward()
 
@@ -51,7 +58,7 @@ def check_against_reference(fx, cfg, model, batch, anchors, weights, compute_pad
         if ref is None:       # fusion_logit / fusion_prob: always None in the reference
             continue
         ours = out[key].cpu()
-        if not compute_padding and ref.dim() >= 2:
+        if packed and ref.dim() >= 2:
             # The packed path computes valid utterances only; padding rows are zero by design.
             ours, ref = ours[valid], ref[valid]
             assert torch.count_nonzero(out[key].cpu()[~valid]) == 0
@@ -95,4 +102,5 @@ def test_state_dict_names_and_shapes_match_manifest():
         shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
         assert shapes == entry["all"], key
         assert sorted(k for k in shapes if is_backbone_key(k)) == sorted(entry["checkpoint_keys"]), key
-        assert set(model.backbone_state_dict()) == set(entry["checkpoint_keys"])
+        assert set(backbone_state_dict(model)) == set(entry["checkpoint_keys"])
+        assert accelerate(model).state_dict().keys() == model.state_dict().keys()

@@ -1,4 +1,4 @@
-"""vega_utils/shadow_weights.py: the optimizer's bf16 weight copies and its Adam/AdamW step."""
+"""fast/shadow_weights.py: the optimizer's bf16 weight copies and its Adam/AdamW step."""
 import os
 import shutil
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 
 import main
-from model import Linear
-from vega_utils import cpu_kernels
+from fast.layers import FastLinear as Linear
+from fast import cpu_kernels
 from vega_utils.config import load_preset, resolve
-from vega_utils.shadow_weights import ShadowAdam, product_weight
+from fast.shadow_weights import ShadowAdam, product_weight
 
 pytestmark = pytest.mark.skipif(os.environ.get("VEGA_CPU_KERNELS") == "0" or
                                 (shutil.which("gcc") is None and shutil.which("cc") is None),
@@ -94,12 +94,11 @@ def test_copy_follows_a_loaded_weight():
 
 def test_training_in_bf16_on_the_cpu_uses_it():
     cfg = resolve(load_preset("IEMOCAP").replace(hidden_dim=32, n_head=4, clip_dim=16))
-    from model import VEGA
-    model = VEGA(cfg)
+    model = main.build_model(cfg)
     opt = main.build_optimizer(cfg, model, torch.bfloat16, torch.device("cpu"))
     assert isinstance(opt, ShadowAdam) and opt.decoupled
     assert len(opt.shadows) == sum(isinstance(m, (nn.Linear, nn.Conv1d)) for m in model.modules())
-    assert isinstance(main.build_optimizer(cfg, VEGA(cfg), None, torch.device("cpu")), torch.optim.AdamW)
+    assert isinstance(main.build_optimizer(cfg, main.build_model(cfg), None, torch.device("cpu")), torch.optim.AdamW)
     assert cpu_kernels.kernel() is not None
 
 

@@ -10,11 +10,10 @@ import torch
 import main
 import train
 from dataloader import load_dialogues, make_loaders
-from model import VEGA
-from vega_utils import cpu_kernels
+from fast import cpu_kernels
 from vega_utils.common import VegaError, dataset_info
 from vega_utils.config import load_preset, resolve
-from vega_utils.shadow_weights import ShadowAdam
+from fast.shadow_weights import ShadowAdam
 from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
 
 SMALL = dict(hidden_dim=32, n_head=4, lr=3e-3, dropout=0.1, outlayer_drop=0.1, clip_dim=512, batch_size=3)
@@ -43,7 +42,7 @@ def setup(files, tmp_path, amp):
     amp_dtype = train.resolve_amp(cfg.amp, device)
     bank, cfg = main.load_anchors(cfg)
     batches = list(make_loaders(load_dialogues(cfg.data_path, cfg.Dataset), cfg)["train"])[:2]
-    model = VEGA(cfg)
+    model = main.build_model(cfg)
     optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
     weights = torch.tensor(dataset_info(cfg.Dataset).class_weights)
     return model, optimizer, batches, (cfg, bank, weights, device, amp_dtype)
@@ -149,11 +148,13 @@ def test_skipped_steps_are_counted_per_epoch_and_in_all(files, tmp_path, monkeyp
         calls["n"] += 1
         return g.index_fill(0, torch.tensor([0]), float("inf")) if calls["n"] % 3 == 0 else g
 
-    class Broken(VEGA):   # every third backward pass leaves an inf in the speaker embedding's gradient
-        def __init__(self, cfg):
-            super().__init__(cfg)
-            self.speaker_embeddings.weight.register_hook(every_third)
-    monkeypatch.setattr(main, "VEGA", Broken)
+    real_build = main.build_model
+
+    def broken_model(cfg, device="cpu"):   # every third backward pass leaves an inf in the speaker embedding's gradient
+        model = real_build(cfg, device)
+        model.speaker_embeddings.weight.register_hook(every_third)
+        return model
+    monkeypatch.setattr(main, "build_model", broken_model)
     cfg = small_cfg(files, tmp_path, epochs=2, max_bad_steps=2)   # never two in a row: the run goes on
     summary = main.train_run(cfg, progress=False)
     with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as f:

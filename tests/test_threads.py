@@ -16,7 +16,8 @@ import inference
 import main
 import run
 from conftest import ROOT
-from vega_utils import cpu_kernels, threads
+from fast import cpu_kernels
+from vega_utils import threads
 from vega_utils.config import Config, load_preset, resolve
 from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
 
@@ -54,8 +55,8 @@ def test_kernels_use_the_thread_count_torch_was_given():
         import os
         import torch
         import torch.nn as nn
-        from vega_utils import cpu_kernels
-        from vega_utils.shadow_weights import ShadowAdam
+        from fast import cpu_kernels
+        from fast.shadow_weights import ShadowAdam
 
         torch.set_num_threads(1)
         assert cpu_kernels.kernel() is not None
@@ -72,7 +73,7 @@ def test_kernels_use_the_thread_count_torch_was_given():
             for t in (x, x.bfloat16()):
                 cpu_kernels.dropout(t.requires_grad_(), 0.3).backward(torch.ones_like(t))
             z = x.bfloat16().requires_grad_()
-            for act in cpu_kernels.ACTIVATIONS:
+            for act in cpu_kernels.KERNEL_ACTIVATIONS:
                 cpu_kernels.activation_dropout(z, act, 0.3, True).backward(torch.ones_like(z))
             l, s = logits.clone().requires_grad_(), stacked.clone().requires_grad_()
             cpu_kernels.softmax_mix3(l, s).backward(torch.ones(rows, width, dtype=torch.bfloat16))

@@ -237,7 +237,6 @@ def test_run_builds_missing_anchor_cache_from_images_then_trains(tmp_path, monke
 def test_eval_set_matches_per_batch_evaluation(iemocap_files, tmp_path):
     """Merged evaluation (EvalSet, reused every epoch) gives the per-batch predictions and loss means."""
     from dataloader import load_dialogues, make_loaders
-    from model import VEGA
     from vega_utils.anchor_utils import load_anchor_cache
     cfg = small_cfg(iemocap_files, tmp_path)
     info = dataset_info(cfg.Dataset)
@@ -245,7 +244,7 @@ def test_eval_set_matches_per_batch_evaluation(iemocap_files, tmp_path):
     bank = load_anchor_cache(cfg.anchor_path, info.class_names)
     loader = make_loaders(data, cfg)["test"]
     torch.manual_seed(0)
-    model = VEGA(cfg)
+    model = main.build_model(cfg)
     weights = torch.tensor(info.class_weights)
     run_eval = lambda d: train.eval_epoch(model, d, cfg, bank, weights, torch.device("cpu"), None, progress=False)
     per_batch = run_eval(train.EvalSet(loader, cfg.n_speakers, max_rows=1))   # every loader batch alone

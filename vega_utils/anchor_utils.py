@@ -7,7 +7,6 @@ Also loads and checks the anchor cache file, and builds it from face images, as 
 """
 import os
 import pickle
-import random
 import re
 import sys
 from dataclasses import dataclass
@@ -29,18 +28,6 @@ class AnchorBank:
 
     def to(self, device):
         return AnchorBank(self.centers.to(device), [b.to(device) for b in self.banks])
-
-    def pick(self, training, rand, rng=random):
-        """The (C, K) anchors of one forward pass, L2-normalised (spec 2.2).
-
-        Training: with probability `rand` one uniformly drawn image per class, otherwise the centres.
-        Evaluation always uses the centres (the reference also draws there; see README).
-        """
-        if training and rng.random() < rand:
-            chosen = torch.stack([b[rng.randrange(b.shape[0])] for b in self.banks])  # (C, K)
-        else:
-            chosen = self.centers
-        return F.normalize(chosen.float(), dim=-1)
 
     @classmethod
     def from_reference_dict(cls, d, class_names):

@@ -11,16 +11,24 @@ import zipfile
 
 import torch
 
-from model import is_backbone_key
-
 from .common import VegaError, atomic_torch_save
 
 FORMAT = "vega-checkpoint-v1"
 
 
+def is_backbone_key(name):
+    """What a best-epoch checkpoint holds (as the reference's): everything but the VEGA branch (its projections
+    and temperatures) and the unused gate logit."""
+    return not ("_clip_proj." in name or name.endswith("_clip_temp") or name == "prob_gate_logit")
+
+
+def backbone_state_dict(model):
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if is_backbone_key(k)}
+
+
 def save_best(path, model, cfg, epoch, metrics):
     """Best-epoch file: backbone parameters and buffers only (as the reference), plus what rebuilds it."""
-    atomic_torch_save({"format": FORMAT, "state_dict": model.backbone_state_dict(), "config": cfg.to_dict(),
+    atomic_torch_save({"format": FORMAT, "state_dict": backbone_state_dict(model), "config": cfg.to_dict(),
                        "epoch": int(epoch), "metrics": metrics}, path)
 
 

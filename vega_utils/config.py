@@ -94,6 +94,9 @@ class Config:
     # stop after this many consecutive skipped training steps (non-finite loss or gradient; train.StepGuard).
     # The default is for configs saved before the key existed; the presets set it too.
     max_bad_steps: int = 10
+    # The fast package (fast/) swaps its modules and packed layout into model.py's plain VEGA; False runs the
+    # plain model (the reference's padded computation, several times slower on the CPU; same float32 numbers).
+    fast: bool = True
     threads: Optional[int] = None      # CPU threads; None: the cores this process may use (vega_utils/threads.py)
     # Filled by resolve() from the dataset table; part of every saved config.
     text_dim: Optional[int] = None

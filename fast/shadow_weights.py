@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn as nn
 
-from vega_utils import cpu_kernels
+from . import cpu_kernels
 
 
 class ShadowWeight:

@@ -1,14 +1,14 @@
-"""Where the computed rows of a batch sit: packed rows for the per-utterance layers, grids for attention.
+"""The packed layout: where the computed rows of a batch sit, for the fast model (fast/layers.py: FastVEGA).
 
-Every layer but attention works per utterance, so the model computes the N valid utterances of a batch as rows
-(R, H), R = N plus a few spare rows. Attention needs each dialogue's utterances side by side: a grid
-(Bg, h, Lg, dh) of some dialogues padded to a common length Lg. pad_mask convention everywhere: True = padding.
+Every layer but attention works per utterance, so the fast model computes the N valid utterances of a batch as
+rows (R, H), R = N plus a few spare rows, instead of model.py's B*L padded positions. Attention needs each
+dialogue's utterances side by side: a grid (Bg, h, Lg, dh) of some dialogues padded to a common length Lg.
+pad_mask convention everywhere: True = padding. Same methods as model.PaddedLayout.
 
-Three layouts, built by `make_layout` once per forward pass and passed to every encoder:
-- padded (compute_padding=True): every position of the (B, L) batch is a row, one grid; the reference's computation.
-- packed, float32: the valid rows (and spare rows at padding positions), one grid of all B dialogues at length L.
+Two kinds, built by `make_layout` once per forward pass and passed to every encoder:
+- float32: the valid rows (and spare rows at padding positions), one grid of all B dialogues at length L.
   Keeping the reference's grid keeps the softmax sums in the same order (parity to 1e-6).
-- packed, lower precision (autocast): rows rounded up to a multiple of ROW_BUCKET and grids of dialogues of
+- lower precision (autocast): rows rounded up to a multiple of ROW_BUCKET and grids of dialogues of
   similar length. oneDNN builds a kernel for every new matrix shape (about 1 ms each), so rounding keeps the
   shapes few (32: 19 row counts over IEMOCAP's batches, 3% spare rows; 64 spent 6% on spare rows); grouping
   dialogues by length shrinks the attention work, which grows with Lg^2 for every dialogue of a grid (lengths
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vega_utils import cpu_kernels
+from . import cpu_kernels
 
 ROW_BUCKET, KEY_BUCKET = 32, 16  # packed rows and attention grid lengths are rounded up to multiples of these
 GRID_COST = 12000  # fixed cost of one more grid, in units of (one dialogue x Lg^2): ~20 extra small ops/encoder
@@ -37,13 +37,12 @@ class Grid:
     slot: torch.Tensor        # (R_g,) dialogue slot (0..Bg-1) of each of its rows
     positions: torch.Tensor   # (R_g,) position of each row in the grid (= utterance index for a valid row)
     key_pad: torch.Tensor     # (Bg, Lg) bool, True = padding: keys the attention must ignore
-    dense: bool = False       # rows are exactly the grid positions in (Bg, Lg) order (the padded layout)
 
 
 @dataclass
 class Layout:
-    valid: torch.Tensor       # (N,) flat indices into B*L of the valid utterances, in row order; None = padded
-    positions: torch.Tensor   # (R,) utterance position of every row (spare rows: their grid position)
+    valid: torch.Tensor       # (N,) flat indices into B*L of the valid utterances, in row order
+    positions: torch.Tensor   # (R,) utterance position of every row (spare rows: their grid position, clamped)
     grids: list               # [Grid], their rows covering 0..R-1 in order
     B: int
     L: int
@@ -52,6 +51,10 @@ class Layout:
     @property
     def n_rows(self):
         return self.positions.shape[0]
+
+    @property
+    def key_pads(self):
+        return [g.key_pad for g in self.grids]
 
     def _grid_index(self, h):
         """Where each row goes in the grids laid end to end, with the size of each grid's block.
@@ -94,10 +97,6 @@ class Layout:
         this layout. The rows always land on the same positions, so the others stay zero.
         """
         R, H = x.shape
-        if self.grids[0].dense:   # the padded layout: rows are the grid
-            Bg, Lg = self.grids[0].key_pad.shape
-            x = x.view(Bg, Lg, h, H // h).transpose(1, 2)                             # (B, h, L, dh)
-            return [x.contiguous() if contiguous else x]
         index, sizes, total = self._grid_index(h if contiguous else None)
         width = H // h if contiguous else H
         rows = x.reshape(-1, width)                                                    # (R or R*h, width)
@@ -117,8 +116,6 @@ class Layout:
     def from_grids(self, blocks):
         """One (Bg, h, Lg, dh) tensor per grid -> the rows (R, h*dh)."""
         _, h, _, dh = blocks[0].shape
-        if self.grids[0].dense:
-            return blocks[0].transpose(1, 2).reshape(-1, h * dh)                       # (B*L, H)
         if all(b.transpose(1, 2).is_contiguous() for b in blocks):   # stored (Bg, Lg, h, dh): whole rows
             flat = torch.cat([b.transpose(1, 2).reshape(-1, h * dh) for b in blocks])  # (sum Bg*Lg, H)
             return flat.index_select(0, self._grid_index(None)[0])
@@ -134,16 +131,13 @@ class Layout:
     def to_rows(self, x, fill=0):
         """(B, L, ...) -> (R, ...); spare rows hold `fill`."""
         x = x.flatten(0, 1)
-        if self.valid is None:
-            return x
         spare = self.n_rows - self.valid.shape[0]
         return torch.cat([x.index_select(0, self.valid), x.new_full((spare,) + x.shape[1:], fill)])
 
     def to_padded(self, x):
         """(R, ...) -> (B, L, ...), zeros at positions not computed."""
-        if self.valid is not None:
-            n = self.valid.shape[0]
-            x = x.new_zeros((self.B * self.L,) + x.shape[1:]).index_copy(0, self.valid, x[:n])
+        n = self.valid.shape[0]
+        x = x.new_zeros((self.B * self.L,) + x.shape[1:]).index_copy(0, self.valid, x[:n])
         return x.view(self.B, self.L, *x.shape[1:])
 
 
@@ -179,14 +173,15 @@ def group_by_length(lengths, grid_cost=GRID_COST):
     return groups[::-1]
 
 
-def make_layout(pad_mask, compute_padding, grouped):
-    """pad_mask (B, L) bool, True = padding. grouped: lower precision (several grids, rounded shapes)."""
+def _clamp(positions, max_position):
+    return positions if max_position is None else positions.clamp(max=max_position)
+
+
+def make_layout(pad_mask, grouped, max_position=None):
+    """pad_mask (B, L) bool, True = padding. grouped: lower precision (several grids, rounded shapes).
+    max_position: row positions are clamped to it (spare rows of a batch near the positional table's end)."""
     B, L = pad_mask.shape
     device = pad_mask.device
-    if compute_padding:
-        flat = torch.arange(B * L, device=device)
-        grid = Grid(slice(0, B * L), flat // L, flat % L, pad_mask, dense=True)
-        return Layout(valid=None, positions=flat % L, grids=[grid], B=B, L=L)
     valid_mask = ~pad_mask
     n_valid = int(valid_mask.sum())
     if not grouped:   # float32: the reference's single grid; spare rows at its first padding positions
@@ -195,7 +190,7 @@ def make_layout(pad_mask, compute_padding, grouped):
         spare = pad_mask.flatten().nonzero().squeeze(1)[:n_rows - n_valid]
         flat = torch.cat([valid, spare])                                           # (R,) flat into B*L
         grid = Grid(slice(0, n_rows), flat // L, flat % L, pad_mask)
-        return Layout(valid=valid, positions=flat % L, grids=[grid], B=B, L=L)
+        return Layout(valid=valid, positions=_clamp(flat % L, max_position), grids=[grid], B=B, L=L)
 
     counts = valid_mask.sum(1).tolist()                                            # valid utterances
     # extent: last valid position + 1 (= the count when padding is at the end, as collate makes it)
@@ -221,4 +216,5 @@ def make_layout(pad_mask, compute_padding, grouped):
         grids.append(Grid(slice(start, start + slot_pos.shape[0]), slot_pos[:, 0], slot_pos[:, 1], key_pad))
         pos_parts.append(slot_pos[:, 1])
         start += slot_pos.shape[0]
-    return Layout(valid=torch.cat(valid_parts), positions=torch.cat(pos_parts), grids=grids, B=B, L=L)
+    positions = _clamp(torch.cat(pos_parts), max_position)
+    return Layout(valid=torch.cat(valid_parts), positions=positions, grids=grids, B=B, L=L)

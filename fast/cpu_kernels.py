@@ -142,11 +142,11 @@ class DropoutFn(torch.autograd.Function):
         return apply_mask(grad.contiguous(), ctx.p, ctx.seed), None, None
 
 
-ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "elu": 2}   # the kernel's codes; gelu = the exact (erf) form
+KERNEL_ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "elu": 2}   # the kernel's codes; gelu = the exact (erf) form
 
 
 class ActDropoutFn(torch.autograd.Function):
-    """dropout(f(z)) for bfloat16 z and f in ACTIVATIONS, one pass each way; saves z only."""
+    """dropout(f(z)) for bfloat16 z and f in KERNEL_ACTIVATIONS, one pass each way; saves z only."""
 
     @staticmethod
     def forward(ctx, z, act, p, seed):
@@ -181,13 +181,13 @@ def dropout(x, p):
 
 def activation_dropout(z, activation, p, training):
     """dropout(activation(z)) (p applied only when training) for bfloat16 CPU z, activation a key of
-    ACTIVATIONS; None when the kernel cannot take it or torch's op is faster (then the caller uses torch's)."""
-    if activation not in ACTIVATIONS or not _usable(z, (torch.bfloat16,)):
+    KERNEL_ACTIVATIONS; None when the kernel cannot take it or torch's op is faster (then the caller uses torch's)."""
+    if activation not in KERNEL_ACTIVATIONS or not _usable(z, (torch.bfloat16,)):
         return None
     if activation == "gelu" and not training:   # no dropout to fuse: torch's own bf16 gelu is 2.5x faster
         return None
     p = p if training else 0.0
-    return ActDropoutFn.apply(z, ACTIVATIONS[activation], p, _seed() if p > 0 else 0)
+    return ActDropoutFn.apply(z, KERNEL_ACTIVATIONS[activation], p, _seed() if p > 0 else 0)
 
 
 class SoftmaxMix3Fn(torch.autograd.Function):
