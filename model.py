@@ -57,6 +57,11 @@ class PaddedLayout:
         self.key_pads = [pad_mask]                                                  # one grid: (B, L)
         self.positions = torch.arange(self.L, device=pad_mask.device).repeat(self.B)  # (B*L,)
 
+    def to(self, device, extra=()):
+        """(this layout on `device`, the `extra` tensors there too)."""
+        moved = self.key_pads[0].to(device, non_blocking=True), *(t.to(device, non_blocking=True) for t in extra)
+        return PaddedLayout(moved[0]), list(moved[1:])
+
     def to_rows(self, x, fill=0):
         return x.flatten(0, 1)                                                      # (B, L, ...) -> (B*L, ...)
 
@@ -194,7 +199,7 @@ class VEGA(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         H, C = cfg.hidden_dim, cfg.n_classes
-        self.n_speakers, self.n_classes = cfg.n_speakers, C
+        self.n_speakers, self.n_classes, self.n_head = cfg.n_speakers, C, cfg.n_head
         for m in ("a", "v", "t"):
             self.register_parameter(f"{m}_cls_temp", nn.Parameter(torch.tensor(math.log(2.0))))
         for m in ("a", "v", "t"):
@@ -219,7 +224,8 @@ class VEGA(nn.Module):
             self.add_module(f"{m}_output_layer", make_mlp(cfg.outlayer_num, H, H, C,
                                                           cfg.outlayer_activation_fn, cfg.outlayer_drop))
 
-    def layout(self, pad_mask):
+    def layout(self, pad_mask, device=None):
+        """Where each utterance is computed (device: where the layout will be used; the fast model tunes for it)."""
         return PaddedLayout(pad_mask)
 
     def backbone(self, batch, lay):
@@ -241,14 +247,15 @@ class VEGA(nn.Module):
         h["all"] = self.last_gate(h["t"], h["a"], h["v"])
         return h
 
-    def forward(self, batch, anchors=None, features=True):
+    def forward(self, batch, anchors=None, features=True, layout=None):
         """batch: dataloader.Batch. anchors: (C, K) from pick_anchors, or None to skip the VEGA branch (it never
         changes predictions). features=False leaves out `all_transformer_out` (the fused features, which
-        evaluation does not use). Returns a dict of (B, L, ...) tensors, zero where not computed."""
+        evaluation does not use). layout: self.layout(pad_mask) made beforehand (train.py makes it from the
+        host-side mask), else made here. Returns a dict of (B, L, ...) tensors, zero where not computed."""
         if batch.pad_mask.shape[1] > MAX_LEN:
             raise ValueError(f"a dialogue of {batch.pad_mask.shape[1]} utterances exceeds the positional table "
                              f"({MAX_LEN})")
-        lay = self.layout(batch.pad_mask)
+        lay = self.layout(batch.pad_mask) if layout is None else layout
         h = self.backbone(batch, lay)
         rows = {f"{m}_logit": getattr(self, f"{m}_output_layer")(h[m]) for m in HEADS}  # (R, C)
         if features:
@@ -335,16 +342,18 @@ def distill_kl(student, teacher, temperature):
     return kl.mean() * temperature * temperature
 
 
-def compute_losses(out, batch, cfg, class_weights):
-    """Every loss term by name (unweighted), the four weighted group sums and 'total'. Valid utterances only.
+def compute_losses(out, batch, cfg, class_weights, valid_index=None):
+    """Every loss term by name (unweighted), the four weighted group sums and 'total'. Valid utterances only:
+    valid_index (N,), their row-major flat indices into (B, L) (train.py makes it on the host), else from the mask.
 
         cls     = sum_m l_m CE(m)                     cls_kl  = sum_m l'_m KL(m, all, T_m^cls)
         clip    = sum_m l''_m CE(m_clip)              clip_kl = sum_m l'''_m KL(m_clip, all_clip, T_m^clip)
         total   = cls_lambda cls + cls_all_cls_kl_lambda cls_kl + clip_lambda clip + clip_all_clip_kl_lambda clip_kl
     """
-    valid = ~batch.pad_mask                                                     # (B, L)
-    labels = batch.labels[valid]                                                # (N,)
-    rows = {k: v[valid] for k, v in out.items() if k.endswith("_logit")}       # (N, C) each
+    if valid_index is None:
+        valid_index = (~batch.pad_mask).flatten().nonzero().squeeze(1)         # (N,)
+    labels = batch.labels.flatten().index_select(0, valid_index)                # (N,)
+    rows = {k: v.flatten(0, 1).index_select(0, valid_index) for k, v in out.items() if k.endswith("_logit")}  # (N, C)
     term_fns = {
         "cls": lambda m: weighted_ce(rows[f"{m}_logit"], labels, class_weights),
         "cls_kl": lambda m: distill_kl(rows[f"{m}_logit"], rows["all_logit"], out[f"{m}_cls_temp"]),

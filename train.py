@@ -164,27 +164,118 @@ def _optimizer_step(model, optimizer, loss, scaler):
     return None
 
 
+def to_device(model, batch, device, amp_dtype):
+    """(batch, layout, valid_index) on the device. The layout and the loss's row-major indices of the valid
+    utterances are built from the host-side mask first and go over with the batch, so nothing in the step has
+    to wait for the device (a boolean mask or `nonzero` on a device tensor would)."""
+    valid_index = (~batch.pad_mask).flatten().nonzero().squeeze(1)               # (N,)
+    with autocast(device, amp_dtype):   # the fast layout depends on the precision
+        lay = model.layout(batch.pad_mask, device)
+    lay, (valid_index,) = lay.to(device, extra=[valid_index])
+    return batch.to(device, non_blocking=True), lay, valid_index
+
+
+def sync_free_steps(device, optimizer):
+    """Whether steps run without host synchronisation: on CUDA, with an optimizer that can skip a step on the
+    device (torch's fused Adam/AdamW; GradScaler's fp16 steps too). On the CPU a host check costs nothing."""
+    return device.type == "cuda" and getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+class DeviceRecord:
+    """A sync-free epoch's loss sums and non-finite flags, kept on the device and read once at its end."""
+
+    def __init__(self, model, optimizer):
+        self.names = {p: n for n, p in model.named_parameters()}
+        self.optimizer, self.steps, self.sums, self.n_finite = optimizer, [], 0.0, 0
+
+    def step(self, losses, scaler):
+        """Backward and optimizer step; a step with a non-finite loss or gradient is skipped on the device."""
+        terms = torch.stack([v.detach().float() for v in losses.values()])       # (T,), the total last
+        (losses["total"] if scaler is None else scaler.scale(losses["total"])).backward()
+        names, grads = named_gradients(self.names, self.optimizer)
+        bad = ~torch.isfinite(torch.cat([terms, _norms(grads)]))                  # (T + P,)
+        if scaler is not None:   # the scaler's own found-inf skips an overflowed step
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.found_inf = bad.any().float()
+            self.optimizer.step()
+        finite = ~bad[terms.shape[0] - 1]
+        self.sums = self.sums + torch.where(finite, terms, 0.0)
+        self.n_finite = self.n_finite + finite.float()
+        self.steps.append((list(losses), names, bad))
+
+    def finish(self, guard, epoch):
+        """Read everything back (the epoch's one sync), replay the steps through the guard, return the means."""
+        if not self.steps:
+            return {}
+        values = torch.cat([bad.float() for _, _, bad in self.steps] + [self.sums, self.n_finite.view(1)]).tolist()
+        start = 0
+        for number, (keys, names, bad) in enumerate(self.steps, 1):
+            flags, start = values[start:start + bad.shape[0]], start + bad.shape[0]
+            first = next((i for i, f in enumerate(flags) if f), None)
+            if first is None:
+                guard.applied()
+            elif first < len(keys):
+                guard.skipped(epoch, number, f"loss (term {keys[first]})")
+            else:
+                guard.skipped(epoch, number, f"gradient of {names[first - len(keys)]}")
+        keys = self.steps[0][0]
+        sums, n = values[start:start + len(keys)], max(values[-1], 1.0)
+        return {k: v / n for k, v in zip(keys, sums)}
+
+
+def _norms(grads):
+    """(P,) float32 2-norms of the gradients in their order, one fused pass per dtype."""
+    by_dtype = {}
+    for i, g in enumerate(grads):
+        by_dtype.setdefault(g.dtype, []).append(i)
+    norms = [None] * len(grads)
+    for idx in by_dtype.values():
+        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], 2)):
+            norms[i] = n.float()
+    return torch.stack(norms)
+
+
+def named_gradients(names, optimizer):
+    """(names, gradients) of what the optimizer will read, in gradients()'s order."""
+    grads = gradients(optimizer)
+    named = [names.get(p, "?") for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    shadows = getattr(optimizer, "shadows", {})
+    named += [f"{names.get(p, '?')} (bf16 copy)" for p, s in shadows.items() if s.tensor.grad is not None]
+    return named, grads
+
+
 def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, device, amp_dtype, scaler=None,
-                scheduler=None, epoch=0, rng=None, progress=True, guard=None):
+                scheduler=None, epoch=0, rng=None, progress=True, guard=None, sync_free=None):
     """One pass over the training loader. Returns {term: mean over batches with a finite loss} and 'seconds'.
 
     A step with a non-finite loss or gradient is skipped (see StepGuard); `guard` carries the counts between
-    epochs (a fresh one with cfg.max_bad_steps when not given)."""
+    epochs (a fresh one with cfg.max_bad_steps when not given). sync_free (default: sync_free_steps): no host
+    synchronisation in a step; skips are then found on the device and reported at the end of the epoch, and a
+    skipped step still advances the learning-rate schedule."""
     model.train()
     guard = guard or StepGuard(cfg.max_bad_steps)
     guard.new_epoch()
+    sync_free = sync_free_steps(device, optimizer) if sync_free is None else sync_free
+    record = DeviceRecord(model, optimizer) if sync_free else None
     start, sums, n_finite = time.perf_counter(), {}, 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
-    for batch_number, batch in enumerate(bar, 1):
+    for batch_number, host_batch in enumerate(bar, 1):
         check_stop()
-        batch = batch.to(device, non_blocking=True)
+        batch, lay, valid_index = to_device(model, host_batch, device, amp_dtype)
         anchors = None
         if anchor_bank is not None and cfg.clip_loss:
             anchors = pick_anchors(anchor_bank, training=True, rand=cfg.rand, rng=rng or random)
         with autocast(device, amp_dtype):
-            out = model(batch, anchors)
-        losses = compute_losses(out, batch, cfg, class_weights)
+            out = model(batch, anchors, layout=lay)
+        losses = compute_losses(out, batch, cfg, class_weights, valid_index)
         optimizer.zero_grad(set_to_none=True)
+        if sync_free:
+            record.step(losses, scaler)
+            if scheduler is not None:
+                scheduler.step()
+            continue
         if not torch.isfinite(losses["total"]):   # no backward: nothing in it could be used
             bad = next(k for k, v in losses.items() if not torch.isfinite(torch.as_tensor(v)))
             guard.skipped(epoch, batch_number, f"loss (term {bad})")
@@ -199,7 +290,7 @@ def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, devic
         _accumulate(sums, {k: v.detach() for k, v in losses.items()})
         n_finite += 1
         bar.set_postfix(loss=f"{sums['total'] / n_finite:.3f}")
-    result = {k: v / max(n_finite, 1) for k, v in sums.items()}
+    result = record.finish(guard, epoch) if sync_free else {k: v / max(n_finite, 1) for k, v in sums.items()}
     result["seconds"] = time.perf_counter() - start
     result["skipped_steps"] = guard.epoch_skipped
     return result

@@ -23,6 +23,14 @@ from .layout import make_layout
 from .shadow_weights import product_weight
 
 
+# bench/step_ops.py sets this to count, on a CPU, the ops of the CUDA path (every choice below made for CUDA)
+EMULATE_CUDA = False
+
+
+def on_cuda(x):
+    return x.is_cuda or EMULATE_CUDA
+
+
 def compute_dtype(x):
     """The dtype matrix products run in: autocast's when it is on, else x's own."""
     device = x.device.type
@@ -96,10 +104,14 @@ class LinearFn(torch.autograd.Function):
 
 class FastLinear(nn.Linear):
     """Without gradients `linear` alone; in training LinearFn. With the optimizer's bf16 copy of the weight
-    (`shadow`), bf16 products use it; otherwise the weight is cast for the product."""
+    (`shadow`), bf16 products use it; otherwise the weight is cast for the product. On CUDA, nn.Linear's own
+    forward: autocast casts each weight once per forward, and LinearFn's Python-side casts were ~330 more
+    launches a step."""
     shadow = None
 
     def forward(self, x):
+        if on_cuda(x):
+            return super().forward(x)
         weight = product_weight(self, x)
         if not torch.is_grad_enabled():
             return linear(x, weight, self.bias)
@@ -117,7 +129,7 @@ class FastConv1x1(nn.Conv1d):
             and module.dilation == (1,) and module.groups == 1
 
     def forward(self, x):
-        if x.dim() != 3 or x.shape[-1] != 1:
+        if x.dim() != 3 or x.shape[-1] != 1 or on_cuda(x):
             return super().forward(x)
         rows = x.squeeze(-1)                                                       # (R, D)
         return LinearFn.apply(rows, product_weight(self, rows), self.bias, True).unsqueeze(-1)  # (R, H, 1)
@@ -131,7 +143,7 @@ class FastDropout(nn.Dropout):
     def forward(self, x):
         if not self.training or self.p == 0.0:
             return x
-        if x.is_cuda or self.p >= 1.0:
+        if on_cuda(x) or self.p >= 1.0:
             return F.dropout(x, self.p, True)
         y = cpu_kernels.dropout(x, self.p)
         if y is not None:
@@ -213,10 +225,13 @@ class FastPositionalEncoding(PositionalEncoding):
 
 
 class FastVEGA(VEGA):
-    def layout(self, pad_mask):
-        """The packed rows of the valid utterances (layout.py); under autocast, grids of similar lengths."""
-        return make_layout(pad_mask, grouped=torch.is_autocast_enabled(pad_mask.device.type),
-                           max_position=MAX_LEN - 1)
+    def layout(self, pad_mask, device=None):
+        """The packed rows of the valid utterances (layout.py), for use on `device` (default: the mask's).
+        Under CPU autocast, grids of dialogues of similar lengths (cheaper products there); on CUDA one grid per
+        batch: each extra grid costs ~135 kernel launches a step, and launches are what a GPU step waits on."""
+        device = torch.device(device or pad_mask.device)
+        grouped = device.type == "cpu" and not EMULATE_CUDA and torch.is_autocast_enabled("cpu")
+        return make_layout(pad_mask, grouped=grouped, max_position=MAX_LEN - 1).prepare(self.n_head)
 
 
 # plain module type -> its faster version

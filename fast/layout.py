@@ -56,6 +56,25 @@ class Layout:
     def key_pads(self):
         return [g.key_pad for g in self.grids]
 
+    def prepare(self, n_head):
+        """Build now, from the host-side mask, the grid indices attention will need: built later from a device
+        tensor, `nonzero` would make the host wait for the device."""
+        for h in (None, n_head):
+            self._grid_index(h)
+            self._uncovered(h)
+        return self
+
+    def to(self, device, extra=()):
+        """(this layout on `device`, the `extra` tensors there too), all in one copy (`upload`)."""
+        keys = [k for k in self.cache if k[0] in ("index", "uncovered")]
+        held = [self.cache[k][0] if k[0] == "index" else self.cache[k] for k in keys]
+        tensors = [self.valid, self.positions] + [t for g in self.grids for t in (g.slot, g.positions, g.key_pad)]
+        moved = iter(upload(tensors + held + list(extra), device))
+        valid, positions = next(moved), next(moved)
+        grids = [Grid(g.rows, next(moved), next(moved), next(moved)) for g in self.grids]
+        cache = {k: (next(moved),) + self.cache[k][1:] if k[0] == "index" else next(moved) for k in keys}
+        return Layout(valid, positions, grids, self.B, self.L, cache), [next(moved) for _ in extra]
+
     def _grid_index(self, h):
         """Where each row goes in the grids laid end to end, with the size of each grid's block.
 
@@ -139,6 +158,24 @@ class Layout:
         n = self.valid.shape[0]
         x = x.new_zeros((self.B * self.L,) + x.shape[1:]).index_copy(0, self.valid, x[:n])
         return x.view(self.B, self.L, *x.shape[1:])
+
+
+def upload(tensors, device):
+    """Integer and bool tensors, the same on `device`: packed into one buffer, pinned on CUDA, one non-blocking
+    copy (a layout's dozens of small index tensors would otherwise be as many copies)."""
+    device = torch.device(device)
+    if all(t.device == device for t in tensors):
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    out, start = [], 0
+    for t in tensors:
+        part = flat[start:start + t.numel()].view(t.shape)
+        out.append(part if t.dtype == torch.int64 else part.to(t.dtype))
+        start += t.numel()
+    return out
 
 
 def scatter_rows(rows, index, zero_rows, total, out=None):

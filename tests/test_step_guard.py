@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -168,3 +169,40 @@ def test_skipped_steps_are_counted_per_epoch_and_in_all(files, tmp_path, monkeyp
     out = capsys.readouterr().out
     assert out.count("warning: skipped a training step") == 1 and "speaker_embeddings.weight" in out
     assert f"| {expected[0]} steps skipped" in out   # the epoch line says so too
+
+
+def run_epoch(files, tmp_path, sync_free, poison_every=0):
+    """One float32 epoch on the CPU through train_epoch's host-checked or sync-free (CUDA's) step; every
+    `poison_every`-th backward pass leaves an inf in the speaker embedding's gradient."""
+    model, optimizer, _, (cfg, bank, weights, device, amp_dtype) = setup(files, tmp_path, "off")
+    calls = {"n": 0}
+
+    def poison(g):
+        calls["n"] += 1
+        return g.index_fill(0, torch.tensor([0]), float("inf")) if poison_every and calls["n"] % poison_every == 0 \
+            else g
+    model.speaker_embeddings.weight.register_hook(poison)
+    loader = make_loaders(load_dialogues(cfg.data_path, cfg.Dataset), cfg)["train"]
+    guard = train.StepGuard(cfg.max_bad_steps, log=lambda msg: None)
+    torch.manual_seed(1)
+    result = train.train_epoch(model, loader, optimizer, cfg, bank, weights, device, amp_dtype, progress=False,
+                               guard=guard, sync_free=sync_free, rng=random.Random(0))
+    return result, guard, model
+
+
+@pytest.mark.parametrize("poison_every", [0, 3])
+def test_sync_free_steps_train_and_skip_as_the_host_checked_ones(files, tmp_path, poison_every):
+    """CUDA's step (no host sync: skips found on the device, fused AdamW told through found_inf) gives the host-
+    checked step's weights, loss means and skip counts, here on the CPU with the same fused AdamW."""
+    host, host_guard, host_model = run_epoch(files, tmp_path, False, poison_every)
+    free, free_guard, free_model = run_epoch(files, tmp_path, True, poison_every)
+    assert train.sync_free_steps(torch.device("cuda"), torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))],
+                                                                            fused=True))
+    assert host["skipped_steps"] == free["skipped_steps"] == free_guard.total
+    assert (free["skipped_steps"] > 0) == (poison_every > 0)
+    assert host_guard.first == free_guard.first
+    for k, v in host.items():
+        if k != "seconds":
+            assert free[k] == pytest.approx(v, rel=1e-6), k
+    for (name, a), b in zip(host_model.state_dict().items(), free_model.state_dict().values()):
+        assert torch.equal(a, b), name
