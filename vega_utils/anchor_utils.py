@@ -157,6 +157,11 @@ def _bank_from_cache(d, path, class_names):
     if len(widths) > 1:
         bad("feature widths differ between classes: " +
             ", ".join(f"{c} {f.shape[1]}" for c, f in zip(class_names, features)))
+    keys = list(per_class)
+    if _is_float_matrix(centers) and centers.shape[0] == len(keys) != len(class_names):
+        # a cache of more classes (IEMOCAP's six for IEMOCAP-4): the centre rows of ours, in the dict's order
+        centers = centers[[keys.index(c) for c in class_names]]
+        d = {"anchor_center": centers, "anchor_img_dict": per_class}
     expected_shape = (len(class_names), widths[0])
     if not _is_float_matrix(centers) or tuple(centers.shape) != expected_shape:
         shape = tuple(centers.shape) if isinstance(centers, torch.Tensor) else type(centers).__name__
