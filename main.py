@@ -236,7 +236,7 @@ def train_run(cfg, resume_dir=None, progress=True):
     log(f"git commit {git_commit()}, torch {torch.__version__}, device {device}, training in "
         f"{precision['train_precision']}, evaluating in {precision['eval_precision']}, "
         f"{torch.get_num_threads()} CPU threads, "
-        f"{len(data.train_ids) - len(valid_ids)} train / {len(valid_ids)} valid / {len(data.test_ids)} test "
+        f"{len(loaders['train'].dataset)} train / {len(valid_ids)} valid / {len(data.test_ids)} test "
         f"dialogues, selecting on {select_on}")
 
     eval_sets = {split: train.EvalSet(loaders[split], cfg.n_speakers) for split in loaders if split != "train"}

@@ -230,6 +230,8 @@ BAD_OPEN = {
     "row counts": (lambda c: c.__setitem__("audio", c["audio"][:-1]), ["bad.npz", "'audio' has 15 rows", "16"]),
     "label outside the classes": (lambda c: c["label"].__setitem__(2, 7), ["bad.npz", "label 7", "'a'",
                                                                             "out of range [0, 2)"]),
+    "class name outside the classes": (lambda c: c.__setitem__("label", np.array(["calm", "upset", "glad"])[
+        np.r_[c["label"][:15], 2]]), ["bad.npz", "'d'", "not a class name (calm, upset)", "'glad'"]),
     "NaN": (lambda c: c["text"].__setitem__((5, 1), np.nan), ["bad.npz", "'b'", "non-finite"]),
     "position twice": (lambda c: c["position"].__setitem__(1, 0), ["bad.npz", "'a'", "positions"]),
     "two splits": (lambda c: c["split"].__setitem__(0, "test"), ["bad.npz", "'a'", "several splits"]),
@@ -244,6 +246,16 @@ def test_bad_open_files_give_one_line(tmp_path, capsys, case):
     code = run.run(["--Dataset", spec, "--no_clip_loss", "--output_dir", str(tmp_path / "out")] + TINY)
     one_error(capsys, code, *words)
     assert not os.path.exists(tmp_path / "out" / "bad")
+
+
+def test_a_files_valid_split_selects_the_epoch(tmp_path, capsys):
+    def b_is_valid(c):
+        c["split"][c["dialogue_id"] == "b"] = "valid"
+    spec = write_case(tmp_path, b_is_valid)
+    assert run.run(["--Dataset", spec, "--no_clip_loss", "--output_dir", str(tmp_path / "out")] + TINY) == 0
+    [summary] = glob.glob(str(tmp_path / "out" / "bad" / "*" / "summary.json"))
+    assert json.load(open(summary))["selected_on"] == "valid"
+    assert "1 train / 1 valid / 1 test dialogues" in capsys.readouterr().out
 
 
 def test_balanced_weights_need_every_class_in_training(tmp_path, capsys):
