@@ -1,4 +1,5 @@
-"""Dialogue data: read and check the feature pickles, batch dialogues the way the reference does."""
+"""Dialogue data: read a data file (feature pickle or open .npz; checks in vega_utils/datacheck.py), batch
+dialogues the way the reference does."""
 import json
 import os
 import pickle
@@ -11,7 +12,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from vega_utils.common import VegaError
-from vega_utils.datacheck import MODALITIES, FileChecker, complete_info, first_line
+from vega_utils.datacheck import MODALITIES, Dialogue, FileChecker, complete_info, first_line, missing_file  # noqa: F401
 from vega_utils.datasets import DatasetInfo, dataset_info
 
 
@@ -65,20 +66,6 @@ def batch_from_reference(ref, n_speakers):
 
 
 # ---------------------------------------------------------------- dialogues in memory
-@dataclass
-class Dialogue:
-    """One dialogue of n utterances, converted to tensors once at load."""
-    id: object                 # str for IEMOCAP, int for MELD
-    text: torch.Tensor         # (n, D_text) float32
-    audio: torch.Tensor        # (n, D_audio) float32
-    visual: torch.Tensor       # (n, D_visual) float32
-    speakers: torch.Tensor     # (n,) long
-    labels: torch.Tensor       # (n,) long: class id, -1 where the utterance has no label
-
-    def __len__(self):
-        return self.labels.shape[0]
-
-
 @dataclass
 class DialogueData:
     """A checked dataset file: every dialogue of its splits, and the ids of each split in file order."""
@@ -154,6 +141,8 @@ def settle_from_data(info, path):
     key = (os.path.abspath(path), stamp, json.dumps(info.to_dict(), sort_keys=True, default=str))
     if key not in _SETTLED:
         data = load_dialogues(path, info)
+        if not data.records:
+            raise VegaError(f"{path}: no dialogue is left after the label map of {info.name}")
         first = data.records[next(iter(data.records))]
         _SETTLED[key] = replace(data.info, **{f"{m}_dim": getattr(first, m).shape[1] for m in MODALITIES})
     return _SETTLED[key]
@@ -170,11 +159,6 @@ def read_tables(path, check):
     speakers, labels, text, audio, visual, train_raw, test_raw = check.seven_tuple(read_pickle(path))
     tables = {"speakers": speakers, "labels": labels, "text": text, "audio": audio, "visual": visual}
     return tables, {"train": check.id_list(train_raw, "train"), "test": check.id_list(test_raw, "test")}
-
-
-def missing_file(path):
-    return VegaError(f"{path}: data file not found (give its location with --data_path; README.md, 'Getting the "
-                     f"data', says where the feature pickles come from; `python run.py --demo` needs none)")
 
 
 def read_pickle(path):

@@ -6,7 +6,7 @@ naming the file (VegaError), whichever format it came from.
 """
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -16,6 +16,25 @@ from .datasets import DATASETS, DROPPED, MISSING, label_reader, source_label_nam
 
 MODALITIES = ("text", "audio", "visual")
 TUPLE_FIELDS = ("speakers", "labels", "text", "audio", "visual", "train ids", "test ids")
+
+
+@dataclass
+class Dialogue:
+    """One dialogue of n utterances, converted to tensors once at load."""
+    id: object                 # str for IEMOCAP, int for MELD
+    text: torch.Tensor         # (n, D_text) float32
+    audio: torch.Tensor        # (n, D_audio) float32
+    visual: torch.Tensor       # (n, D_visual) float32
+    speakers: torch.Tensor     # (n,) long
+    labels: torch.Tensor       # (n,) long: class id, -1 where the utterance has no label
+
+    def __len__(self):
+        return self.labels.shape[0]
+
+
+def missing_file(path):
+    return VegaError(f"{path}: data file not found (give its location with --data_path; README.md, 'Getting the "
+                     f"data', says where the feature pickles come from; `python run.py --demo` needs none)")
 
 
 def first_line(e):
@@ -73,7 +92,6 @@ class FileChecker:
 
     def dialogue(self, vid, split, tables):
         """The checked Dialogue (tensors), or None when the label_map dropped every utterance of it."""
-        from dataloader import Dialogue
         for name, table in tables.items():
             if vid not in table:
                 self.fail(f"dialogue {vid!r} (in the {split} ids) is missing from the {name} dict")
@@ -217,4 +235,4 @@ def complete_info(info, tables, ids):
     return info
 
 
-__all__ = ["FileChecker", "MISSING", "MODALITIES", "TUPLE_FIELDS", "complete_info", "first_line", "plain"]
+__all__ = ["Dialogue", "FileChecker", "missing_file", "MISSING", "MODALITIES", "TUPLE_FIELDS", "complete_info", "first_line", "plain"]

@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 
 from .common import _atomic_write
-from .datacheck import MODALITIES, first_line, plain
+from .datacheck import MODALITIES, first_line, missing_file, plain
 
 COLUMNS = {"dialogue_id": 1, "position": 1, "speaker": 1, "label": 1, "split": 1, "text": 2, "audio": 2,
            "visual": 2}
@@ -29,7 +29,6 @@ def read_columns(path, check):
     """The eight columns as numpy arrays; a pickled object array, a missing column or a row count that
     differs is one error line."""
     if not os.path.exists(path):
-        from dataloader import missing_file
         raise missing_file(path)
     try:
         archive = np.load(path, allow_pickle=False)
