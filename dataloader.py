@@ -116,6 +116,8 @@ def load_dialogues(path, dataset):
     A pickle is unpickled, so only load pickles you trust; an .npz is read without unpickling.
     """
     info = dataset if isinstance(dataset, DatasetInfo) else dataset_info(dataset)
+    if path is None:
+        raise VegaError(f"dataset {info.name} names no data file: give --data_path")
     check = FileChecker(path, info)
     tables, splits = read_tables(path, check)
     check.info = complete_info(check.info, tables, [v for ids in splits.values() for v in ids])

@@ -331,7 +331,7 @@ class Interrupted(KeyboardInterrupt):
 
 def describe_config(cfg):
     """The settings that differ from the dataset's preset (configs/<Dataset>.json), as key=value."""
-    preset = resolve(load_preset(cfg.Dataset))
+    preset = resolve(load_preset(cfg.Dataset, cfg.dataset_spec))
     changed = [f"{k}={v}" for k, v in cfg.to_dict().items() if getattr(preset, k) != v]
     return f"{cfg.Dataset} preset" + (f" with {', '.join(changed)}" if changed else "")
 

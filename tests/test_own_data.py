@@ -258,6 +258,19 @@ def test_a_files_valid_split_selects_the_epoch(tmp_path, capsys):
     assert "1 train / 1 valid / 1 test dialogues" in capsys.readouterr().out
 
 
+def test_a_json_without_data_path_takes_the_flag_and_resumes_without_the_json(tmp_path, capsys):
+    spec = write_case(tmp_path, lambda c: None)
+    data = {k: v for k, v in json.load(open(spec)).items() if k != "data_path"}
+    json.dump(data, open(spec, "w"))
+    base = ["--Dataset", spec, "--no_clip_loss", "--output_dir", str(tmp_path / "out")]
+    one_error(capsys, run.run(base + TINY), "names no data file", "--data_path")
+    assert run.run(base + ["--data_path", str(tmp_path / "bad.npz")] + TINY) == 0
+    [run_dir] = glob.glob(str(tmp_path / "out" / "bad" / "*"))
+    os.remove(spec)                                   # the run keeps the description it was trained with
+    assert run.run(["--resume", run_dir, "--epochs", "3", "--no_progress"]) == 0
+    assert len(open(os.path.join(run_dir, "metrics.jsonl")).readlines()) == 3
+
+
 def test_balanced_weights_need_every_class_in_training(tmp_path, capsys):
     def no_upset_in_train(c):
         c["label"][c["split"] == "train"] = 0

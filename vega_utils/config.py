@@ -129,17 +129,17 @@ def preset_path(dataset):
     return os.path.join(PROJECT_ROOT, "configs", f"{dataset}.json")
 
 
-def load_preset(dataset):
+def load_preset(dataset, spec=None):
     """configs/<Dataset>.json; for a dataset JSON, the preset it names (default IEMOCAP) with its Dataset and
-    name."""
-    info = dataset_info(dataset)  # clear error for an unknown name or a bad dataset file
+    name, and its description `spec` (a run's dataset_spec) when given instead of reading the file again."""
+    info = from_dict(spec) if spec else dataset_info(dataset)  # clear error for an unknown name, a bad file
     path = preset_path(info.preset)
     try:
         with open(path) as f:
             cfg = Config.from_dict(json.load(f))
     except (OSError, json.JSONDecodeError) as e:
         raise VegaError(f"cannot read preset {path}: {e}") from e
-    return cfg if info.builtin else cfg.replace(Dataset=dataset, name=info.name)
+    return cfg if info.builtin else cfg.replace(Dataset=dataset, name=info.name, dataset_spec=spec)
 
 
 def dataset_arg(value):
@@ -168,7 +168,7 @@ def resolve(cfg):
     """Fill derived values (dataset sizes, default paths, clip_dim) and check value ranges."""
     info = from_dict(cfg.dataset_spec) if cfg.dataset_spec else dataset_info(cfg.Dataset)
     data_path = cfg.data_path or info.default_data_path
-    if not info.builtin:   # sizes and speakers the dataset JSON leaves to the data
+    if None in (info.text_dim, info.audio_dim, info.visual_dim, info.n_speakers):   # left to the data by a JSON
         if data_path is None:
             raise VegaError(f"dataset {cfg.Dataset} names no data file: give --data_path or 'data_path' in it")
         from dataloader import settle_from_data
