@@ -1,8 +1,9 @@
-"""Dialogue data: read and check the feature pickles, batch dialogues the way the reference does."""
+"""Dialogue data: read a data file (feature pickle or open .npz; checks in vega_utils/datacheck.py), batch
+dialogues the way the reference does."""
+import json
 import os
 import pickle
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from vega_utils.common import DATASETS, VegaError, dataset_info
+from vega_utils.common import VegaError
+from vega_utils.datacheck import MODALITIES, Dialogue, FileChecker, complete_info, first_line, missing_file  # noqa: F401
+from vega_utils.datasets import DatasetInfo, dataset_info
 
 
 @dataclass
@@ -63,75 +66,106 @@ def batch_from_reference(ref, n_speakers):
 
 
 # ---------------------------------------------------------------- dialogues in memory
-MODALITIES = ("text", "audio", "visual")
-TUPLE_FIELDS = ("speakers", "labels", "text", "audio", "visual", "train ids", "test ids")
-SPEAKER_LETTERS = {"IEMOCAP": ("M", "F")}  # string speakers; other datasets store one-hot vectors
-
-
-@dataclass
-class Dialogue:
-    """One dialogue of n utterances, converted to tensors once at load."""
-    id: object                 # str for IEMOCAP, int for MELD
-    text: torch.Tensor         # (n, D_text) float32
-    audio: torch.Tensor        # (n, D_audio) float32
-    visual: torch.Tensor       # (n, D_visual) float32
-    speakers: torch.Tensor     # (n,) long
-    labels: torch.Tensor       # (n,) long
-
-    def __len__(self):
-        return self.labels.shape[0]
-
-
 @dataclass
 class DialogueData:
-    """A checked dataset file: every dialogue named in the train or test ids, and the two id lists."""
+    """A checked dataset file: every dialogue of its splits, and the ids of each split in file order."""
     dataset: str
     class_names: list
     records: dict              # dialogue id -> Dialogue
     train_ids: list            # file order
     test_ids: list             # file order
     path: str = ""
+    valid_ids: list = field(default_factory=list)      # the open format's own validation split
+    predict_ids: list = field(default_factory=list)    # unlabelled dialogues (open format)
+    info: DatasetInfo = None   # the dataset, with what the file settled (sizes, speakers)
+    dropped: dict = field(default_factory=dict)        # source label -> utterances the label_map left out
+    dropped_dialogues: list = field(default_factory=list)   # dialogues the label_map emptied
 
     @property
     def n_speakers(self):
-        return dataset_info(self.dataset).n_speakers
+        return self.info.n_speakers
 
     def dialogues(self, ids):
         return [self.records[i] for i in ids]
 
+    def split_ids(self, split):
+        return {"train": self.train_ids, "test": self.test_ids, "valid": self.valid_ids,
+                "predict": self.predict_ids}[split]
+
+    def describe_dropped(self):
+        """One line on what the label_map left out, or None."""
+        if not self.dropped:
+            return None
+        counts = ", ".join(f"{k} {n}" for k, n in sorted(self.dropped.items()))
+        empty = f"; {len(self.dropped_dialogues)} dialogue(s) left empty, dropped" if self.dropped_dialogues else ""
+        return f"{self.path}: the label map of {self.dataset} dropped {sum(self.dropped.values())} " \
+               f"utterance(s) ({counts}){empty}"
+
 
 def speaker_names(dataset):
     """Printable speaker name per id (for a predictions file): 'M'/'F' for IEMOCAP, '0'..'8' for MELD."""
-    if dataset in SPEAKER_LETTERS:
-        return list(SPEAKER_LETTERS[dataset])
-    return [str(i) for i in range(dataset_info(dataset).n_speakers)]
+    info = dataset if isinstance(dataset, DatasetInfo) else dataset_info(dataset)
+    return list(info.speakers) if info.speakers else [str(i) for i in range(info.n_speakers)]
 
 
-# ---------------------------------------------------------------- reading and checking a pickle
+# ---------------------------------------------------------------- reading and checking a file
 def load_dialogues(path, dataset):
-    """Read the 7-tuple pickle of spec section 1 and check all of it; a problem raises a one-line VegaError.
+    """Read a data file (the 7-tuple pickle of spec section 1, or the open .npz format) and check all of it;
+    a problem raises a one-line VegaError. `dataset`: a name, a dataset JSON path or a DatasetInfo.
 
-    The file is unpickled, so only load files you trust.
+    A pickle is unpickled, so only load pickles you trust; an .npz is read without unpickling.
     """
-    info = dataset_info(dataset)
-    check = _FileChecker(path, info)
-    speakers, labels, text, audio, visual, train_raw, test_raw = check.seven_tuple(_read_pickle(path))
-    tables = {"speakers": speakers, "labels": labels, "text": text, "audio": audio, "visual": visual}
-    train_ids = check.id_list(train_raw, "train")
-    test_ids = check.id_list(test_raw, "test")
-    records = {}
-    for split, ids in (("train", train_ids), ("test", test_ids)):
+    info = dataset if isinstance(dataset, DatasetInfo) else dataset_info(dataset)
+    if path is None:
+        raise VegaError(f"dataset {info.name} names no data file: give --data_path")
+    check = FileChecker(path, info)
+    tables, splits = read_tables(path, check)
+    check.info = complete_info(check.info, tables, [v for ids in splits.values() for v in ids])
+    records, kept = {}, {}
+    for split, ids in splits.items():
         for vid in ids:
             if vid not in records:
                 records[vid] = check.dialogue(vid, split, tables)
-    return DialogueData(dataset=info.name, class_names=list(info.class_names), records=records,
-                        train_ids=train_ids, test_ids=test_ids, path=str(path))
+        kept[split] = [v for v in ids if records[v] is not None]
+    return DialogueData(dataset=info.name, class_names=list(info.class_names),
+                        records={k: v for k, v in records.items() if v is not None},
+                        train_ids=kept["train"], test_ids=kept["test"], path=str(path),
+                        valid_ids=kept.get("valid", []), predict_ids=kept.get("predict", []), info=check.info,
+                        dropped=dict(check.dropped), dropped_dialogues=check.dropped_dialogues)
 
 
-def _read_pickle(path):
+def settle_from_data(info, path):
+    """The dataset with the feature sizes and speakers its JSON left out read from the data file (the model's
+    sizes must be known before it is built)."""
+    if None not in (info.text_dim, info.audio_dim, info.visual_dim, info.n_speakers):
+        return info
+    stamp = os.stat(path).st_mtime_ns if os.path.exists(path) else None
+    key = (os.path.abspath(path), stamp, json.dumps(info.to_dict(), sort_keys=True, default=str))
+    if key not in _SETTLED:
+        data = load_dialogues(path, info)
+        if not data.records:
+            raise VegaError(f"{path}: no dialogue is left after the label map of {info.name}")
+        first = data.records[next(iter(data.records))]
+        _SETTLED[key] = replace(data.info, **{f"{m}_dim": getattr(first, m).shape[1] for m in MODALITIES})
+    return _SETTLED[key]
+
+
+_SETTLED = {}   # settle_from_data's answers: (file, its mtime, the description) -> DatasetInfo
+
+
+def read_tables(path, check):
+    """The file's per-dialogue tables (speakers, labels, text, audio, visual) and {split: dialogue ids}."""
+    if str(path).lower().endswith(".npz"):
+        from vega_utils.openformat import read_npz
+        return read_npz(path, check)
+    speakers, labels, text, audio, visual, train_raw, test_raw = check.seven_tuple(read_pickle(path))
+    tables = {"speakers": speakers, "labels": labels, "text": text, "audio": audio, "visual": visual}
+    return tables, {"train": check.id_list(train_raw, "train"), "test": check.id_list(test_raw, "test")}
+
+
+def read_pickle(path):
     if not os.path.exists(path):
-        raise VegaError(f"{path}: data file not found (give its location with --data_path; README.md, 'Getting the "
-                        f"data', says where the feature pickles come from; `python run.py --demo` needs none)")
+        raise missing_file(path)
     try:
         with open(path, "rb") as f:
             # latin1 lets pickles written by Python 2 (the older MERC feature files) load too
@@ -139,153 +173,7 @@ def _read_pickle(path):
     except OSError as e:
         raise VegaError(f"{path}: cannot read the data file ({e.strerror or e})") from e
     except Exception as e:  # unpickling can raise almost any error type on a damaged or foreign file
-        raise VegaError(f"{path}: not a readable pickle ({type(e).__name__}: {_first_line(e)})") from e
-
-
-def _first_line(e):
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else "no details"
-
-
-def _plain(x):
-    """numpy scalars -> Python scalars, so ids print and compare like the ones in the dicts."""
-    return x.item() if isinstance(x, np.generic) else x
-
-
-class _FileChecker:
-    """Every check on one data file, in one place. Each failure is one line naming the file."""
-
-    def __init__(self, path, info):
-        self.path, self.info = path, info
-
-    def fail(self, problem):
-        raise VegaError(f"{self.path}: {problem}")
-
-    def seven_tuple(self, raw):
-        expected = "a 7-tuple (" + ", ".join(TUPLE_FIELDS) + ")"
-        if not isinstance(raw, (tuple, list)):
-            self.fail(f"expected {expected}, found a {type(raw).__name__}")
-        if len(raw) != 7:
-            self.fail(f"expected {expected}, found a {type(raw).__name__} of length {len(raw)}")
-        for k, name in enumerate(TUPLE_FIELDS[:5]):
-            if not isinstance(raw[k], Mapping):
-                self.fail(f"element {k} ({name}) is a {type(raw[k]).__name__}, "
-                          "expected a dict keyed by dialogue id")
-        return raw
-
-    def id_list(self, raw, split):
-        if isinstance(raw, (str, bytes, Mapping)) or not hasattr(raw, "__iter__"):
-            self.fail(f"the {split} ids are a {type(raw).__name__}, expected a list of dialogue ids")
-        if isinstance(raw, (set, frozenset)):
-            raw = sorted(raw, key=str)  # a set has no file order; sort so runs are repeatable
-        ids = [_plain(v) for v in raw]
-        if not ids:
-            self.fail(f"the {split} ids are empty")
-        seen = set()
-        for vid in ids:
-            if isinstance(vid, bool) or not isinstance(vid, (str, int)):
-                self.fail(f"dialogue id {vid!r} in the {split} ids is a {type(vid).__name__}, expected str or int")
-            if vid in seen:
-                self.fail(f"dialogue {vid!r} is listed twice in the {split} ids")
-            seen.add(vid)
-        return ids
-
-    def dialogue(self, vid, split, tables):
-        for name, table in tables.items():
-            if vid not in table:
-                self.fail(f"dialogue {vid!r} (in the {split} ids) is missing from the {name} dict")
-        feats = {m: self.features(vid, m, tables[m][vid]) for m in MODALITIES}
-        labels = self.as_list(vid, "labels", tables["labels"][vid])
-        speakers = self.as_list(vid, "speakers", tables["speakers"][vid])
-        self.lengths(vid, {**{m: x.shape[0] for m, x in feats.items()},
-                           "labels": len(labels), "speakers": len(speakers)})
-        for m, x in feats.items():
-            self.feature_values(vid, m, x)
-        return Dialogue(
-            id=vid,
-            **{m: torch.from_numpy(np.ascontiguousarray(x)) for m, x in feats.items()},
-            speakers=torch.tensor(self.speaker_ids(vid, speakers), dtype=torch.long),
-            labels=torch.tensor(self.labels(vid, labels), dtype=torch.long),
-        )
-
-    def features(self, vid, modality, raw):
-        """Any array-like -> float32 numpy array with utterances first (shape checked later)."""
-        try:
-            if torch.is_tensor(raw):
-                x = raw.detach().cpu().to(torch.float32).numpy()
-            elif isinstance(raw, (list, tuple)) and raw and torch.is_tensor(raw[0]):
-                x = torch.stack(list(raw)).detach().cpu().to(torch.float32).numpy()
-            else:
-                x = np.asarray(raw, dtype=np.float32)
-        except (ValueError, TypeError, RuntimeError) as e:
-            self.fail(f"{modality} features of dialogue {vid!r} are not a numeric array ({_first_line(e)})")
-        if x.ndim == 3 and x.shape[0] == 1:
-            x = x[0]  # IEMOCAP text is sometimes stored [1, n_utt, 1024]
-        if x.ndim == 0:
-            self.fail(f"{modality} features of dialogue {vid!r} are a single number, expected [n_utt, dim]")
-        return x
-
-    def as_list(self, vid, what, raw):
-        if torch.is_tensor(raw) or isinstance(raw, np.ndarray):
-            raw = raw.tolist()
-        if isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)):
-            self.fail(f"{what} of dialogue {vid!r} are a {type(raw).__name__}, expected a list per utterance")
-        return list(raw)
-
-    def lengths(self, vid, lengths):
-        if not any(lengths.values()):
-            self.fail(f"dialogue {vid!r} is empty (no utterances)")
-        if len(set(lengths.values())) > 1:
-            found = ", ".join(f"{k} {n}" for k, n in lengths.items())
-            self.fail(f"dialogue {vid!r} has utterance counts that disagree: {found}")
-
-    def feature_values(self, vid, modality, x):
-        expected = getattr(self.info, f"{modality}_dim")
-        if x.ndim != 2:
-            self.fail(f"{modality} features of dialogue {vid!r} have shape {list(x.shape)}, "
-                      f"expected [n_utt, {expected}]")
-        if x.shape[1] != expected:
-            fits = [name for name, info in DATASETS.items()
-                    if name != self.info.name and getattr(info, f"{modality}_dim") == x.shape[1]]
-            hint = f": is this a {fits[0]} file? Then add --Dataset {fits[0]}" if fits else ""
-            self.fail(f"{modality} features of dialogue {vid!r} have dim {x.shape[1]}, "
-                      f"expected {expected} for {self.info.name}{hint}")
-        if not np.isfinite(x).all():
-            self.fail(f"{modality} features of dialogue {vid!r} contain non-finite values (NaN or inf)")
-
-    def labels(self, vid, labels):
-        n_classes = len(self.info.class_names)
-        for i, v in enumerate(labels):
-            v = _plain(v)
-            if isinstance(v, bool) or not isinstance(v, int):
-                self.fail(f"label of utterance {i} in dialogue {vid!r} is not an integer: {v!r}")
-            if not 0 <= v < n_classes:
-                self.fail(f"label {v} of utterance {i} in dialogue {vid!r} is out of range [0, {n_classes})")
-        return labels
-
-    def speaker_ids(self, vid, speakers):
-        letters = SPEAKER_LETTERS.get(self.info.name)
-        return [self.speaker_id(vid, i, s, letters) for i, s in enumerate(speakers)]
-
-    def speaker_id(self, vid, i, s, letters):
-        n = self.info.n_speakers
-        where = f"speaker of utterance {i} in dialogue {vid!r}"
-        if isinstance(s, bytes):
-            s = s.decode("latin1")
-        if isinstance(s, str):
-            if letters is None:
-                self.fail(f"{where} is {s!r}, expected a {n}-dim one-hot vector for {self.info.name}")
-            if s not in letters:
-                self.fail(f"{where} is unknown: {s!r}, expected one of {', '.join(letters)}")
-            return letters.index(s)
-        try:
-            row = np.asarray(s, dtype=np.float64)
-        except (ValueError, TypeError):
-            row = None
-        if row is None or row.shape != (n,) or not np.isin(row, (0.0, 1.0)).all() or row.sum() != 1:
-            shown = row.tolist() if row is not None else s
-            self.fail(f"{where} is not a one-hot vector of {n}: {shown!r}")
-        return int(row.argmax())
+        raise VegaError(f"{path}: not a readable pickle ({type(e).__name__}: {first_line(e)})") from e
 
 
 # ---------------------------------------------------------------- datasets, batches, loaders
@@ -354,6 +242,18 @@ def split_validation(train_ids, ratio, seed):
             [v for j, v in enumerate(ids) if j in held])
 
 
+def check_trainable(data, splits):
+    """Training needs train and test dialogues, every utterance of them labelled (README, 'Your own data')."""
+    for split, ids in splits.items():
+        if not ids and split != "valid":
+            raise VegaError(f"{data.path}: no dialogues in the {split} split, which training needs")
+        for vid in ids:
+            if bool((data.records[vid].labels < 0).any()):
+                raise VegaError(f"{data.path}: dialogue {vid!r} of the {split} split has utterances without a "
+                                f"label; training needs labels there (unlabelled dialogues belong to the "
+                                f"predict split)")
+
+
 def make_loaders(data, cfg, valid_ids=None, pin_memory=False):
     """'train' (augmented, reshuffled every epoch from cfg.seed), 'test' and, given valid_ids, 'valid'.
 
@@ -361,8 +261,9 @@ def make_loaders(data, cfg, valid_ids=None, pin_memory=False):
     """
     train_ids = list(data.train_ids)
     valid_ids = list(valid_ids or [])
+    check_trainable(data, {"train": train_ids, "test": data.test_ids, "valid": valid_ids})
     if valid_ids:
-        known = set(train_ids)
+        known = set(train_ids) | set(data.valid_ids)   # held out of the train split, or the file's own
         stray = [v for v in valid_ids if v not in known]
         if stray:
             raise VegaError(f"validation dialogue {stray[0]!r} is not a training dialogue of {data.path}")

@@ -18,20 +18,22 @@ import sys
 import traceback
 from functools import partial
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 import train
-from dataloader import DialogueDataset, collate, load_dialogues, make_loaders, speaker_names
+from dataloader import DialogueDataset, collate, load_dialogues, speaker_names
 from main import build_model
 from vega_utils import checkpoint, report, threads
-from vega_utils.common import DATASETS, VegaError, atomic_write_text, dataset_info, resolve_device
-from vega_utils.config import ACTIVATIONS, AMP_CHOICES, Config, OneLineParser, load_preset, resolve
+from vega_utils.common import VegaError, atomic_write_text, resolve_device
+from vega_utils.config import ACTIVATIONS, AMP_CHOICES, Config, OneLineParser, dataset_arg, load_preset, resolve
+from vega_utils.datasets import info_of
 
 # The reference's model flags: (flag, config key, type, choices). They build the model of a file without
 # a config; with a config, a flag that contradicts it is an error.
 MODEL_FLAGS = [
-    ("dataset", "Dataset", str, list(DATASETS)), ("hidden_dim", "hidden_dim", int, None),
+    ("dataset", "Dataset", dataset_arg, None), ("hidden_dim", "hidden_dim", int, None),
     ("n_head", "n_head", int, None), ("dropout", "dropout", float, None),
     ("outlayer_drop", "outlayer_drop", float, None), ("outlayer_num", "outlayer_num", int, None),
     ("outlayer_activation_fn", "outlayer_activation_fn", str, list(ACTIVATIONS)),
@@ -56,7 +58,8 @@ def parser():
     p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=argparse.SUPPRESS)
     p.add_argument("--num_workers", type=int, default=argparse.SUPPRESS)
     p.add_argument("--data_path", help="dataset pickle (default: the checkpoint's, else the dataset's)")
-    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--split", choices=["test", "train", "valid", "predict"], default="test",
+                   help="dialogues to score; a split without labels (predict) gets predictions only")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--cpu", action="store_true", help="the reference's flag: same as --device cpu")
     p.add_argument("--eval_amp", "--amp", dest="eval_amp", choices=list(AMP_CHOICES), default=None,
@@ -171,20 +174,22 @@ def check_output_paths(args, cfg):
 
 
 def split_loader(data, cfg, split, pin_memory):
-    if split == "test":
-        return make_loaders(data, cfg, pin_memory=pin_memory)["test"]
-    # the training dialogues as stored: no feature dropout, file order
-    return DataLoader(DialogueDataset(data.dialogues(data.train_ids), augment=False), batch_size=cfg.batch_size,
+    """The split's dialogues as stored: no feature dropout, file order (the test loader of training)."""
+    ids = data.split_ids(split)
+    if not ids:
+        raise VegaError(f"{data.path} has no dialogues in the {split} split")
+    return DataLoader(DialogueDataset(data.dialogues(ids), augment=False), batch_size=cfg.batch_size,
                       num_workers=cfg.num_workers, pin_memory=pin_memory,
                       collate_fn=partial(collate, n_speakers=data.n_speakers))
 
 
 def evaluate(model, cfg, args, device, amp_dtype):
-    data = load_dialogues(cfg.data_path, cfg.Dataset)
+    data = load_dialogues(cfg.data_path, info_of(cfg))
+    if data.describe_dropped():
+        print(data.describe_dropped())
     loader = split_loader(data, cfg, args.split, pin_memory=device.type == "cuda")
-    weights = torch.tensor(dataset_info(cfg.Dataset).class_weights, device=device)
     progress = not args.no_progress and sys.stderr.isatty()
-    return train.eval_epoch(model, loader, cfg, None, weights, device, amp_dtype, with_losses=False,
+    return train.eval_epoch(model, loader, cfg, None, None, device, amp_dtype, with_losses=False,
                             desc=f"scoring {args.split}", progress=progress)
 
 
@@ -219,16 +224,15 @@ def recorded_line(obj, split):
     return f"recorded in the checkpoint at training time: weighted F1 {pct(metrics['weighted_f1'])}"
 
 
-def write_outputs(args, cfg, ev, m, heads, context):
-    class_names = list(dataset_info(cfg.Dataset).class_names)
+def write_outputs(args, cfg, ev, context, class_names, numbers):
     if args.predictions_out:
-        names = speaker_names(cfg.Dataset)
+        names = speaker_names(info_of(cfg))
         report.write_predictions_csv(args.predictions_out, ev["dialogue_ids"], ev["utterance_index"],
                                      [names[s] for s in ev["speakers"]], ev["labels"], ev["preds"]["all"],
                                      ev["probs"], class_names)
         print(f"predictions: {args.predictions_out}")
     if args.json:
-        body = {**context, "class_names": class_names, "metrics": m, "head_weighted_f1": heads}
+        body = {**context, "class_names": class_names, **numbers}
         atomic_write_text(args.json, json.dumps(body, indent=2) + "\n")
         print(f"scores: {args.json}")
 
@@ -252,20 +256,45 @@ def score(args):
     load_weights(model, state, cfg, args.checkpoint, saved is not None)
     model.to(device)
     ev = evaluate(model, cfg, args, device, amp_dtype)
-    class_names = list(dataset_info(cfg.Dataset).class_names)
-    m = report.classification_metrics(ev["labels"], ev["preds"]["all"], class_names)
-    heads = report.head_f1s(ev["labels"], ev["preds"])
+    class_names = list(info_of(cfg).class_names)
     amp_name = train.precision_name(amp_dtype)
-    print(f"data: {cfg.data_path}, {args.split} split, {len(set(ev['dialogue_ids']))} dialogues, {m['n']} "
-          f"utterances; device {device}, {amp_name}\n")
+    labelled = ev["labels"] >= 0
+    print(f"data: {cfg.data_path}, {args.split} split, {len(set(ev['dialogue_ids']))} dialogues, {len(labelled)} "
+          f"utterances ({int(labelled.sum())} labelled); device {device}, {amp_name}\n")
+    context = {"checkpoint": args.checkpoint, "checkpoint_format": checkpoint.describe_format(obj),
+               "config_source": source, "dataset": cfg.Dataset, "data_path": cfg.data_path, "split": args.split,
+               "device": str(device), "precision": amp_name}
+    if not labelled.any():
+        return predict_only(args, cfg, ev, class_names, context)
+    if not labelled.all():
+        print(f"note: {int((~labelled).sum())} utterances have no label: they are predicted, not scored\n")
+    m = report.classification_metrics(ev["labels"][labelled], ev["preds"]["all"][labelled], class_names)
+    heads = report.head_f1s(ev["labels"][labelled], {k: v[labelled] for k, v in ev["preds"].items()})
     print(format_report(m, heads, class_names))
     recorded = recorded_line(obj, args.split)
     if recorded:
         print(f"\n{recorded}")
-    context = {"checkpoint": args.checkpoint, "checkpoint_format": checkpoint.describe_format(obj),
-               "config_source": source, "dataset": cfg.Dataset, "data_path": cfg.data_path, "split": args.split,
-               "device": str(device), "precision": amp_name}
-    write_outputs(args, cfg, ev, m, heads, context)
+    write_outputs(args, cfg, ev, context, class_names, {"metrics": m, "head_weighted_f1": heads})
+    return 0
+
+
+def predicted_counts(preds, class_names):
+    counts = np.bincount(preds, minlength=len(class_names))
+    return {c: int(n) for c, n in zip(class_names, counts)}
+
+
+def predict_only(args, cfg, ev, class_names, context):
+    """A split without labels: the predictions and their class distribution; nothing to score them against."""
+    if not args.predictions_out:   # the default name, never over a file already there
+        args.predictions_out = "predictions.csv"
+        if os.path.exists(args.predictions_out):
+            raise VegaError(f"{args.predictions_out} exists; refusing to replace it: name the predictions file "
+                            f"with --predictions_out")
+    counts = predicted_counts(ev["preds"]["all"], class_names)
+    total = max(1, sum(counts.values()))
+    print("predicted classes: " + ", ".join(f"{c} {n} ({100 * n / total:.1f}%)" for c, n in counts.items()))
+    print(f"no metric can be computed: the {args.split} split of {cfg.data_path} has no labels")
+    write_outputs(args, cfg, ev, context, class_names, {"metrics": None, "predicted_counts": counts})
     return 0
 
 

@@ -22,8 +22,9 @@ from fast import ShadowAdam, accelerate, cpu_kernels, is_accelerated
 from model import VEGA
 from vega_utils import checkpoint, report, threads
 from vega_utils.anchor_utils import ensure_anchor_cache
-from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text, dataset_info, git_commit, \
-    resolve_device, seed_everything
+from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text, git_commit, resolve_device, \
+    seed_everything
+from vega_utils.datasets import class_weights_of, info_of
 from vega_utils.config import Config, load_preset, resolve
 
 LAST = "last.pth"
@@ -173,7 +174,7 @@ def save_best_outputs(run_dir, cfg, ev, metrics, epoch, class_names, model, best
     checkpoint.save_best(path, model, cfg, epoch, metrics)
     if best_path and best_path != path and os.path.exists(best_path):
         os.remove(best_path)  # an older, worse best: removed only after the new one is safely written
-    names = speaker_names(cfg.Dataset)
+    names = speaker_names(info_of(cfg))
     report.write_predictions_csv(os.path.join(run_dir, "predictions.csv"), ev["dialogue_ids"],
                                  ev["utterance_index"], [names[s] for s in ev["speakers"]], ev["labels"],
                                  ev["preds"]["all"], ev["probs"], class_names)
@@ -192,16 +193,20 @@ def train_run(cfg, resume_dir=None, progress=True):
     train.exact_float32(device)
     precision = {"train_precision": train.precision_name(amp_dtype), "eval_precision": train.precision_name(eval_dtype)}
     seed_everything(cfg.seed)
-    info = dataset_info(cfg.Dataset)
-    data = load_dialogues(cfg.data_path, cfg.Dataset)
+    info = info_of(cfg)
+    data = load_dialogues(cfg.data_path, info)
+    if data.describe_dropped():
+        log(data.describe_dropped())
     bank, cfg = load_anchors(cfg)
     _, valid_ids = split_validation(data.train_ids, cfg.valid_ratio, cfg.seed)
+    if not valid_ids and data.valid_ids:   # the file's own validation split (open format)
+        valid_ids = list(data.valid_ids)
     loaders = make_loaders(data, cfg, valid_ids=valid_ids, pin_memory=device.type == "cuda")
     model = build_model(cfg, device)
     optimizer = build_optimizer(cfg, model, amp_dtype, device)
     scheduler = build_scheduler(cfg, optimizer, len(loaders["train"]))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    class_weights = torch.tensor(info.class_weights, device=device)
+    class_weights = torch.tensor(class_weights_of(info, data), device=device)
     anchor_rng = random.Random(cfg.seed)
     bank = bank.to(device) if bank is not None else None
     select_on = "valid" if valid_ids else "test"
@@ -230,6 +235,7 @@ def train_run(cfg, resume_dir=None, progress=True):
         write_json(os.path.join(run_dir, "config.json"), {
             **cfg.to_dict(), "git_commit": git_commit(), "torch_version": torch.__version__,
             "resolved_device": str(device), **precision, "resolved_threads": torch.get_num_threads(),
+            "class_weights": class_weights.tolist(),
             "command": " ".join(sys.argv)})
         if valid_ids:
             write_json(os.path.join(run_dir, "valid_ids.json"), valid_ids)
@@ -237,7 +243,7 @@ def train_run(cfg, resume_dir=None, progress=True):
     log(f"git commit {git_commit()}, torch {torch.__version__}, device {device}, training in "
         f"{precision['train_precision']}, evaluating in {precision['eval_precision']}, "
         f"{torch.get_num_threads()} CPU threads, "
-        f"{len(data.train_ids) - len(valid_ids)} train / {len(valid_ids)} valid / {len(data.test_ids)} test "
+        f"{len(loaders['train'].dataset)} train / {len(valid_ids)} valid / {len(data.test_ids)} test "
         f"dialogues, selecting on {select_on}")
 
     eval_sets = {split: train.EvalSet(loaders[split], cfg.n_speakers) for split in loaders if split != "train"}
@@ -332,7 +338,7 @@ class Interrupted(KeyboardInterrupt):
 
 def describe_config(cfg):
     """The settings that differ from the dataset's preset (configs/<Dataset>.json), as key=value."""
-    preset = resolve(load_preset(cfg.Dataset))
+    preset = resolve(load_preset(cfg.Dataset, cfg.dataset_spec))
     changed = [f"{k}={v}" for k, v in cfg.to_dict().items() if getattr(preset, k) != v]
     return f"{cfg.Dataset} preset" + (f" with {', '.join(changed)}" if changed else "")
 

@@ -80,7 +80,7 @@ def run_seeds(cfg, seeds, progress):
     """One run per seed; a failed seed is reported and the others go on. Writes the aggregate folder."""
     import main
     from vega_utils import report
-    from vega_utils.common import dataset_info
+    from vega_utils.datasets import info_of
     per_seed = []
     for seed in seeds:
         print(f"===== seed {seed} ({len(per_seed) + 1}/{len(seeds)})")
@@ -91,7 +91,7 @@ def run_seeds(cfg, seeds, progress):
             print(f"error: seed {seed} failed: {e}", file=sys.stderr)
             per_seed.append({"seed": seed, "error": str(e)})
     agg = report.aggregate_runs(per_seed)
-    class_names = list(dataset_info(cfg.Dataset).class_names)
+    class_names = list(info_of(cfg).class_names)
     stamp = datetime.datetime.now().strftime("%m%d-%H%M%S")
     folder = os.path.join(cfg.output_dir, cfg.name, f"aggregate-{stamp}")
     os.makedirs(folder, exist_ok=True)

@@ -4,6 +4,7 @@ Also loads and checks the anchor cache file, and builds it from face images, as 
 (build_anchor_cache / ensure_anchor_cache) or a command:
     python -m vega_utils.anchor_utils --image_dir anchor/35 --Dataset IEMOCAP \
         --CLIP_Model openai/clip-vit-base-patch32 --out anchor/35_anchor.pt [--batch_size 32] [--device auto]
+(--Dataset a dataset JSON: its classes; --label_map FILE: other words for them in image paths.)
 """
 import os
 import pickle
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import VegaError, atomic_torch_save, dataset_info, resolve_device
+from .common import VegaError, atomic_torch_save, resolve_device
+from .datasets import dataset_info, info_of, read_label_map
 
 
 @dataclass
@@ -142,6 +144,11 @@ def _bank_from_cache(d, path, class_names):
     if len(widths) > 1:
         bad("feature widths differ between classes: " +
             ", ".join(f"{c} {f.shape[1]}" for c, f in zip(class_names, features)))
+    keys = list(per_class)
+    if _is_float_matrix(centers) and centers.shape[0] == len(keys) != len(class_names):
+        # a cache of more classes (IEMOCAP's six for IEMOCAP-4): the centre rows of ours, in the dict's order
+        centers = centers[[keys.index(c) for c in class_names]]
+        d = {"anchor_center": centers, "anchor_img_dict": per_class}
     expected_shape = (len(class_names), widths[0])
     if not _is_float_matrix(centers) or tuple(centers.shape) != expected_shape:
         shape = tuple(centers.shape) if isinstance(centers, torch.Tensor) else type(centers).__name__
@@ -165,10 +172,12 @@ def path_words(rel_path):
     return [w for w in re.split(r"[^a-z]+", spaced.lower()) if w]
 
 
-def classes_named_by(rel_path, class_names):
-    """The classes that words of the path (relative to the image folder) name, in label order."""
+def classes_named_by(rel_path, class_names, label_map=None):
+    """The classes that words of the path (relative to the image folder) name, in label order. label_map
+    {word: class} adds other words for a class ("happiness" -> happy): a path word beginning with one names it."""
     words = path_words(rel_path)
-    return [c for c in class_names if any(w.startswith(c.lower()) for w in words)]
+    names = {c: [c.lower()] + [k.lower() for k, v in (label_map or {}).items() if v == c] for c in class_names}
+    return [c for c in class_names if any(w.startswith(n) for w in words for n in names[c])]
 
 
 def list_images(image_dir):
@@ -187,7 +196,7 @@ def list_images(image_dir):
     return sorted(found), others
 
 
-def assign_images(image_dir, class_names):
+def assign_images(image_dir, class_names, label_map=None):
     """{class: [image paths]} in label order, by the rules at the top of this section."""
     if not os.path.isdir(image_dir):
         raise VegaError(f"image folder {image_dir} does not exist")
@@ -198,7 +207,7 @@ def assign_images(image_dir, class_names):
     assigned = {c: [] for c in class_names}
     unmatched, ambiguous = [], []
     for rel in images:
-        named = classes_named_by(rel, class_names)
+        named = classes_named_by(rel, class_names, label_map)
         if len(named) == 1:
             assigned[named[0]].append(os.path.join(image_dir, rel))
         elif named:
@@ -299,14 +308,14 @@ def class_features(paths, model, processor, device, batch_size, skip_bad_images,
 
 # -------------------------------------------------------------------------------------------- building
 def build_anchor_cache(image_dir, class_names, clip_model, out_path, batch_size=32, device="auto",
-                       skip_bad_images=False, progress=True, expected_dim=None):
+                       skip_bad_images=False, progress=True, expected_dim=None, label_map=None):
     """Compute every class's CLIP features and centre, write the cache atomically, return the AnchorBank."""
     from tqdm import tqdm
     class_names = list(class_names)
     if batch_size < 1:
         raise VegaError(f"batch size must be at least 1, got {batch_size}")
     device = resolve_device(device)
-    per_class = assign_images(image_dir, class_names)  # before the model: naming errors come fast
+    per_class = assign_images(image_dir, class_names, label_map)  # before the model: naming errors come fast
     model, processor = load_clip(clip_model, device)
     width = model.config.projection_dim
     if expected_dim is not None and width != expected_dim:
@@ -351,7 +360,8 @@ def _image_folder_candidates(cfg):
 
 def ensure_anchor_cache(cfg, device="auto"):
     """The run's anchors: load cfg.anchor_path, or first build it from the image folder (as the reference)."""
-    class_names = dataset_info(cfg.Dataset).class_names
+    info = info_of(cfg)
+    class_names = info.class_names
     path = cfg.anchor_path or os.path.join("anchor", f"{cfg.expr_img_folder}_anchor.pt")
     if os.path.exists(path):
         return load_anchor_cache(path, class_names, expected_dim=cfg.clip_dim)
@@ -366,19 +376,22 @@ def ensure_anchor_cache(cfg, device="auto"):
                         f"--ablation no_vega")
     print(f"no anchor cache at {path}: building it from {folder} with {cfg.CLIP_Model}")
     return build_anchor_cache(folder, class_names, cfg.CLIP_Model, path, device=device,
-                              expected_dim=cfg.clip_dim)
+                              expected_dim=cfg.clip_dim, label_map=info.anchor_words)
 
 
 # ----------------------------------------------------------------------------------------- command line
 def _parser():
     import argparse
-    from .common import DATASETS
+    from .config import dataset_arg
     p = argparse.ArgumentParser(
         prog="python -m vega_utils.anchor_utils",
         description="Build a VEGA anchor cache (the reference's anchor/<name>_anchor.pt format) from "
                     "emotion face images: one subfolder per class, or the class word in each file name.")
     p.add_argument("--image_dir", required=True, help="folder of images (class = path below it)")
-    p.add_argument("--Dataset", default="IEMOCAP", choices=list(DATASETS), help="decides the class labels")
+    p.add_argument("--Dataset", "--dataset", dest="Dataset", default="IEMOCAP", type=dataset_arg,
+                   help="IEMOCAP, MELD or a dataset JSON: decides the class labels")
+    p.add_argument("--label_map", metavar="JSON", help="{word: class} for image words that are not class names "
+                   "(default: the dataset JSON's anchor_label_map)")
     p.add_argument("--CLIP_Model", default=DEFAULT_CLIP_MODEL, help="hub name or save_pretrained folder")
     p.add_argument("--out", required=True, help="cache file to write, e.g. anchor/35_anchor.pt")
     p.add_argument("--batch_size", type=int, default=32, help="images per CLIP forward pass")
@@ -392,9 +405,11 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
-        build_anchor_cache(args.image_dir, dataset_info(args.Dataset).class_names, args.CLIP_Model,
+        info = dataset_info(args.Dataset)
+        words = read_label_map(args.label_map, info.class_names) if args.label_map else info.anchor_words
+        build_anchor_cache(args.image_dir, info.class_names, args.CLIP_Model,
                            args.out, batch_size=args.batch_size, device=args.device,
-                           skip_bad_images=args.skip_bad_images, progress=not args.no_progress)
+                           skip_bad_images=args.skip_bad_images, progress=not args.no_progress, label_map=words)
     except VegaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

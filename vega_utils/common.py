@@ -1,9 +1,8 @@
-"""Things every module needs: the user-facing error type, dataset facts, devices, atomic writes."""
+"""Things every module needs: the user-facing error type, devices, atomic writes (dataset facts: datasets.py)."""
 import os
 import random
 import subprocess
 import tempfile
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,42 +12,6 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class VegaError(Exception):
     """A problem the user can fix (bad file, bad flag). Entry points print it as one line and exit 2."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    class_names: tuple
-    text_dim: int
-    audio_dim: int
-    visual_dim: int
-    n_speakers: int
-    class_weights: tuple  # fixed CE weights of the reference, in class-id order
-    default_data_path: str
-
-
-DATASETS = {
-    "IEMOCAP": DatasetInfo(
-        name="IEMOCAP",
-        class_names=("happy", "sad", "neutral", "anger", "excited", "frustration"),
-        text_dim=1024, audio_dim=1582, visual_dim=342, n_speakers=2,
-        class_weights=(2.85339499, 1.70571959, 1.08255267, 1.67633724, 1.77617681, 1.0),
-        default_data_path="data/IEMOCAP.pkl",
-    ),
-    "MELD": DatasetInfo(
-        name="MELD",
-        class_names=("neutral", "surprise", "fear", "sad", "happy", "disgust", "anger"),
-        text_dim=1024, audio_dim=300, visual_dim=342, n_speakers=9,
-        class_weights=(1.0, 3.93398523, 17.97765350, 6.42315388, 2.78856158, 17.82825470, 4.00497818),
-        default_data_path="data/meld.pkl",
-    ),
-}
-
-
-def dataset_info(name):
-    if name not in DATASETS:
-        raise VegaError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    return DATASETS[name]
 
 
 def resolve_device(name="auto"):
@@ -121,3 +84,7 @@ def atomic_torch_save(obj, path):
 def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text), "w")
 
+
+
+# The dataset facts live in datasets.py; imported here too, where callers have always found them.
+from .datasets import DATASETS, DatasetInfo, dataset_info  # noqa: E402,F401

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .common import PROJECT_ROOT, VegaError, dataset_info
+from .common import PROJECT_ROOT, VegaError
+from .datasets import DATASETS, dataset_info, from_dict, is_spec_path
 
 # The paper's ablations: each only sets flags (explicit flags still win); run.py --ablation NAME.
 ABLATIONS = {
@@ -104,6 +105,9 @@ class Config:
     visual_dim: Optional[int] = None
     n_speakers: Optional[int] = None
     n_classes: Optional[int] = None
+    # A dataset JSON's description as resolved (classes, speakers, sizes, label map); None for IEMOCAP/MELD.
+    # Saved with the run, so its checkpoints are scored with the classes they were trained on.
+    dataset_spec: Optional[dict] = None
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -128,14 +132,25 @@ def preset_path(dataset):
     return os.path.join(PROJECT_ROOT, "configs", f"{dataset}.json")
 
 
-def load_preset(dataset):
-    dataset_info(dataset)  # clear error for an unknown name
-    path = preset_path(dataset)
+def load_preset(dataset, spec=None):
+    """configs/<Dataset>.json; for a dataset JSON, the preset it names (default IEMOCAP) with its Dataset and
+    name, and its description `spec` (a run's dataset_spec) when given instead of reading the file again."""
+    info = from_dict(spec) if spec else dataset_info(dataset)  # clear error for an unknown name, a bad file
+    path = preset_path(info.preset)
     try:
         with open(path) as f:
-            return Config.from_dict(json.load(f))
+            cfg = Config.from_dict(json.load(f))
     except (OSError, json.JSONDecodeError) as e:
         raise VegaError(f"cannot read preset {path}: {e}") from e
+    return cfg if info.builtin else cfg.replace(Dataset=dataset, name=info.name, dataset_spec=spec)
+
+
+def dataset_arg(value):
+    """--Dataset: IEMOCAP, MELD or the path of a dataset JSON (a bad value is argparse's one-line error)."""
+    if value in DATASETS or is_spec_path(value):
+        return value
+    raise argparse.ArgumentTypeError(f"unknown dataset {value!r}: choose one of {', '.join(DATASETS)} or give "
+                                     f"the path of a dataset JSON")
 
 
 def clip_dim_for(model_name):
@@ -154,11 +169,17 @@ def clip_dim_for(model_name):
 
 def resolve(cfg):
     """Fill derived values (dataset sizes, default paths, clip_dim) and check value ranges."""
-    info = dataset_info(cfg.Dataset)
+    info = from_dict(cfg.dataset_spec) if cfg.dataset_spec else dataset_info(cfg.Dataset)
+    data_path = cfg.data_path or info.default_data_path
+    if None in (info.text_dim, info.audio_dim, info.visual_dim, info.n_speakers):   # left to the data by a JSON
+        if data_path is None:
+            raise VegaError(f"dataset {cfg.Dataset} names no data file: give --data_path or 'data_path' in it")
+        from dataloader import settle_from_data
+        info = settle_from_data(info, data_path)
     cfg = cfg.replace(
         text_dim=info.text_dim, audio_dim=info.audio_dim, visual_dim=info.visual_dim,
         n_speakers=info.n_speakers, n_classes=len(info.class_names),
-        data_path=cfg.data_path or info.default_data_path,
+        dataset_spec=None if info.builtin else info.to_dict(), data_path=data_path,
         anchor_path=cfg.anchor_path or os.path.join("anchor", f"{cfg.expr_img_folder}_anchor.pt"),
         clip_dim=cfg.clip_dim or clip_dim_for(cfg.CLIP_Model),
     )
@@ -207,7 +228,7 @@ def check(cfg):
 # Flags whose names differ from the config key (the reference's spelling).
 FLAG_ALIASES = {"batch_size": ["--batch-size", "--batch_size"], "Dataset": ["--Dataset", "--dataset"],
                 "lr": ["--lr", "--learning_rate"], "l2": ["--l2", "--weight_decay"]}
-DERIVED = {"text_dim", "audio_dim", "visual_dim", "n_speakers", "n_classes"}
+DERIVED = {"text_dim", "audio_dim", "visual_dim", "n_speakers", "n_classes", "dataset_spec"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -247,7 +268,7 @@ def add_config_flags(parser, skip=()):
         kind = f.type if f.type in (int, float, str) else f.type.__args__[0]
         choices = None
         if f.name == "Dataset":
-            choices = ["IEMOCAP", "MELD"]
+            kind = dataset_arg
         elif f.name in ("outlayer_activation_fn", "clip_proj_activation_fn"):
             choices = list(ACTIVATIONS)
         elif f.name == "optimizer":

@@ -102,9 +102,12 @@ def _prob_columns(class_names):
 
 
 def write_predictions_csv(path, dialogue_ids, utterance_index, speakers, labels, preds, probs, class_names):
-    """One row per scored utterance; label and prediction as class names, then one probability per class."""
+    """One row per scored utterance; label and prediction as class names, then one probability per class.
+    An utterance without a label (id -1, the predict split) gets an empty label."""
     n_classes = len(class_names)
-    y_true = _as_label_array(labels, n_classes, "labels")
+    y_true = np.asarray(labels).reshape(-1)
+    y_true = np.where(y_true == -1, n_classes, _as_label_array(np.where(y_true == -1, 0, y_true), n_classes,
+                                                               "labels"))   # n_classes: the empty name
     y_pred = _as_label_array(preds, n_classes, "predictions")
     probs = np.asarray(probs, dtype=np.float64)
     if probs.size == 0:
@@ -115,7 +118,7 @@ def write_predictions_csv(path, dialogue_ids, utterance_index, speakers, labels,
     lengths = {len(c) for c in columns} | {probs.shape[0]}
     if len(lengths) != 1:
         raise VegaError(f"prediction columns have different lengths: {sorted(lengths)}")
-    names = np.asarray(class_names, dtype=object)
+    names = np.asarray(list(class_names) + [""], dtype=object)
     frame = pd.DataFrame({
         "dialogue_id": columns[0],
         "utterance_index": np.asarray(columns[1], dtype=np.int64),

@@ -1,0 +1,123 @@
+"""The open feature format: one .npz of row-aligned columns, read with allow_pickle=False (never runs code).
+
+One row per utterance (README, "Your own data", documents every column):
+    dialogue_id  (U,) str or int     the dialogue the utterance belongs to
+    position     (U,) int            its place in the dialogue, 0..n-1 (rows may come in any order)
+    speaker      (U,) str or int     a speaker name (or id)
+    label        (U,) int or str     class id / name, or the source file's label for a label_map; -1 or "" = none
+    split        (U,) str            train, valid, test or predict (one per dialogue)
+    text, audio, visual  (U, D)      the feature matrices
+The reader turns the columns into the same per-dialogue tables as the pickle, so every check of the pickle
+loader (vega_utils/datacheck.py) holds with the same messages.
+"""
+import os
+import zipfile
+
+import numpy as np
+
+from .common import _atomic_write
+from .datacheck import MODALITIES, first_line, missing_file, plain
+
+COLUMNS = {"dialogue_id": 1, "position": 1, "speaker": 1, "label": 1, "split": 1, "text": 2, "audio": 2,
+           "visual": 2}
+SPLITS = ("train", "valid", "test", "predict")
+KINDS = {"dialogue_id": "iuU", "position": "iu", "speaker": "iuU", "label": "iuU", "split": "U",
+         "text": "fiu", "audio": "fiu", "visual": "fiu"}
+
+
+def read_columns(path, check):
+    """The eight columns as numpy arrays; a pickled object array, a missing column or a row count that
+    differs is one error line."""
+    if not os.path.exists(path):
+        raise missing_file(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        check.fail(f"not a readable .npz archive ({type(e).__name__}: {first_line(e)})")
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        check.fail("is a single .npy array, expected an .npz archive of the columns "
+                   f"{', '.join(COLUMNS)}")
+    with archive:
+        found = set(archive.files)
+        missing = [c for c in COLUMNS if c not in found]
+        if missing:
+            check.fail(f"lacks column(s) {', '.join(missing)} (the open format has {', '.join(COLUMNS)})")
+        unknown = sorted(found - set(COLUMNS))
+        if unknown:
+            check.fail(f"has unknown column(s) {', '.join(unknown)} (the open format has {', '.join(COLUMNS)})")
+        cols = {name: _column(archive, name, check) for name in COLUMNS}
+    rows = len(cols["dialogue_id"])
+    for name, x in cols.items():
+        if x.ndim != COLUMNS[name]:
+            check.fail(f"column {name!r} has shape {list(x.shape)}, expected "
+                       f"{'[rows]' if COLUMNS[name] == 1 else '[rows, dim]'}")
+        if x.dtype.kind not in KINDS[name]:
+            check.fail(f"column {name!r} holds {x.dtype}, expected {_kind_words(KINDS[name])}")
+        if x.shape[0] != rows:
+            check.fail(f"column {name!r} has {x.shape[0]} rows but 'dialogue_id' has {rows}: every column has "
+                       f"one row per utterance")
+    if rows == 0:
+        check.fail("holds no utterances")
+    return cols
+
+
+def _column(archive, name, check):
+    try:
+        return archive[name]
+    except ValueError as e:   # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+        if "allow_pickle" in str(e):
+            check.fail(f"column {name!r} is a pickled object array; the open format refuses it (unpickling can "
+                       f"run code): store it as a plain numeric or text array")
+        check.fail(f"column {name!r} cannot be read ({first_line(e)})")
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        check.fail(f"column {name!r} cannot be read: damaged archive ({type(e).__name__}: {first_line(e)})")
+
+
+def _kind_words(kinds):
+    words = {"i": "integers", "u": "integers", "f": "floats", "U": "text"}
+    return " or ".join(dict.fromkeys(words[k] for k in kinds))
+
+
+def read_npz(path, check):
+    """(tables {name: {dialogue id: value}}, {split: dialogue ids in order of first row}) of an open file."""
+    cols = read_columns(path, check)
+    bad_split = sorted(set(np.unique(cols["split"]).tolist()) - set(SPLITS))
+    if bad_split:
+        check.fail(f"unknown split value(s) {', '.join(map(repr, bad_split))}: each row's split is one of "
+                   f"{', '.join(SPLITS)}")
+    rows_of = {}
+    for r, vid in enumerate(cols["dialogue_id"].tolist()):
+        rows_of.setdefault(vid, []).append(r)
+    tables = {name: {} for name in ("speakers", "labels", *MODALITIES)}
+    splits = {s: [] for s in SPLITS}
+    for vid, rows in rows_of.items():
+        rows = np.asarray(rows)
+        split_values = sorted(set(cols["split"][rows].tolist()))
+        if len(split_values) > 1:
+            check.fail(f"dialogue {vid!r} has rows in several splits ({', '.join(split_values)}); a dialogue "
+                       f"belongs to one split")
+        position = cols["position"][rows]
+        order = np.argsort(position, kind="stable")
+        rows = rows[order]                                     # the dialogue's rows in utterance order
+        if not np.array_equal(position[order], np.arange(len(rows))):
+            check.fail(f"dialogue {vid!r} has positions {_short(position[order].tolist())}, expected 0..{len(rows) - 1}"
+                       f" (each once)")
+        tables["speakers"][vid] = [plain(s) for s in cols["speaker"][rows]]
+        tables["labels"][vid] = [plain(v) for v in cols["label"][rows]]
+        for m in MODALITIES:
+            tables[m][vid] = cols[m][rows]                     # (n, D), the stored dtype
+        splits[split_values[0]].append(vid)
+    return tables, splits
+
+
+def _short(values, limit=8):
+    return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...]"
+
+
+def write_npz(path, columns):
+    """Write the columns (a dict of numpy arrays, COLUMNS' names) atomically, compressed."""
+    arrays = {name: np.asarray(columns[name]) for name in COLUMNS}
+    for name, x in arrays.items():
+        if x.dtype.kind == "O":
+            raise ValueError(f"column {name!r} is an object array; give numbers or text")
+    _atomic_write(path, lambda f: np.savez_compressed(f, **arrays), "wb")
