@@ -95,6 +95,8 @@ class Config:
     # The default is for configs saved before the key existed; the presets set it too.
     max_bad_steps: int = 10
     threads: Optional[int] = None      # CPU threads; None: the cores this process may use (vega_utils/threads.py)
+    # each epoch's metrics as TensorBoard event files in the run folder (vega_utils/live.py), when installed
+    tensorboard: bool = True
     # Filled by resolve() from the dataset table; part of every saved config.
     text_dim: Optional[int] = None
     audio_dim: Optional[int] = None
