@@ -39,6 +39,8 @@ def parser():
     p.add_argument("--maps", nargs="*", default=["pca", "tsne"], choices=["pca", "tsne"], help="which 2-D maps")
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda (scores in float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the t-SNE map")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use); scikit-learn's "
+                   "own OpenMP threads spin while they wait, so on a busy machine --threads 1 makes t-SNE much faster")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -239,9 +241,17 @@ def agreement_markdown(names, matrix, scores):
 
 
 def main(argv=None):
+    from threadpoolctl import threadpool_limits   # scikit-learn's dependency: its OpenMP and BLAS pools
+
+    from .threads import apply_threads, resolve_threads
     args = parser().parse_args(argv)
     try:
-        analyze(args)
+        if args.threads is not None and args.threads < 1:
+            raise VegaError(f"--threads {args.threads} must be at least 1")
+        count = resolve_threads(args.threads)
+        apply_threads(count)
+        with threadpool_limits(limits=count):
+            analyze(args)
         return 0
     except VegaError as e:
         if args.debug:
