@@ -55,14 +55,18 @@ def plot_maps(features, labels, centres, images, class_names, method, path, titl
                        zorder=5)
             ax.annotate(name, cen[k], xytext=(6, 6), textcoords="offset points", fontsize=9, weight="bold",
                         bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.7, "linewidth": 0})
-        ax.scatter([], [], s=200, marker="*", color="white", edgecolors="black", label="class-centre anchor")
-        ax.scatter([], [], s=28, marker="x", color="black", label="anchor image")
         ax.set(title=subtitles.get(head, head), xlabel=xlabel, ylabel=ylabel)
-        ax.legend(fontsize=7, loc="best", markerscale=1.0, framealpha=0.8)
         ax.grid(alpha=0.2)
     for ax in list(axes.flat)[len(heads):]:
         ax.axis("off")
+    first = axes.flat[0]
+    first.scatter([], [], s=200, marker="*", color="white", edgecolors="black", label="class-centre anchor")
+    first.scatter([], [], s=28, marker="x", color="black", label="anchor image")
+    # one legend under the panels: inside one it covered points or anchors
     fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05 / rows, 1, 1))
+    fig.legend(*first.get_legend_handles_labels(), loc="lower center", ncol=min(c + 2, 8), fontsize=9,
+               markerscale=1.5, bbox_to_anchor=(0.5, 0))
     _save_figure(fig, path)
 
 

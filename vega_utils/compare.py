@@ -160,23 +160,30 @@ def plot(entries, rows, results, path, alpha):
     ax = axes[0, 0]
     width = 0.8 / len(entries)
     x = np.arange(len(bars))
+    lowest = np.nanmin([100 * (v["mean"] - v["std"] if isinstance(v, dict) else v)
+                        for _, values in bars for v in values if v is not None] + [100.0])
     for i, e in enumerate(entries):
         values = [v[i] for _, v in bars]
         # a missing value (no alignment without the VEGA branch) draws no bar rather than a 0
         means = [100 * (v["mean"] if isinstance(v, dict) else v) if v is not None else np.nan for v in values]
         errors = [100 * v["std"] if isinstance(v, dict) else 0.0 for v in values] if e["kind"] == "aggregate" else None
-        ax.bar(x + (i - (len(entries) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=e["name"])
+        drawn = ax.bar(x + (i - (len(entries) - 1) / 2) * width, means, width, yerr=errors, capsize=3,
+                       label=e["name"])
+        ax.bar_label(drawn, fmt="%.1f", fontsize=6, rotation=90, padding=2)
     ax.set_xticks(x, labels=[t.replace(' (reference "ACC")', "") for t, _ in bars],
                   rotation=35, ha="right")
-    ax.set(ylabel="% (best epoch, test set)", ylim=(0, 105), title="Runs compared (bars: mean ± std over seeds "
-                                                                   "for an aggregate)")
+    bottom = max(0.0, 10 * np.floor(lowest / 10) - 10)   # close enough to the values to see differences
+    ax.set(ylabel=f"% (best epoch, test set; axis from {bottom:.0f})", ylim=(bottom, 104),
+           title="Runs compared (bars: mean ± std over seeds for an aggregate)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     if results:
         ax = axes[0, 1]
         for r in results:
             boot = r["bootstrap"]
-            ax.hist(100 * boot["differences"], bins=50, alpha=0.5, label=f"{r['b']}\n- {r['a']}")
+            verdict = "significant" if r["bootstrap_significant"] else "not significant"
+            ax.hist(100 * boot["differences"], bins=50, alpha=0.5,
+                    label=f"{r['b']}\n- {r['a']}\nCI [{100 * boot['low']:+.2f}, {100 * boot['high']:+.2f}]: {verdict}")
             ax.axvspan(100 * boot["low"], 100 * boot["high"], alpha=0.12, color="grey")
         ax.axvline(0, color="black", linewidth=1)
         ax.set(xlabel="weighted F1 difference (points)", ylabel="bootstrap resamples",
