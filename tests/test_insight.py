@@ -1,7 +1,6 @@
 """Seeing inside a run (issue 16): TensorBoard curves, anchor alignment, analyze, compare, the statistics."""
 import glob
 import json
-import math
 import os
 
 import numpy as np

@@ -20,7 +20,6 @@ import os
 import sys
 import traceback
 
-import numpy as np
 import torch
 
 from . import alignment, anchor_maps, breakdown, checkpoint, report

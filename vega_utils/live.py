@@ -7,7 +7,6 @@ Tags group the scalars into TensorBoard's sections (`loss/`, `f1/`, `metrics/`, 
 The step is the epoch number. A resumed run purges the steps after its last saved epoch, so an epoch that was
 logged but not saved in last.pth (a crash between the two writes) is not shown twice.
 """
-import os
 
 SPLITS = ("train", "valid", "test")
 QUIET_KEYS = ("epoch", "is_best")   # the step itself, and a flag (the best epoch is on curves.png)
@@ -64,7 +63,6 @@ class LiveLog:
             return
         # purge_step: TensorBoard hides events of steps >= it written before (a resumed run's repeated epoch)
         self.writer = SummaryWriter(log_dir=run_dir, purge_step=first_epoch if first_epoch > 1 else None)
-        self.path = os.path.abspath(run_dir)
 
     def epoch(self, row):
         if self.writer is None:
