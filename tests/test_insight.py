@@ -44,6 +44,9 @@ def runs(tmp_path_factory):
         with pytest.raises(KeyboardInterrupt):
             main.train_run(cfg.replace(name="vega"), progress=False)
     vega = glob.glob(str(root / "vega" / "*"))[0]
+    # written after each epoch, not only at the end: the interrupted run has its curves of epochs 1-2
+    assert os.path.getsize(os.path.join(vega, "curves.png")) > 0
+    assert len(read_jsonl(os.path.join(vega, "metrics.jsonl"))) == 2
     assert run.run(["--resume", vega, "--no_progress"]) == 0
     plain = main.train_run(cfg.replace(name="plain", clip_loss=False, ablation="no_vega"), progress=False)
     return {"vega": vega, "plain": plain["run_dir"], "cfg": cfg, "root": root}
@@ -332,6 +335,25 @@ def test_analyze_and_compare_without_vega(runs, tmp_path, capsys):
                                                           int((~right[0] & right[1]).sum()))
     assert numbers["runs"][1]["alignment"] is None and numbers["runs"][0]["alignment"]["own"] == pytest.approx(
         read_jsonl(os.path.join(runs["vega"], "metrics.jsonl"))[pair_best(runs["vega"]) - 1]["test_align_all_own"])
+
+
+def test_compare_with_a_seed_aggregate(runs, tmp_path, capsys):
+    from vega_utils import report
+    per_seed = [{"seed": i, "run_dir": runs[k], "metrics": json.load(open(os.path.join(runs[k], "summary.json")))
+                 ["best"]["test"]} for i, k in enumerate(("vega", "vega"))]
+    folder = tmp_path / "aggregate-1"
+    folder.mkdir()
+    (folder / "aggregate.json").write_text(json.dumps(report.aggregate_runs(per_seed)))
+    numbers, _ = compare.compare(compare.parser().parse_args(
+        [str(folder), runs["plain"], "--out", str(tmp_path / "cmp"), "--n_boot", "200"]))
+    printed = capsys.readouterr().out
+    assert "paired tests skipped" in printed and not numbers["paired"]
+    agg = numbers["runs"][0]
+    assert agg["kind"] == "aggregate" and agg["values"]["weighted_f1"]["std"] == 0.0
+    assert agg["alignment"]["own"]["mean"] == pytest.approx(
+        read_jsonl(os.path.join(runs["vega"], "metrics.jsonl"))[pair_best(runs["vega"]) - 1]["test_align_all_own"])
+    wf1 = 100 * agg["values"]["weighted_f1"]["mean"]
+    assert f"| weighted F1 | {wf1:.2f} ± 0.00 |" in printed
 
 
 def pair_best(run_dir):
