@@ -14,6 +14,7 @@ Writes into RUN/analysis/ (analysis-2, -3, ... when it exists; nothing is overwr
 A run without the VEGA branch (--ablation no_vega) has no projections: the anchor parts are skipped.
 The best epoch's backbone comes from its BEST_*.pth, the VEGA branch from best_vega_branch.pth.
 """
+import argparse
 import glob
 import json
 import os
@@ -30,7 +31,7 @@ HEADS = alignment.HEADS
 
 
 def parser():
-    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_FOLDER", help="a run folder written by run.py")
     p.add_argument("--data_path", help="the feature pickle (default: the run's own data_path)")
     p.add_argument("--anchor_path", help="the anchor cache (default: the run's own anchor_path)")

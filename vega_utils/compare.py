@@ -9,6 +9,7 @@ every later run scored on the same test utterances as the first one, the paired 
 weighted-F1 difference and McNemar's exact test on the two prediction files (vega_utils/stats.py), each saying
 whether the difference is significant at --alpha. Files: compare.md, compare.json, compare.png.
 """
+import argparse
 import datetime
 import json
 import os
@@ -29,7 +30,7 @@ ALIGN = (("own", "cos to own anchor (all head)"), ("other", "mean cos to other a
 
 
 def parser():
-    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+", metavar="RUN_OR_AGGREGATE")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     p.add_argument("--n_boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
