@@ -20,7 +20,7 @@ import train
 from dataloader import load_dialogues, make_loaders, speaker_names, split_validation
 from fast import ShadowAdam, accelerate, cpu_kernels, is_accelerated
 from model import VEGA
-from vega_utils import checkpoint, report, threads
+from vega_utils import alignment, checkpoint, live, report, threads
 from vega_utils.anchor_utils import ensure_anchor_cache
 from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text, git_commit, resolve_device, \
     seed_everything
@@ -165,6 +165,7 @@ def eval_metrics(prefix, ev, class_names):
     row.update({f"{prefix}_f1_{h}": heads[h] for h in ("all", "t", "a", "v")})
     row.update({f"{prefix}_accuracy": m["accuracy"], f"{prefix}_weighted_precision": m["weighted_precision"],
                 f"{prefix}_macro_f1": m["macro_f1"]})
+    row.update(alignment.epoch_row(prefix, ev, class_names))   # anchor alignment (with the VEGA branch)
     return row, m
 
 
@@ -172,6 +173,8 @@ def save_best_outputs(run_dir, cfg, ev, metrics, epoch, class_names, model, best
     f1 = metrics["weighted_f1"]
     path = os.path.join(run_dir, f"BEST_cls_f1_[{100 * f1:.2f}]_epoch{epoch}.pth")
     checkpoint.save_best(path, model, cfg, epoch, metrics)
+    if cfg.clip_loss:   # the VEGA branch of the same epoch, beside it (for python -m vega_utils.analyze)
+        checkpoint.save_branch(os.path.join(run_dir, checkpoint.BRANCH_FILE), model, cfg, epoch)
     if best_path and best_path != path and os.path.exists(best_path):
         os.remove(best_path)  # an older, worse best: removed only after the new one is safely written
     names = speaker_names(info_of(cfg))
@@ -254,6 +257,7 @@ def train_run(cfg, resume_dir=None, progress=True):
     # idle OpenMP threads sleep while other processes keep the cores busy
     share = threads.CoreShare(torch.get_num_threads()).start() if device.type == "cpu" else None
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    curves = live.LiveLog(run_dir, cfg.tensorboard, state["epoch"] + 1, info.class_names, log)   # TensorBoard
     try:
         while state["epoch"] < cfg.epochs:
             train.check_stop()
@@ -290,6 +294,7 @@ def train_run(cfg, resume_dir=None, progress=True):
             state["epoch"] = epoch
             state["history"].append(row)
             append_jsonl(metrics_path, row)
+            curves.epoch(row)
             atomic_torch_save({"format": checkpoint.FORMAT, "model": model.state_dict(),
                                "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict() if scaler else None,
@@ -313,6 +318,7 @@ def train_run(cfg, resume_dir=None, progress=True):
             raise VegaError(f"{e} No epoch finished; the folder is now {run_dir}") from None
         raise VegaError(f"{e} Run folder {run_dir} keeps the epochs before it.") from None
     finally:
+        curves.close()
         if share is not None:
             share.close()
         summary.update(best_epoch=state["best_epoch"], best_checkpoint=state["best_path"],

@@ -107,7 +107,7 @@ def run_seeds(cfg, seeds, progress):
 
 # What may change when a run is resumed: how long it goes on, and where it runs. Anything else would make the
 # resumed run a different experiment than the one its folder records.
-RESUME_FLAGS = ("epochs", "patience", "device", "max_bad_steps", "threads")
+RESUME_FLAGS = ("epochs", "patience", "device", "max_bad_steps", "threads", "tensorboard")
 
 
 def resume_config(args):

@@ -365,6 +365,7 @@ def eval_epoch(model, data, cfg, anchor_bank, class_weights, device, amp_dtype, 
     if with_losses and vega_branch and anchor_bank is not None and cfg.clip_loss:
         anchors = pick_anchors(anchor_bank, training=False, rand=cfg.rand)
     preds = {m: [] for m in ("all", "t", "a", "v")}
+    clip = {m: [] for m in preds}   # VEGA logits 100 * cos(projection, centre anchor): anchor alignment
     probs, labels, dialogue_ids, utt_index, speakers = [], [], [], [], []
     # One autocast region for the whole pass: autocast then casts each weight it handles once per pass, not once
     # per batch (its weight cache lives until the outermost region ends, and the weights do not change here).
@@ -386,6 +387,8 @@ def eval_epoch(model, data, cfg, anchor_bank, class_weights, device, amp_dtype, 
             for m in preds:
                 preds[m].append(out[f"{m}_logit"][valid].argmax(-1).cpu())
             probs.append(torch.softmax(out["all_logit"][valid].float(), -1).cpu())
+            for m in clip if "all_clip_logit" in out else ():
+                clip[m].append(out[f"{m}_clip_logit"][valid].float().cpu())
             labels.append(batch.labels[valid].cpu())
             speakers.append(batch.speakers[valid].cpu())
             lengths = valid.sum(1).tolist()
@@ -397,6 +400,7 @@ def eval_epoch(model, data, cfg, anchor_bank, class_weights, device, amp_dtype, 
         "losses": {k: v / max(n_batches, 1) for k, v in sums.items()},
         "preds": {m: torch.cat(v).numpy() for m, v in preds.items()},
         "probs": torch.cat(probs).numpy(),
+        "clip_logits": {m: torch.cat(v).numpy() for m, v in clip.items() if v},   # (N, C) each
         "labels": torch.cat(labels).numpy(),
         "speakers": torch.cat(speakers).numpy(),
         "dialogue_ids": dialogue_ids,

@@ -32,6 +32,34 @@ def save_best(path, model, cfg, epoch, metrics):
                        "epoch": int(epoch), "metrics": metrics}, path)
 
 
+# The best epoch's VEGA branch (the projections and their temperatures), kept beside the backbone-only best
+# checkpoint so that the anchor analysis can be redone from the run folder (python -m vega_utils.analyze).
+BRANCH_FILE = "best_vega_branch.pth"
+
+
+def save_branch(path, model, cfg, epoch):
+    branch = {k: v.detach().cpu() for k, v in model.state_dict().items() if not is_backbone_key(k)}
+    atomic_torch_save({"format": FORMAT, "branch_state_dict": branch, "config": cfg.to_dict(),
+                       "epoch": int(epoch)}, path)
+
+
+def load_branch(model, path, epoch=None):
+    """Load a save_branch file into model (strict on the branch keys); epoch: the one it must be from."""
+    obj = read_checkpoint(path)
+    state = obj.get("branch_state_dict") if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise VegaError(f"{path} holds no VEGA-branch weights (no 'branch_state_dict' entry)")
+    if epoch is not None and obj.get("epoch") != epoch:
+        raise VegaError(f"{path} is from epoch {obj.get('epoch')}, the best checkpoint from epoch {epoch}")
+    expected = {k: v for k, v in model.state_dict().items() if not is_backbone_key(k)}
+    wrong = sorted(k for k in set(expected) | set(state)
+                   if k not in state or k not in expected or tuple(state[k].shape) != tuple(expected[k].shape))
+    if wrong:
+        raise VegaError(f"{path} does not fit this model's VEGA branch: {_names(wrong)}")
+    model.load_state_dict(state, strict=False)
+    return int(obj.get("epoch", -1))
+
+
 def _what_file_is_this(path):
     """None for a file that starts as a torch checkpoint can (a zip archive, or a pickle of the legacy format);
     else a phrase saying what it looks like instead, from its first bytes."""

@@ -99,6 +99,8 @@ class Config:
     # plain model (the reference's padded computation, several times slower on the CPU; same float32 numbers).
     fast: bool = True
     threads: Optional[int] = None      # CPU threads; None: the cores this process may use (vega_utils/threads.py)
+    # each epoch's metrics as TensorBoard event files in the run folder (vega_utils/live.py), when installed
+    tensorboard: bool = True
     # Filled by resolve() from the dataset table; part of every saved config.
     text_dim: Optional[int] = None
     audio_dim: Optional[int] = None
