@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import traceback
 from functools import partial
 
 import numpy as np
@@ -26,7 +25,7 @@ import train
 from dataloader import DialogueDataset, collate, load_dialogues, speaker_names
 from main import build_model
 from vega_utils import checkpoint, report, threads
-from vega_utils.common import VegaError, atomic_write_text, resolve_device
+from vega_utils.common import VegaError, atomic_write_text, exit_on_error, resolve_device
 from vega_utils.config import ACTIVATIONS, AMP_CHOICES, Config, OneLineParser, dataset_arg, load_preset, resolve
 from vega_utils.datasets import info_of
 
@@ -300,9 +299,8 @@ def predict_only(args, cfg, ev, class_names, context):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    try:
-        if args.threads is not None and args.threads < 1:
-            raise VegaError(f"--threads {args.threads} must be at least 1")
+
+    def command():
         count = threads.resolve_threads(args.threads)
         threads.apply_threads(count)
         share = threads.CoreShare(count).start()   # idle OpenMP threads sleep while others keep cores busy
@@ -310,11 +308,7 @@ def main(argv=None):
             return score(args)
         finally:
             share.close()
-    except VegaError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_on_error(command, args.debug)
 
 
 if __name__ == "__main__":

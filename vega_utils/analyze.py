@@ -19,14 +19,13 @@ import glob
 import json
 import os
 import sys
-import traceback
 
 import torch
 
 from model import VEGA, pick_anchors   # a command, not a helper: it rebuilds the plain model of a run
 
 from . import alignment, anchor_maps, breakdown, checkpoint, report
-from .common import VegaError, atomic_write_text, dataset_info, resolve_device
+from .common import VegaError, atomic_write_text, dataset_info, exit_on_error, resolve_device
 from .config import Config, OneLineParser, resolve
 
 HEADS = alignment.HEADS
@@ -246,19 +245,13 @@ def main(argv=None):
 
     from .threads import apply_threads, resolve_threads
     args = parser().parse_args(argv)
-    try:
-        if args.threads is not None and args.threads < 1:
-            raise VegaError(f"--threads {args.threads} must be at least 1")
+
+    def command():
         count = resolve_threads(args.threads)
         apply_threads(count)
         with threadpool_limits(limits=count):
             analyze(args)
-        return 0
-    except VegaError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_on_error(command, args.debug)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import VegaError, atomic_torch_save, resolve_device
+from .common import VegaError, atomic_torch_save, exit_on_error, resolve_device
 from .datasets import dataset_info, info_of, read_label_map
 
 
@@ -382,6 +382,7 @@ def ensure_anchor_cache(cfg, device="auto"):
 # ----------------------------------------------------------------------------------------- command line
 def _parser():
     import argparse
+
     from .config import dataset_arg
     p = argparse.ArgumentParser(
         prog="python -m vega_utils.anchor_utils",
@@ -404,16 +405,14 @@ def _parser():
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    try:
+
+    def build():
         info = dataset_info(args.Dataset)
         words = read_label_map(args.label_map, info.class_names) if args.label_map else info.anchor_words
         build_anchor_cache(args.image_dir, info.class_names, args.CLIP_Model,
                            args.out, batch_size=args.batch_size, device=args.device,
                            skip_bad_images=args.skip_bad_images, progress=not args.no_progress, label_map=words)
-    except VegaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_on_error(build)
 
 
 if __name__ == "__main__":

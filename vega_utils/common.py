@@ -2,7 +2,9 @@
 import os
 import random
 import subprocess
+import sys
 import tempfile
+import traceback
 
 import numpy as np
 import torch
@@ -12,6 +14,19 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class VegaError(Exception):
     """A problem the user can fix (bad file, bad flag). Entry points print it as one line and exit 2."""
+
+
+def exit_on_error(command, debug=False):
+    """Every command's way out: command() -> its exit code (0 for None); a VegaError -> `error: <message>` on
+    stderr (the traceback too with --debug) and exit code 2."""
+    try:
+        code = command()
+        return 0 if code is None else code
+    except VegaError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def resolve_device(name="auto"):

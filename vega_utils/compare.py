@@ -14,13 +14,12 @@ import datetime
 import json
 import os
 import sys
-import traceback
 
 import numpy as np
 
-from . import alignment, report, stats
+from . import report, stats
 from .analyze import fresh_folder, read_json, run_config, run_name
-from .common import VegaError, atomic_write_text, dataset_info
+from .common import VegaError, atomic_write_text, dataset_info, exit_on_error
 from .config import OneLineParser
 
 HEADLINE = (("weighted_f1", "weighted F1"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
@@ -232,14 +231,10 @@ def compare(args, log=print):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    try:
+
+    def command():
         compare(args)
-        return 0
-    except VegaError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_on_error(command, args.debug)
 
 
 if __name__ == "__main__":

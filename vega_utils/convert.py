@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import torch
 
-from .common import VegaError, _atomic_write
+from .common import VegaError, _atomic_write, exit_on_error
 from .datacheck import MODALITIES, FileChecker, complete_info
 from .datasets import dataset_info
 from .openformat import read_npz, write_npz
@@ -113,12 +113,7 @@ def main(argv=None):
                    help="IEMOCAP, MELD or a dataset JSON: the sizes, speakers and labels to check against")
     p.add_argument("--force", action="store_true", help="replace an existing target")
     args = p.parse_args(argv)
-    try:
-        print(convert(args.source, args.target, args.Dataset, args.force))
-    except VegaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_on_error(lambda: print(convert(args.source, args.target, args.Dataset, args.force)))
 
 
 if __name__ == "__main__":
