@@ -20,7 +20,7 @@ import train
 from dataloader import load_dialogues, make_loaders, speaker_names, split_validation
 from fast import ShadowAdam, accelerate, cpu_kernels, is_accelerated
 from model import VEGA
-from vega_utils import alignment, checkpoint, live, report, threads
+from vega_utils import alignment, checkpoint, live, report, step_guard, threads
 from vega_utils.anchor_utils import ensure_anchor_cache
 from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text, git_commit, resolve_device, \
     seed_everything
@@ -252,7 +252,7 @@ def train_run(cfg, resume_dir=None, progress=True):
     eval_sets = {split: train.EvalSet(loaders[split], cfg.n_speakers) for split in loaders if split != "train"}
     summary = {"run_dir": run_dir, "selected_on": select_on, "stopped": "max_epochs", **precision}
     # skipped training steps (a non-finite loss or gradient), counted on from the epochs already done
-    guard = train.StepGuard(cfg.max_bad_steps, total=sum(r.get("skipped_steps", 0) for r in state["history"]),
+    guard = step_guard.StepGuard(cfg.max_bad_steps, total=sum(r.get("skipped_steps", 0) for r in state["history"]),
                             log=log)
     # idle OpenMP threads sleep while other processes keep the cores busy
     share = threads.CoreShare(torch.get_num_threads()).start() if device.type == "cpu" else None
@@ -310,7 +310,7 @@ def train_run(cfg, resume_dir=None, progress=True):
     except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (a cluster job's time limit; run.py's handler)
         summary["stopped"] = "terminated (SIGTERM)" if isinstance(e, train.Terminated) else "interrupted"
         raise Interrupted(run_dir, state["epoch"], summary["stopped"]) from None
-    except train.NonFiniteLoss as e:
+    except step_guard.NonFiniteLoss as e:
         summary["stopped"] = f"non-finite loss: {e}"
         if state["epoch"] == 0 and not resume_dir:   # nothing to keep: the folder must not pass for a run's
             os.replace(run_dir, run_dir + "-failed")

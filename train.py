@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import compute_losses, pick_anchors
+from vega_utils.step_guard import DeviceRecord, StepGuard, optimizer_step, sync_free_steps
 
 
 # ---------------------------------------------------------------- precision
@@ -50,10 +51,6 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
-class NonFiniteLoss(Exception):
-    pass
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a cluster job's time limit, `kill`): the run stops at the next batch as on Ctrl-C."""
 
@@ -68,100 +65,10 @@ def check_stop():
         raise Terminated("terminated (SIGTERM)")
 
 
-class StepGuard:
-    """Skips a training step whose loss or any gradient is non-finite, as CUDA's GradScaler skips an overflowed
-    fp16 step: weights, optimizer state and the scheduler are left untouched. Under a GradScaler the scaler
-    decides (its skips are seen as a drop of its scale) and is counted the same way.
-
-    Counts per epoch (`epoch_skipped`) and in all (`total`); the first skip is reported once, naming the first
-    loss term (or gradient) that broke. `max_bad_steps` consecutive skips raise NonFiniteLoss: a run that keeps
-    producing them is broken, not unlucky.
-    """
-
-    def __init__(self, max_bad_steps, total=0, log=print):
-        self.max_bad_steps, self.total, self.log = max_bad_steps, total, log
-        self.epoch_skipped = self.streak = 0
-        self.first = None   # where the first skip of this run happened, for the stop message
-
-    def new_epoch(self):
-        self.epoch_skipped = 0
-
-    def applied(self):
-        self.streak = 0
-
-    def skipped(self, epoch, batch, what):
-        """Record one skipped step; `what`: the loss term or gradient that was non-finite."""
-        self.epoch_skipped += 1
-        self.total += 1
-        self.streak += 1
-        where = f"epoch {epoch}, batch {batch}"
-        if self.first is None:
-            self.first = f"{where}: {what}"
-            self.log(f"warning: skipped a training step with a non-finite {what} at {where} (weights and "
-                     f"optimizer state unchanged; later skips are counted as skipped_steps in metrics.jsonl)")
-        if self.streak >= self.max_bad_steps:
-            raise NonFiniteLoss(f"{self.streak} consecutive training steps skipped for a non-finite loss or "
-                                f"gradient (the last at {where}: {what}; the first of the run at {self.first}); "
-                                f"stopping. Try a lower --lr or --amp off.")
-
-
-def gradients(optimizer):
-    """Every gradient the optimizer will read: its parameters' and, for ShadowAdam, the bf16 copies'."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    shadows = getattr(optimizer, "shadows", {}).values()
-    return grads + [s.tensor.grad for s in shadows if s.tensor.grad is not None]
-
-
-def all_finite(tensors):
-    """Whether every tensor's 2-norm is finite, with one host sync: one fused read-only pass per dtype (6-8 ms
-    for the default model's 54 M gradients on 2 cores, ~2% of its training step; torch's max-norm takes 10x that).
-
-    A 2-norm is finite iff every element is finite and the squares' sum fits float32, so a gradient with an
-    element beyond ~1.8e19 counts as non-finite too: Adam's second moment (g^2) would overflow to inf there and
-    freeze that weight for good (its updates m / sqrt(v) would be 0 from then on)."""
-    by_dtype = {}
-    for t in tensors:
-        by_dtype.setdefault((t.dtype, t.device), []).append(t)
-    if not by_dtype:
-        return True
-    norms = [torch.stack(torch._foreach_norm(ts, 2)).float().amax() for ts in by_dtype.values()]
-    return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
-
-
-def first_nonfinite(named_tensors):
-    """The name of the first tensor all_finite rejects (for the one report; checks them one by one)."""
-    return next((n for n, t in named_tensors if not all_finite([t])), "unknown")
-
-
 # ---------------------------------------------------------------- epochs
 def _accumulate(sums, losses):
     for k, v in losses.items():
         sums[k] = sums.get(k, 0.0) + float(v)
-
-
-def _nonfinite_gradient(model, optimizer):
-    """Which gradient is non-finite, by parameter name (checked one by one: only when a step is skipped)."""
-    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    shadows = getattr(optimizer, "shadows", {})
-    names = {p: n for n, p in model.named_parameters()}
-    named += [(f"{names[p]} (bf16 copy)", s.tensor.grad) for p, s in shadows.items() if s.tensor.grad is not None]
-    return first_nonfinite(named)
-
-
-def _optimizer_step(model, optimizer, loss, scaler):
-    """Backward and, when every gradient is finite, the optimizer step. Returns None when the step was applied,
-    else what was non-finite."""
-    if scaler is not None:   # the scaler finds overflows and skips the step itself; its scale drops when it does
-        scale = scaler.get_scale()
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return "gradient (GradScaler found an overflow)" if scaler.get_scale() < scale else None
-    loss.backward()
-    if not all_finite(gradients(optimizer)):
-        return f"gradient of {_nonfinite_gradient(model, optimizer)}"
-    optimizer.step()
-    return None
 
 
 def to_device(model, batch, device, amp_dtype):
@@ -173,77 +80,6 @@ def to_device(model, batch, device, amp_dtype):
         lay = model.layout(batch.pad_mask, device)
     lay, (valid_index,) = lay.to(device, extra=[valid_index])
     return batch.to(device, non_blocking=True), lay, valid_index
-
-
-def sync_free_steps(device, optimizer):
-    """Whether steps run without host synchronisation: on CUDA, with an optimizer that can skip a step on the
-    device (torch's fused Adam/AdamW; GradScaler's fp16 steps too). On the CPU a host check costs nothing."""
-    return device.type == "cuda" and getattr(optimizer, "_step_supports_amp_scaling", False)
-
-
-class DeviceRecord:
-    """A sync-free epoch's loss sums and non-finite flags, kept on the device and read once at its end."""
-
-    def __init__(self, model, optimizer):
-        self.names = {p: n for n, p in model.named_parameters()}
-        self.optimizer, self.steps, self.sums, self.n_finite = optimizer, [], 0.0, 0
-
-    def step(self, losses, scaler):
-        """Backward and optimizer step; a step with a non-finite loss or gradient is skipped on the device."""
-        terms = torch.stack([v.detach().float() for v in losses.values()])       # (T,), the total last
-        (losses["total"] if scaler is None else scaler.scale(losses["total"])).backward()
-        names, grads = named_gradients(self.names, self.optimizer)
-        bad = ~torch.isfinite(torch.cat([terms, _norms(grads)]))                  # (T + P,)
-        if scaler is not None:   # the scaler's own found-inf skips an overflowed step
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.found_inf = bad.any().float()
-            self.optimizer.step()
-        finite = ~bad[terms.shape[0] - 1]
-        self.sums = self.sums + torch.where(finite, terms, 0.0)
-        self.n_finite = self.n_finite + finite.float()
-        self.steps.append((list(losses), names, bad))
-
-    def finish(self, guard, epoch):
-        """Read everything back (the epoch's one sync), replay the steps through the guard, return the means."""
-        if not self.steps:
-            return {}
-        values = torch.cat([bad.float() for _, _, bad in self.steps] + [self.sums, self.n_finite.view(1)]).tolist()
-        start = 0
-        for number, (keys, names, bad) in enumerate(self.steps, 1):
-            flags, start = values[start:start + bad.shape[0]], start + bad.shape[0]
-            first = next((i for i, f in enumerate(flags) if f), None)
-            if first is None:
-                guard.applied()
-            elif first < len(keys):
-                guard.skipped(epoch, number, f"loss (term {keys[first]})")
-            else:
-                guard.skipped(epoch, number, f"gradient of {names[first - len(keys)]}")
-        keys = self.steps[0][0]
-        sums, n = values[start:start + len(keys)], max(values[-1], 1.0)
-        return {k: v / n for k, v in zip(keys, sums)}
-
-
-def _norms(grads):
-    """(P,) float32 2-norms of the gradients in their order, one fused pass per dtype."""
-    by_dtype = {}
-    for i, g in enumerate(grads):
-        by_dtype.setdefault(g.dtype, []).append(i)
-    norms = [None] * len(grads)
-    for idx in by_dtype.values():
-        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], 2)):
-            norms[i] = n.float()
-    return torch.stack(norms)
-
-
-def named_gradients(names, optimizer):
-    """(names, gradients) of what the optimizer will read, in gradients()'s order."""
-    grads = gradients(optimizer)
-    named = [names.get(p, "?") for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    shadows = getattr(optimizer, "shadows", {})
-    named += [f"{names.get(p, '?')} (bf16 copy)" for p, s in shadows.items() if s.tensor.grad is not None]
-    return named, grads
 
 
 def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, device, amp_dtype, scaler=None,
@@ -280,7 +116,7 @@ def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, devic
             bad = next(k for k, v in losses.items() if not torch.isfinite(torch.as_tensor(v)))
             guard.skipped(epoch, batch_number, f"loss (term {bad})")
             continue
-        broken = _optimizer_step(model, optimizer, losses["total"], scaler)
+        broken = optimizer_step(model, optimizer, losses["total"], scaler)
         if broken is None:
             guard.applied()
             if scheduler is not None:   # the schedule follows the steps taken

@@ -10,7 +10,7 @@ kernels the host launches and how often it waits for the device. This script cou
 runs the real training and evaluation code (train.train_epoch on a one-batch loader, train.eval_epoch) under a
 TorchDispatchMode that records every non-view aten op, with every CUDA-side choice of the fast package taken
 (fast.layers.EMULATE_CUDA: one attention grid per batch, nn.Linear's own forward, torch's dropout), the C
-kernels off (VEGA_CPU_KERNELS=0), fp16 autocast, fused AdamW and the sync-free step (train.DeviceRecord).
+kernels off (VEGA_CPU_KERNELS=0), fp16 autocast, fused AdamW and the sync-free step (vega_utils/step_guard.py: DeviceRecord).
 
 Host synchronisations are the ops that need a device value on the host: `_local_scalar_dense` (item(), float(),
 bool(), int() of a tensor), `nonzero`, `masked_select`, indexing with a boolean mask, and `tolist()` / `numpy()`

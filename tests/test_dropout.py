@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from fast.layers import FastDropout as Dropout
 from fast import cpu_kernels
+from fast.layers import FastDropout as Dropout
 
 P = 0.53
 

@@ -10,6 +10,7 @@ import main
 import train
 from dataloader import load_dialogues, make_loaders
 from model import compute_losses, distill_kl, pick_anchors
+from vega_utils import step_guard
 from vega_utils.common import dataset_info
 from vega_utils.config import load_preset, resolve
 from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
@@ -91,5 +92,5 @@ def test_confident_model_trains_on(tmp_path, amp):
     losses = compute_losses(out, batch, cfg, torch.tensor(dataset_info(cfg.Dataset).class_weights))
     assert torch.isfinite(losses["total"])
     losses["total"].backward()
-    grads = train.gradients(optimizer)
-    assert len(grads) > 100 and train.all_finite(grads)
+    grads = step_guard.gradients(optimizer)
+    assert len(grads) > 100 and step_guard.all_finite(grads)

@@ -1,4 +1,4 @@
-"""train.StepGuard: a step with a non-finite loss or gradient is skipped, counted, and ends the run only when
+"""vega_utils/step_guard.py: a step with a non-finite loss or gradient is skipped, counted, and ends the run only when
 --max_bad_steps of them come in a row."""
 import copy
 import json
@@ -11,10 +11,10 @@ import torch
 import main
 import train
 from dataloader import load_dialogues, make_loaders
-from fast import cpu_kernels
+from fast.shadow_weights import ShadowAdam
+from vega_utils import step_guard
 from vega_utils.common import VegaError, dataset_info
 from vega_utils.config import load_preset, resolve
-from fast.shadow_weights import ShadowAdam
 from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
 
 SMALL = dict(hidden_dim=32, n_head=4, lr=3e-3, dropout=0.1, outlayer_drop=0.1, clip_dim=512, batch_size=3)
@@ -81,7 +81,7 @@ def test_inf_gradient_step_is_skipped_with_state_untouched(files, tmp_path, amp,
     model, optimizer, batches, (cfg, bank, weights, device, amp_dtype) = setup(files, tmp_path, amp)
     assert isinstance(optimizer, ShadowAdam) == (amp == "bf16")
     messages = []
-    guard = train.StepGuard(cfg.max_bad_steps, log=messages.append)
+    guard = step_guard.StepGuard(cfg.max_bad_steps, log=messages.append)
 
     def epoch(batch):
         return train.train_epoch(model, [batch], optimizer, cfg, bank, weights, device, amp_dtype, epoch=1,
@@ -103,7 +103,7 @@ def test_gradscaler_skips_are_counted(files, tmp_path):
     """Under a GradScaler (CUDA's fp16; its CPU form here) the scaler skips; the guard sees its scale drop."""
     model, optimizer, batches, (cfg, bank, weights, device, amp_dtype) = setup(files, tmp_path, "off")
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    guard = train.StepGuard(cfg.max_bad_steps, log=lambda m: None)
+    guard = step_guard.StepGuard(cfg.max_bad_steps, log=lambda m: None)
 
     def epoch(batch):
         return train.train_epoch(model, [batch], optimizer, cfg, bank, weights, device, amp_dtype, scaler=scaler,
@@ -119,16 +119,16 @@ def test_gradscaler_skips_are_counted(files, tmp_path):
 
 def test_all_finite_sees_every_dtype_and_position():
     tensors = [torch.randn(1000), torch.randn(33, 7).bfloat16(), torch.randn(5)]
-    assert train.all_finite(tensors) and train.all_finite([])
+    assert step_guard.all_finite(tensors) and step_guard.all_finite([])
     for i, t in enumerate(tensors):
         for pos in (0, t.numel() // 2, t.numel() - 1):
             for bad in (float("nan"), float("inf"), float("-inf")):
                 broken = [x.clone() for x in tensors]
                 broken[i].view(-1)[pos] = bad
-                assert not train.all_finite(broken), (i, pos, bad)
-    assert train.all_finite([torch.full((1000,), 1e17)])   # a sum of squares of 1e37 fits float32
+                assert not step_guard.all_finite(broken), (i, pos, bad)
+    assert step_guard.all_finite([torch.full((1000,), 1e17)])   # a sum of squares of 1e37 fits float32
     # an element whose square overflows float32 (as it would in Adam's second moment) counts as non-finite
-    assert not train.all_finite([torch.full((4,), 3e19)]) and not train.all_finite([torch.full((4,), 3e19).bfloat16()])
+    assert not step_guard.all_finite([torch.full((4,), 3e19)]) and not step_guard.all_finite([torch.full((4,), 3e19).bfloat16()])
 
 
 def test_consecutive_bad_steps_stop_the_run(files, tmp_path, capsys):
@@ -183,7 +183,7 @@ def run_epoch(files, tmp_path, sync_free, poison_every=0):
             else g
     model.speaker_embeddings.weight.register_hook(poison)
     loader = make_loaders(load_dialogues(cfg.data_path, cfg.Dataset), cfg)["train"]
-    guard = train.StepGuard(cfg.max_bad_steps, log=lambda msg: None)
+    guard = step_guard.StepGuard(cfg.max_bad_steps, log=lambda msg: None)
     torch.manual_seed(1)
     result = train.train_epoch(model, loader, optimizer, cfg, bank, weights, device, amp_dtype, progress=False,
                                guard=guard, sync_free=sync_free, rng=random.Random(0))
@@ -196,7 +196,7 @@ def test_sync_free_steps_train_and_skip_as_the_host_checked_ones(files, tmp_path
     checked step's weights, loss means and skip counts, here on the CPU with the same fused AdamW."""
     host, host_guard, host_model = run_epoch(files, tmp_path, False, poison_every)
     free, free_guard, free_model = run_epoch(files, tmp_path, True, poison_every)
-    assert train.sync_free_steps(torch.device("cuda"), torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))],
+    assert step_guard.sync_free_steps(torch.device("cuda"), torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))],
                                                                             fused=True))
     assert host["skipped_steps"] == free["skipped_steps"] == free_guard.total
     assert (free["skipped_steps"] > 0) == (poison_every > 0)

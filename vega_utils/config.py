@@ -92,7 +92,7 @@ class Config:
     ablation: Optional[str] = None
     # Run folders are named like the reference's `[MMDD-HHMM]`; False drops the brackets (no shell quoting).
     folder_brackets: bool = True
-    # stop after this many consecutive skipped training steps (non-finite loss or gradient; train.StepGuard).
+    # stop after this many consecutive skipped training steps (non-finite loss or gradient; vega_utils/step_guard.py).
     # The default is for configs saved before the key existed; the presets set it too.
     max_bad_steps: int = 10
     # The fast package (fast/) swaps its modules and packed layout into model.py's plain VEGA; False runs the
