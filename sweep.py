@@ -77,7 +77,8 @@ def work_here(args, cfg, fixed):
     storage = sweep_study.open_storage(url, args.heartbeat, args.grace)
     study = sweep_study.open_study(args.study, storage, args.sampler, args.pruner, cfg.seed, cfg.epochs)
     threads.apply_threads(threads.resolve_threads(cfg.threads))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs a failed trial with its traceback (a Ctrl-C too): this worker says it in one line instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     print(f"sweep worker {args.worker_index} (pid {os.getpid()}): study {args.study} in {url}, "
           f"{args.trials} trials, drawing {', '.join(k for k in space if k not in fixed) or 'nothing'}", flush=True)
     objective = sweep_worker.Objective(cfg, space, fixed, args.study, args.trials,
@@ -102,6 +103,11 @@ def start_workers(argv, args, cfg):
         cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra]
         print(f"sweep: worker {i}: {shlex.join(cmd[1:])}", flush=True)
         procs.append(subprocess.Popen(cmd))
+
+    def pass_on(signum, frame):   # a scheduler's SIGTERM reaches this process only: each worker stops its trial
+        for p in procs:
+            p.send_signal(signum)
+    signal.signal(signal.SIGTERM, pass_on)
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:   # the workers got the Ctrl-C too (same process group): let them finish cleanly

@@ -66,10 +66,10 @@ def write_preset(study, path):
 
 def write_plots(study, folder):
     """Optuna's matplotlib plots as PNG; one that cannot be drawn yet (too few trials) is named and skipped."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
+
+    from .report import _save_figure   # the project's atomic PNG write (report sets the Agg backend)
     plots = {"history": ovm.plot_optimization_history, "intermediate": ovm.plot_intermediate_values,
              "importances": ovm.plot_param_importances, "parallel": ovm.plot_parallel_coordinate}
     written, skipped = [], []
@@ -79,10 +79,7 @@ def write_plots(study, folder):
             ax = plot(study)
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             fig.set_size_inches(9, 5)
-            fig.tight_layout()
-            tmp = os.path.join(folder, f".tmp-{name}.png")
-            fig.savefig(tmp, dpi=110)
-            os.replace(tmp, path)
+            _save_figure(fig, path)
             written.append(path)
         except Exception as e:   # Optuna refuses e.g. importances with fewer than two complete trials
             skipped.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")

@@ -3,7 +3,7 @@
 Storage: any SQLAlchemy URL goes to Optuna's RDBStorage (sqlite:///..., postgresql+psycopg://...,
 mysql+pymysql://...) with a heartbeat: a worker records one every `heartbeat` seconds while its trial runs, and
 any worker that finds a RUNNING trial silent for `grace` seconds fails it and re-queues its parameters
-(RetryFailedTrialCallback), so a worker killed with `kill -9` costs one trial's time, not the study.
+(RetryHeartbeatStaleTrialCallback), so a worker killed with `kill -9` costs one trial's time, not the study.
 `journal:PATH` is Optuna's JournalStorage on a file (a shared file system without a database server); Optuna
 has no heartbeat for it, so there a killed worker's trial stays RUNNING (see README, "Sweeps").
 """
@@ -18,6 +18,7 @@ from .common import VegaError
 
 # fail_stale_trials and the heartbeat arguments are marked experimental by Optuna; the warnings say only that
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+optuna.logging.set_verbosity(optuna.logging.WARNING)   # not a line per study opened
 MAX_RETRY = 3   # a trial whose worker died is re-queued at most this many times (a trial that kills its worker)
 
 
@@ -44,10 +45,11 @@ def open_storage(url, heartbeat=60, grace=None):
             os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         # several processes write one file: wait for its lock instead of failing at once
         kwargs = {"connect_args": {"timeout": 60}}
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)   # was RetryFailedTrialCallback
     try:
         return optuna.storages.RDBStorage(
             url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace or 2 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY))
+            heartbeat_stale_trial_callback=retry)
     except ImportError as e:
         raise VegaError(f"--storage {url.split(':', 1)[0]}: its database driver is not installed ({e})") from None
     except Exception as e:   # sqlalchemy's errors: a server that is not there, a bad password

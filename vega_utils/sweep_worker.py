@@ -35,11 +35,11 @@ class Objective:
     def __init__(self, base_cfg, space, fixed, study_name, n_trials, progress=False):
         self.base_cfg, self.space, self.fixed = base_cfg, space, set(fixed)
         self.study_name, self.n_trials, self.progress = study_name, n_trials, progress
-        self.last_number = None
+        self.last_number = self.last_error = None
 
     def __call__(self, trial):
         import main
-        self.last_number = trial.number
+        self.last_number, self.last_error = trial.number, None
         # Trial numbers are handed out by the storage one by one: if the trials before this one that are not
         # failed already make up the study, another worker got there first.
         trials = trial.study.get_trials(deepcopy=False)
@@ -59,8 +59,12 @@ class Objective:
             return f"pruned by the sweep's pruner after epoch {epoch}" if trial.should_prune() else None
         sweep_info = {"study": self.study_name, "trial": trial.number, "params": params,
                       "retry_of": frozen.system_attrs.get("failed_trial")}
-        summary = main.train_run(cfg, progress=self.progress, run_dir=run_dir, on_epoch=on_epoch,
-                                 config_extra={"sweep": sweep_info})
+        try:
+            summary = main.train_run(cfg, progress=self.progress, run_dir=run_dir, on_epoch=on_epoch,
+                                     config_extra={"sweep": sweep_info})
+        except VegaError as e:
+            self.last_error = str(e)
+            raise
         best = summary.get("best") or {}
         test = best.get("test") or {}
         for key, value in (("valid_f1", best.get("selected_f1")), ("test_f1", test.get("weighted_f1")),
@@ -100,6 +104,7 @@ def work(study, objective, n_trials, heartbeat=True, log=print):
                        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)])
         last = next(t for t in study.get_trials(deepcopy=False) if t.number == objective.last_number)
         if last.state == TrialState.FAIL and not last.user_attrs.get("surplus"):
+            log(f"sweep: trial {last.number} failed: {objective.last_error}")
             failed_in_a_row += 1
             if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
                 raise VegaError(f"{MAX_FAILED_IN_A_ROW} trials in a row failed here (the last: trial {last.number}, "
