@@ -96,6 +96,8 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None):
     if jobs > 1:
         done = parallel.run_seeds_parallel(cfg, seeds, jobs, parallel.parse_devices(devices, cfg.device))
     else:
+        if devices:   # one worker: the first device named
+            cfg = cfg.replace(device=parallel.parse_devices(devices, cfg.device)[0])
         done = []
         for i, seed in enumerate(seeds):
             print(f"===== seed {seed} ({i + 1}/{len(seeds)})")

@@ -132,6 +132,9 @@ def main(argv=None):
             raise VegaError("--trials N (at least 1) says how many finished trials the study must hold")
         if args.jobs > 1:
             return start_workers(argv, args, cfg)
+        if args.devices and "device" not in vars(args):   # one worker: the first device named
+            from vega_utils.parallel import parse_devices
+            cfg = cfg.replace(device=parse_devices(args.devices, cfg.device)[0])
         return work_here(args, cfg, fixed)
     except VegaError as e:
         if args.debug:

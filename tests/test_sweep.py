@@ -206,3 +206,15 @@ def test_config_file_overrides_defaults_and_flags_win(files, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: config file {preset}: unknown keys learning_rate"
     assert run.run(["--data_path", str(files / "IEMOCAP.pkl"), "--jobs", "2"]) == 2
     assert "give --seeds too" in capsys.readouterr().err
+
+
+def test_worker_slots_spread_devices_and_divide_cores():
+    from vega_utils import parallel
+    from vega_utils.common import VegaError
+    cores = len(os.sched_getaffinity(0))
+    assert parallel.worker_slots(2, ["cpu"]) == [("cpu", max(1, cores // 2))] * 2
+    assert parallel.worker_slots(3, ["cpu"], thread_count=5) == [("cpu", 5)] * 3
+    slots = parallel.worker_slots(3, parallel.parse_devices("cuda:0,cuda:1", "auto"))
+    assert [d for d, _ in slots] == ["cuda:0", "cuda:1", "cuda:0"]
+    with pytest.raises(VegaError, match="is not auto, cpu, cuda or cuda:N"):
+        parallel.parse_devices("gpu0", "auto")

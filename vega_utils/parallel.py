@@ -1,7 +1,7 @@
 """Several runs at once on one machine: worker slots (a device and a thread count each) and seeds in parallel.
 
 `run.py --seeds ... --jobs K` and `sweep.py --jobs K` start K worker processes. Each gets a device from
-`--devices` in turn and, on the CPU, its share of the cores (`--threads`, default cores // K), so K processes
+`--devices` in turn and its share of the CPU cores (`--threads`, default cores // K), so K processes
 never ask for more threads than there are cores.
 """
 from concurrent.futures import ProcessPoolExecutor
@@ -26,18 +26,12 @@ def parse_devices(text, default):
 
 def worker_slots(jobs, devices, thread_count=None):
     """[(device, threads)] for `jobs` workers: devices in turn; threads as given, else this machine's cores
-    divided between the workers that run on the CPU at the same time."""
+    divided between the workers (GPU workers too: their CPU threads feed the device and would otherwise
+    oversubscribe the cores)."""
     if jobs < 1:
         raise VegaError(f"--jobs {jobs} must be at least 1")
-    slot_devices = [devices[i % len(devices)] for i in range(jobs)]
-    on_cpu = sum(d == "cpu" or (d == "auto" and not _has_cuda()) for d in slot_devices)
-    share = thread_count or threads.default_threads(max(1, on_cpu))
-    return [(d, share) for d in slot_devices]
-
-
-def _has_cuda():
-    import torch
-    return torch.cuda.is_available()
+    share = thread_count or threads.default_threads(jobs)
+    return [(devices[i % len(devices)], share) for i in range(jobs)]
 
 
 def _train_seed(cfg_dict, thread_count):

@@ -49,7 +49,11 @@ class Objective:
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"the study already has {self.n_trials} trials")
         params = suggest(trial, self.space, self.fixed)
-        cfg = resolve(self.base_cfg.replace(**params))
+        try:
+            cfg = resolve(self.base_cfg.replace(**params))   # a drawn combination can be invalid (a bad space)
+        except VegaError as e:
+            self.last_error = str(e)
+            raise
         run_dir = trial_dir(cfg, self.study_name, trial.number)
         trial.set_user_attr("run_dir", run_dir)
         trial.set_user_attr("max_epochs", cfg.epochs)
