@@ -42,9 +42,17 @@ def run_folder_name(cfg, now):
     return f"{stamp}_seed{cfg.seed}" + (f"_{cfg.ablation}" if cfg.ablation else "")
 
 
-def make_run_dir(cfg):
+def make_run_dir(cfg, fixed=None):
     """Claim a fresh folder; two runs of one name started in the same minute get `-2`, `-3`, ... (mkdir is
-    atomic)."""
+    atomic). `fixed`: this exact folder (a sweep's trial_<n>), which must not exist yet."""
+    if fixed:
+        try:
+            os.makedirs(fixed)
+            return fixed
+        except FileExistsError:
+            raise VegaError(f"run folder {fixed} exists already; it is never overwritten") from None
+        except OSError as e:
+            raise VegaError(f"cannot create run folder {fixed}: {e.strerror or e}") from None
     try:
         import pytz
         now = datetime.datetime.now(pytz.timezone("Europe/London"))
@@ -187,8 +195,12 @@ def save_best_outputs(run_dir, cfg, ev, metrics, epoch, class_names, model, best
 
 
 # ---------------------------------------------------------------- the run
-def train_run(cfg, resume_dir=None, progress=True):
-    """Train one model; returns the summary dict (also written to summary.json)."""
+def train_run(cfg, resume_dir=None, progress=True, run_dir=None, on_epoch=None, config_extra=None):
+    """Train one model; returns the summary dict (also written to summary.json).
+
+    run_dir: the folder to create (default: a fresh `[MMDD-HHMM]_seed<seed>` one). on_epoch(epoch, selected_f1)
+    is called after each epoch is saved; a string it returns stops the run with that reason (a sweep's
+    pruner). config_extra: more keys for config.json (a sweep trial's study, number and parameters)."""
     started = time.time()
     device = resolve_device(cfg.device)
     amp_dtype = train.resolve_amp(cfg.amp, device)
@@ -234,12 +246,12 @@ def train_run(cfg, resume_dir=None, progress=True):
         record_resume(run_dir, cfg, device, precision)
         log(f"resuming {run_dir} after epoch {state['epoch']} of {cfg.epochs}")
     else:
-        run_dir = make_run_dir(cfg)
+        run_dir = make_run_dir(cfg, fixed=run_dir)
         write_json(os.path.join(run_dir, "config.json"), {
             **cfg.to_dict(), "git_commit": git_commit(), "torch_version": torch.__version__,
             "resolved_device": str(device), **precision, "resolved_threads": torch.get_num_threads(),
             "class_weights": class_weights.tolist(),
-            "command": " ".join(sys.argv)})
+            "command": " ".join(sys.argv), **(config_extra or {})})
         if valid_ids:
             write_json(os.path.join(run_dir, "valid_ids.json"), valid_ids)
     log(f"config: {describe_config(cfg)}; every setting in {os.path.join(run_dir, 'config.json')}")
@@ -304,6 +316,10 @@ def train_run(cfg, resume_dir=None, progress=True):
                               os.path.join(run_dir, LAST))
             report.plot_curves(state["history"], os.path.join(run_dir, "curves.png"), state["best_epoch"])
             log(report.format_epoch_line(row))
+            stop = on_epoch(epoch, selected_f1) if on_epoch else None
+            if stop:
+                summary["stopped"] = stop
+                break
             if state["bad_epochs"] >= cfg.patience:
                 summary["stopped"] = f"early stop: {cfg.patience} epochs without a better {select_on} F1"
                 break

@@ -4,6 +4,8 @@
         --clip_all_clip_kl_loss --cls_all_cls_kl_loss
     python run.py --demo                      # synthetic data, about a minute on a laptop CPU
     python run.py --seeds 1 2 3 4 5           # one run per seed plus an aggregate folder
+    python run.py --seeds 1 2 3 4 5 --jobs 2  # the same, two seeds at a time in two processes
+    python run.py --config best.json          # a preset (sweep.py writes the best trial's); flags still win
     python run.py --valid_ratio 0.1           # select the epoch on held-out training dialogues
     python run.py --ablation no_vega          # the paper's ablations, see ABLATIONS
     python run.py --resume "output/IEMOCAP/[1125-1952]"
@@ -31,6 +33,12 @@ def parser():
     add_config_flags(p, skip=("ablation",))   # --ablation below: it sets other flags too
     p.add_argument("--demo", action="store_true", help="generate a small synthetic IEMOCAP-layout set and train on it")
     p.add_argument("--seeds", type=int, nargs="+", help="one complete run per seed, then aggregate statistics")
+    p.add_argument("--config", metavar="FILE", help="a preset JSON (e.g. a sweep's best trial): its keys override "
+                   "the dataset's defaults, explicit flags still win")
+    p.add_argument("--jobs", type=int, default=1, help="--seeds: run this many seeds at a time, each in its own "
+                   "process (CPU threads divided between them unless --threads is given)")
+    p.add_argument("--devices", metavar="DEV,DEV", help="--jobs: devices given to the worker processes in turn, "
+                   "e.g. cuda:0,cuda:1 (default: --device)")
     p.add_argument("--ablation", choices=sorted(ABLATIONS), help="set the flags of one of the paper's ablations")
     p.add_argument("--resume", metavar="RUN_FOLDER", help="continue an interrupted run from its last.pth")
     p.add_argument("--no_progress", action="store_true", help="no progress bars (epoch lines still print)")
@@ -44,9 +52,12 @@ def build_config(args):
         overrides.update(DEMO)
     if args.ablation:
         overrides.update(ABLATIONS[args.ablation])
+    if getattr(args, "config", None):   # weaker than demo / ablation settings, stronger than the dataset's
+        from vega_utils.config import read_config_file
+        overrides.update({k: v for k, v in read_config_file(args.config).items() if k not in overrides})
     given = {k: v for k, v in vars(args).items()}
     for k, v in overrides.items():
-        given.setdefault(k, v)   # explicit flags win over demo / ablation settings
+        given.setdefault(k, v)   # explicit flags win over demo / ablation / preset-file settings
     return config_from_args(argparse.Namespace(**given))
 
 
@@ -76,20 +87,31 @@ def print_demo_end(summary):
     print(f"next: python inference.py --checkpoint {shlex.quote(summary['best_checkpoint'])}")
 
 
-def run_seeds(cfg, seeds, progress):
-    """One run per seed; a failed seed is reported and the others go on. Writes the aggregate folder."""
+def run_seeds(cfg, seeds, progress, jobs=1, devices=None):
+    """One run per seed (in `jobs` processes when jobs > 1); a failed seed is reported and the others go on.
+    The aggregate is read back from the run folders either way, so serial and parallel give the same one."""
     import main
-    from vega_utils import report
+    from vega_utils import parallel, report
     from vega_utils.datasets import info_of
+    if jobs > 1:
+        done = parallel.run_seeds_parallel(cfg, seeds, jobs, parallel.parse_devices(devices, cfg.device))
+    else:
+        if devices:   # one worker: the first device named
+            cfg = cfg.replace(device=parallel.parse_devices(devices, cfg.device)[0])
+        done = []
+        for i, seed in enumerate(seeds):
+            print(f"===== seed {seed} ({i + 1}/{len(seeds)})")
+            try:
+                done.append((seed, main.train_run(cfg.replace(seed=seed), progress=progress)["run_dir"], None))
+            except VegaError as e:
+                done.append((seed, None, str(e)))
     per_seed = []
-    for seed in seeds:
-        print(f"===== seed {seed} ({len(per_seed) + 1}/{len(seeds)})")
-        try:
-            summary = main.train_run(cfg.replace(seed=seed), progress=progress)
-            per_seed.append({"seed": seed, "run_dir": summary["run_dir"], "metrics": summary["best"]["test"]})
-        except VegaError as e:
-            print(f"error: seed {seed} failed: {e}", file=sys.stderr)
-            per_seed.append({"seed": seed, "error": str(e)})
+    for seed, run_dir, error in done:
+        if error:
+            print(f"error: seed {seed} failed: {error}", file=sys.stderr)
+            per_seed.append({"seed": seed, "error": error})
+        else:
+            per_seed.append({"seed": seed, "run_dir": run_dir, "metrics": report.best_test_metrics(run_dir)})
     agg = report.aggregate_runs(per_seed)
     class_names = list(info_of(cfg).class_names)
     stamp = datetime.datetime.now().strftime("%m%d-%H%M%S")
@@ -115,8 +137,8 @@ def resume_config(args):
     from vega_utils.config import Config
     given = sorted(k for k in Config.__dataclass_fields__ if k != "ablation" and hasattr(args, k))
     fixed = [k for k in given if k not in RESUME_FLAGS]
-    if fixed or args.demo or args.seeds or args.ablation:
-        names = fixed + [n for n in ("demo", "seeds", "ablation") if getattr(args, n)]
+    if fixed or args.demo or args.seeds or args.ablation or args.config:
+        names = fixed + [n for n in ("demo", "seeds", "ablation", "config") if getattr(args, n)]
         raise VegaError(f"--resume continues {args.resume} with its own settings; --{', --'.join(names)} "
                         f"cannot change there (only --{', --'.join(RESUME_FLAGS)} can)")
     cfg = main.config_of_run(args.resume)
@@ -155,7 +177,10 @@ def run(argv=None):
             prepare_demo(cfg)
             cfg = resolve(cfg)
         if args.seeds:
-            return run_seeds(cfg, args.seeds, progress)
+            return run_seeds(cfg, args.seeds, progress, args.jobs, args.devices)
+        if args.jobs != 1 or args.devices:
+            raise VegaError("--jobs and --devices run several seeds at once: give --seeds too "
+                            "(a sweep's workers: sweep.py --jobs)")
         summary = main.train_run(cfg, progress=progress)
         if args.demo:
             print_demo_end(summary)

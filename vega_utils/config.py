@@ -155,6 +155,30 @@ def dataset_arg(value):
                                      f"the path of a dataset JSON")
 
 
+def read_config_file(path):
+    """A preset file (run.py --config; sweep.py writes the best trial's as one): {key: value} of config keys.
+    Keys a run folder's config.json adds (git_commit, command, ...) are ignored; an unknown key is an error."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except OSError as e:
+        raise VegaError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise VegaError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(saved, dict):
+        raise VegaError(f"config file {path} must hold a JSON object of config keys")
+    keys = set(Config.__dataclass_fields__) - DERIVED
+    unknown = sorted(set(saved) - keys - set(RUN_RECORD_KEYS) - DERIVED)
+    if unknown:
+        raise VegaError(f"config file {path}: unknown keys {', '.join(unknown)}")
+    return {k: v for k, v in saved.items() if k in keys}
+
+
+# What a run folder's config.json holds besides the settings (main.train_run): a run's config.json is a preset too.
+RUN_RECORD_KEYS = ("git_commit", "torch_version", "resolved_device", "train_precision", "eval_precision",
+                   "resolved_threads", "class_weights", "command", "resumes", "sweep")
+
+
 def clip_dim_for(model_name):
     """Feature width K of a CLIP model: a known hub name, or projection_dim of a local folder; else None."""
     if model_name in KNOWN_CLIP_DIMS:

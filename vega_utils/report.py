@@ -283,6 +283,16 @@ def _seed_row(entry):
     return row
 
 
+def best_test_metrics(run_dir):
+    """The test metrics at a run's selected epoch, as its summary.json records them (None if it has none)."""
+    import json
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return (json.load(f).get("best") or {}).get("test")
+    except (OSError, ValueError):
+        return None
+
+
 def aggregate_runs(per_seed):
     """Mean / sample std / min / max over the seeds that finished; failed seeds are listed, not counted.
 

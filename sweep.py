@@ -1,0 +1,152 @@
+"""Hyperparameter sweeps on Optuna: many trials, many workers, one study in a shared storage.
+
+    python sweep.py --study lr-search --trials 24                    # SQLite: output/<name>/optuna.db
+    python sweep.py --study lr-search --trials 24 --jobs 2           # two worker processes on this machine
+    python sweep.py --study s --trials 200 --storage postgresql+psycopg://user:pw@host/db   # on every machine
+    python sweep.py --study lr-search --report                       # table, plots, best.json
+
+Every run.py flag is accepted and fixes that setting for all trials; the other settings of the search space
+(--space, default configs/sweep_space.json) are drawn per trial. The objective is validation weighted F1
+(--valid_ratio, default 0.1 here). Trials are run folders output/<name>/<study>/trial_<n>/.
+"""
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import traceback
+
+import run
+from vega_utils import threads
+from vega_utils.common import PROJECT_ROOT, VegaError
+from vega_utils.config import DERIVED, Config
+
+DEFAULT_SPACE = os.path.join(PROJECT_ROOT, "configs", "sweep_space.json")
+
+
+def parser():
+    p = run.parser()
+    p.description = __doc__
+    p.add_argument("--study", required=True, help="the study's name: workers with the same name and storage share it")
+    p.add_argument("--trials", type=int, help="finished (complete or pruned) trials the study must hold, all "
+                   "workers together")
+    p.add_argument("--storage", help="SQLAlchemy URL or journal:PATH (default sqlite:///<output_dir>/<name>/optuna.db)")
+    p.add_argument("--space", default=DEFAULT_SPACE, help="search space JSON (default configs/sweep_space.json)")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="TPE is seeded by --seed")
+    p.add_argument("--heartbeat", type=int, default=60, help="seconds between a running trial's heartbeats")
+    p.add_argument("--grace", type=int, help="seconds of silence after which a running trial counts as dead "
+                   "(default 2 x --heartbeat)")
+    p.add_argument("--report", action="store_true", help="write the report of the study as it stands, run nothing")
+    p.add_argument("--worker_index", type=int, default=0, help=argparse.SUPPRESS)   # set by --jobs, for the log
+    return p
+
+
+def sweep_config(args):
+    """The settings every trial starts from, and the keys that flags fixed (never drawn)."""
+    if args.seeds or args.resume:
+        raise VegaError("sweep.py runs trials, not --seeds or --resume (run a trial's settings with "
+                        "run.py --config report/best.json --seeds ...)")
+    fixed = {k for k in vars(args) if k in Config.__dataclass_fields__ and k not in DERIVED}
+    if "valid_ratio" not in vars(args):
+        args.valid_ratio = 0.1   # a sweep selects on validation F1; a preset file may not say 0 either (below)
+        if args.config:
+            from vega_utils.config import read_config_file
+            args.valid_ratio = read_config_file(args.config).get("valid_ratio") or 0.1
+    cfg = run.build_config(args)
+    if cfg.valid_ratio == 0:
+        raise VegaError("--valid_ratio 0 would make the sweep select on the test set; use e.g. --valid_ratio 0.1")
+    if args.demo:
+        run.prepare_demo(cfg)
+    return cfg, fixed
+
+
+def report_folder(cfg, study):
+    return os.path.join(cfg.output_dir, cfg.name, study, "report")
+
+
+def work_here(args, cfg, fixed):
+    """This process is one worker."""
+    import optuna
+
+    from vega_utils import sweep_report, sweep_study, sweep_worker
+    from vega_utils.sweep_space import load_space
+    space = load_space(args.space)
+    url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
+    storage = sweep_study.open_storage(url, args.heartbeat, args.grace)
+    study = sweep_study.open_study(args.study, storage, args.sampler, args.pruner, cfg.seed, cfg.epochs)
+    threads.apply_threads(threads.resolve_threads(cfg.threads))
+    # Optuna logs a failed trial with its traceback (a Ctrl-C too): this worker says it in one line instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    print(f"sweep worker {args.worker_index} (pid {os.getpid()}): study {args.study} in {url}, "
+          f"{args.trials} trials, drawing {', '.join(k for k in space if k not in fixed) or 'nothing'}", flush=True)
+    objective = sweep_worker.Objective(cfg, space, fixed, args.study, args.trials,
+                                       progress=not args.no_progress and sys.stderr.isatty())
+    sweep_worker.work(study, objective, args.trials, heartbeat=isinstance(storage, optuna.storages.RDBStorage))
+    sweep_report.write_report(study, report_folder(cfg, args.study))
+    return 0
+
+
+def start_workers(argv, args, cfg):
+    """--jobs K: K copies of this command, each one worker with its device and its share of the threads."""
+    from vega_utils import parallel, sweep_study
+    slots = parallel.worker_slots(args.jobs, parallel.parse_devices(args.devices, cfg.device), cfg.threads)
+    # the study (and its tables) exist before the workers start, so they never race to create them
+    url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
+    sweep_study.open_study(args.study, sweep_study.open_storage(url, args.heartbeat, args.grace),
+                           args.sampler, args.pruner, cfg.seed, cfg.epochs)
+    procs = []
+    for i, (device, share) in enumerate(slots):
+        # later flags win in argparse: these replace --jobs / --devices / --device / --threads of argv
+        extra = ["--jobs", "1", "--device", device, "--threads", str(share), "--worker_index", str(i)]
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra]
+        print(f"sweep: worker {i}: {shlex.join(cmd[1:])}", flush=True)
+        procs.append(subprocess.Popen(cmd))
+
+    def pass_on(signum, frame):   # a scheduler's SIGTERM reaches this process only: each worker stops its trial
+        for p in procs:
+            p.send_signal(signum)
+    signal.signal(signal.SIGTERM, pass_on)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:   # the workers got the Ctrl-C too (same process group): let them finish cleanly
+        codes = [p.wait() for p in procs]
+        return 130
+    return max(codes, key=abs)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    run.install_sigterm_handler()
+    try:
+        cfg, fixed = sweep_config(args)
+        if args.report:
+            from vega_utils import sweep_report, sweep_study
+            url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
+            study = sweep_study.load_study(args.study, sweep_study.open_storage(url, args.heartbeat, args.grace))
+            sweep_report.write_report(study, report_folder(cfg, args.study))
+            return 0
+        if not args.trials or args.trials < 1:
+            raise VegaError("--trials N (at least 1) says how many finished trials the study must hold")
+        if args.jobs > 1:
+            return start_workers(argv, args, cfg)
+        if args.devices and "device" not in vars(args):   # one worker: the first device named
+            from vega_utils.parallel import parse_devices
+            cfg = cfg.replace(device=parse_devices(args.devices, cfg.device)[0])
+        return work_here(args, cfg, fixed)
+    except VegaError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"sweep worker {args.worker_index} stopped ({e or 'interrupted'}); its trial is marked failed, "
+              f"the study goes on when a worker is started again", file=sys.stderr)
+        return 143 if "terminated" in str(e) else 130
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main())

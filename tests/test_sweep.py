@@ -1,0 +1,220 @@
+"""sweep.py on Optuna with real storages (SQLite, PostgreSQL), real worker processes and real training runs."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import run
+import sweep
+from conftest import ROOT
+from pg_server import postgres_server
+from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+
+SPACE = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+         "dropout": {"type": "float", "low": 0.0, "high": 0.5}}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    make_synthetic_dataset(root / "IEMOCAP.pkl", n_train=24, n_test=6, max_len=12, signal=2.5, seed=5)
+    make_synthetic_anchor_cache(root / "anchor.pt", clip_dim=512, seed=5)
+    (root / "space.json").write_text(json.dumps(SPACE))
+    return root
+
+
+def flags(files, out, study, storage, trials, epochs=2):
+    return ["--study", study, "--trials", str(trials), "--storage", storage, "--space", str(files / "space.json"),
+            "--data_path", str(files / "IEMOCAP.pkl"), "--anchor_path", str(files / "anchor.pt"),
+            "--output_dir", str(out), "--hidden_dim", "32", "--clip_dim", "512", "--epochs", str(epochs),
+            "--batch_size", "4", "--valid_ratio", "0.25", "--device", "cpu", "--no_progress", "--threads", "1"]
+
+
+def start(argv, log):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "sweep.py"), *argv], cwd=ROOT,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def finish(proc, log, timeout=240):
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, open(log).read()[-3000:]
+
+
+def check_shared_study(storage, study, out, n):
+    """N finished trials, no parameter set run twice, every trial's run folder with its parameters."""
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    finished = [t for t in trials if t.state in FINISHED]
+    assert len(finished) == n
+    params = [tuple(sorted(t.params.items())) for t in finished]
+    assert len(set(params)) == n
+    for t in finished:
+        folder = os.path.join(out, "IEMOCAP", study, f"trial_{t.number}")
+        assert t.user_attrs["run_dir"] == folder
+        saved = json.load(open(os.path.join(folder, "config.json")))
+        assert saved["sweep"]["trial"] == t.number and saved["sweep"]["params"] == t.params
+        assert saved["lr"] == t.params["lr"] and saved["dropout"] == t.params["dropout"]
+        assert os.path.exists(os.path.join(folder, "summary.json"))
+    return trials
+
+
+def test_two_workers_share_one_sqlite_study(files, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    log = tmp_path / "jobs.log"
+    # --jobs 2: two worker processes of this machine, each a complete sweep.py process on the study
+    argv = flags(files, tmp_path, "two", storage, 4)
+    argv = argv[:argv.index("--threads")] + ["--jobs", "2"]   # the workers get their share of the cores
+    finish(start(argv, log), log)
+    text = open(log).read()
+    assert "worker 0 (pid" in text and "worker 1 (pid" in text
+    trials = check_shared_study(storage, "two", str(tmp_path), 4)
+    used = {json.load(open(os.path.join(t.user_attrs["run_dir"], "config.json")))["resolved_threads"]
+            for t in trials if t.state in FINISHED}
+    assert used == {max(1, len(os.sched_getaffinity(0)) // 2)}
+    assert os.path.exists(tmp_path / "IEMOCAP" / "two" / "report" / "trials.csv")
+
+
+def test_killed_worker_trial_is_failed_by_heartbeat_and_requeued(files, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    beat = ["--heartbeat", "1", "--grace", "3"]
+    # the first worker's trial is long (60 epochs) so that it is surely still running when it is killed
+    first = start(flags(files, tmp_path, "kill", storage, 2, epochs=60) + beat, tmp_path / "first.log")
+    deadline = time.time() + 120
+    while True:
+        assert time.time() < deadline and first.poll() is None, open(tmp_path / "first.log").read()[-3000:]
+        try:
+            trials = optuna.load_study(study_name="kill", storage=storage).get_trials()
+        except KeyError:   # the study is not created yet
+            trials = []
+        metrics = tmp_path / "IEMOCAP" / "kill" / "trial_0" / "metrics.jsonl"
+        if trials and trials[0].state == TrialState.RUNNING and metrics.exists():
+            break
+        time.sleep(0.3)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert optuna.load_study(study_name="kill", storage=storage).get_trials()[0].state == TrialState.RUNNING
+    second = start(flags(files, tmp_path, "kill", storage, 2) + beat, tmp_path / "second.log")
+    finish(second, tmp_path / "second.log")
+    trials = optuna.load_study(study_name="kill", storage=storage).get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert sum(t.state in FINISHED for t in trials) == 2
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].state in FINISHED and retry[0].params == trials[0].params
+
+
+def test_two_workers_share_one_postgresql_study(files, tmp_path):
+    with postgres_server() as url:   # skips, saying why, where no PostgreSQL server can be started
+        storage = url.replace("postgresql://", "postgresql+psycopg://")
+        workers = [start(flags(files, tmp_path, "pg", storage, 4), tmp_path / f"w{i}.log") for i in range(2)]
+        for i, w in enumerate(workers):
+            finish(w, tmp_path / f"w{i}.log")
+        check_shared_study(storage, "pg", str(tmp_path), 4)
+        optuna.storages.RDBStorage(storage).engine.dispose()
+
+
+def test_report_and_best_preset_reproduce_the_best_trial(files, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    argv = flags(files, tmp_path, "best", storage, 2, epochs=2) + ["--amp", "off", "--pruner", "none"]
+    try:
+        assert sweep.main(argv) == 0
+        assert sweep.main(argv + ["--report"]) == 0
+        report = tmp_path / "IEMOCAP" / "best" / "report"
+        for name in ("trials.csv", "trials.md", "best.json", "history.png", "parallel.png"):
+            assert (report / name).stat().st_size > 0, name
+        study = optuna.load_study(study_name="best", storage=sweep_storage(storage))
+        best = study.best_trial
+        md = (report / "trials.md").read_text()
+        assert f"Best: trial {best.number}, validation F1 {100 * best.value:.2f}" in md
+        preset = json.load(open(report / "best.json"))
+        assert preset["lr"] == best.params["lr"] and preset["amp"] == "off" and "threads" not in preset
+        # the same settings, seed and thread count through run.py: the same validation F1, to the last bit
+        out = tmp_path / "again"
+        assert run.run(["--config", str(report / "best.json"), "--output_dir", str(out), "--threads", "1",
+                        "--no_progress"]) == 0
+        summary = json.load(open(glob.glob(str(out / "IEMOCAP" / "*" / "summary.json"))[0]))
+        assert summary["selected_on"] == "valid"
+        assert summary["best"]["selected_f1"] == best.value
+        assert summary["best"]["test"]["weighted_f1"] == best.user_attrs["test_f1"]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sweep_storage(url):
+    from vega_utils.sweep_study import open_storage
+    return open_storage(url)
+
+
+def test_seeds_in_parallel_give_the_serial_aggregate(files, tmp_path):
+    threads = torch.get_num_threads()
+    base = ["--data_path", str(files / "IEMOCAP.pkl"), "--anchor_path", str(files / "anchor.pt"),
+            "--hidden_dim", "32", "--clip_dim", "512", "--epochs", "2", "--lr", "3e-3", "--device", "cpu",
+            "--no_progress", "--threads", "1", "--seeds", "1", "2"]
+    try:
+        aggs = []
+        for jobs in ("1", "2"):
+            assert run.run(base + ["--output_dir", str(tmp_path / jobs), "--jobs", jobs]) == 0
+            aggs.append(json.load(open(glob.glob(str(tmp_path / jobs / "IEMOCAP" / "aggregate-*" /
+                                                     "aggregate.json"))[0])))
+    finally:
+        torch.set_num_threads(threads)
+    assert aggs[0]["n_seeds"] == aggs[1]["n_seeds"] == 2
+    assert aggs[0]["metrics"] == aggs[1]["metrics"]
+    assert [r["seed"] for r in aggs[1]["per_seed"]] == [1, 2]
+    assert aggs[1]["metrics"]["weighted_f1"]["values"][0] != aggs[1]["metrics"]["weighted_f1"]["values"][1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--valid_ratio", "0"], "would make the sweep select on the test set"),
+    (["--trials", "0"], "--trials N (at least 1)"),
+    (["--storage", "nonsense"], "is neither a database URL"),
+])
+def test_refusals_are_one_line(files, tmp_path, capsys, extra, message):
+    argv = flags(files, tmp_path, "bad", f"sqlite:///{tmp_path / 'x.db'}", 2) + extra
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_bad_space_file_is_one_line(files, tmp_path, capsys):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"lr": {"type": "float", "low": 1e-2, "high": 1e-3}}))
+    argv = flags(files, tmp_path, "bad", f"sqlite:///{tmp_path / 'x.db'}", 2) + ["--space", str(space)]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: search space {space}, key 'lr': low 0.01 must be below high 0.001"
+
+
+def test_config_file_overrides_defaults_and_flags_win(files, tmp_path, capsys):
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"lr": 0.005, "hidden_dim": 64, "dropout": 0.2, "git_commit": "abc"}))
+    base = ["--data_path", str(files / "IEMOCAP.pkl"), "--config", str(preset)]
+    cfg = run.build_config(run.parser().parse_args(base))
+    assert (cfg.lr, cfg.hidden_dim, cfg.dropout, cfg.n_head) == (0.005, 64, 0.2, 4)   # n_head: IEMOCAP's default
+    cfg = run.build_config(run.parser().parse_args(base + ["--lr", "0.001", "--ablation", "no_stochastic_anchors"]))
+    assert (cfg.lr, cfg.hidden_dim, cfg.rand) == (0.001, 64, 0.0)
+    preset.write_text(json.dumps({"lr": 0.005, "learning_rate": 1}))
+    assert run.run(base + ["--no_progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: config file {preset}: unknown keys learning_rate"
+    assert run.run(["--data_path", str(files / "IEMOCAP.pkl"), "--jobs", "2"]) == 2
+    assert "give --seeds too" in capsys.readouterr().err
+
+
+def test_worker_slots_spread_devices_and_divide_cores():
+    from vega_utils import parallel
+    from vega_utils.common import VegaError
+    cores = len(os.sched_getaffinity(0))
+    assert parallel.worker_slots(2, ["cpu"]) == [("cpu", max(1, cores // 2))] * 2
+    assert parallel.worker_slots(3, ["cpu"], thread_count=5) == [("cpu", 5)] * 3
+    slots = parallel.worker_slots(3, parallel.parse_devices("cuda:0,cuda:1", "auto"))
+    assert [d for d, _ in slots] == ["cuda:0", "cuda:1", "cuda:0"]
+    with pytest.raises(VegaError, match="is not auto, cpu, cuda or cuda:N"):
+        parallel.parse_devices("gpu0", "auto")

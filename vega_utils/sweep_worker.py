@@ -1,0 +1,118 @@
+"""One sweep worker: draws trials from the shared study and trains each as an ordinary run, until the study
+holds the asked number of finished (complete or pruned) trials, whoever ran them.
+
+Trials run in this process, one after another, through main.train_run, the function run.py calls: the pruner
+has to see every epoch's validation F1 as it happens, and torch, the data and the compiled kernels are loaded
+once per worker instead of once per trial. Workers are separate processes (sweep.py --jobs, or one per machine),
+so a crash or a kill takes one worker and its current trial, which the storage's heartbeat fails and re-queues.
+"""
+import os
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from .common import VegaError
+from .config import resolve
+from .sweep_space import suggest
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+POLL_SECONDS = 2.0      # how often a worker with nothing to start looks at the study again
+MAX_FAILED_IN_A_ROW = 3
+
+
+class SurplusTrial(Exception):
+    """Another worker's trial already makes up the asked number: this one is closed (FAIL) without running."""
+
+
+def trial_dir(cfg, study_name, number):
+    return os.path.join(cfg.output_dir, cfg.name, study_name, f"trial_{number}")
+
+
+class Objective:
+    """A trial: its settings drawn from the space (keys fixed by flags excepted), one run, validation F1."""
+
+    def __init__(self, base_cfg, space, fixed, study_name, n_trials, progress=False):
+        self.base_cfg, self.space, self.fixed = base_cfg, space, set(fixed)
+        self.study_name, self.n_trials, self.progress = study_name, n_trials, progress
+        self.last_number = self.last_error = None
+
+    def __call__(self, trial):
+        import main
+        self.last_number, self.last_error = trial.number, None
+        # Trial numbers are handed out by the storage one by one: if the trials before this one that are not
+        # failed already make up the study, another worker got there first.
+        trials = trial.study.get_trials(deepcopy=False)
+        frozen = next(t for t in trials if t.number == trial.number)
+        live = (*FINISHED, TrialState.RUNNING)
+        if sum(t.number < trial.number and t.state in live for t in trials) >= self.n_trials:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"the study already has {self.n_trials} trials")
+        params = suggest(trial, self.space, self.fixed)
+        try:
+            cfg = resolve(self.base_cfg.replace(**params))   # a drawn combination can be invalid (a bad space)
+        except VegaError as e:
+            self.last_error = str(e)
+            raise
+        run_dir = trial_dir(cfg, self.study_name, trial.number)
+        trial.set_user_attr("run_dir", run_dir)
+        trial.set_user_attr("max_epochs", cfg.epochs)
+
+        def on_epoch(epoch, valid_f1):
+            trial.report(valid_f1, epoch)
+            return f"pruned by the sweep's pruner after epoch {epoch}" if trial.should_prune() else None
+        sweep_info = {"study": self.study_name, "trial": trial.number, "params": params,
+                      "retry_of": frozen.system_attrs.get("failed_trial")}
+        try:
+            summary = main.train_run(cfg, progress=self.progress, run_dir=run_dir, on_epoch=on_epoch,
+                                     config_extra={"sweep": sweep_info})
+        except VegaError as e:
+            self.last_error = str(e)
+            raise
+        best = summary.get("best") or {}
+        test = best.get("test") or {}
+        for key, value in (("valid_f1", best.get("selected_f1")), ("test_f1", test.get("weighted_f1")),
+                           ("test_accuracy", test.get("accuracy")), ("best_epoch", summary.get("best_epoch")),
+                           ("epochs_run", summary.get("epochs_run")), ("seconds", summary.get("total_seconds"))):
+            trial.set_user_attr(key, value)
+        if summary.get("stopped", "").startswith("pruned"):
+            raise optuna.TrialPruned(summary["stopped"])
+        return best["selected_f1"]
+
+
+def count_states(study):
+    counts = {state: 0 for state in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    return counts
+
+
+def work(study, objective, n_trials, heartbeat=True, log=print):
+    """Run trials until the study holds n_trials finished ones. While the last ones run in other workers,
+    wait (with a heartbeat storage): one of them may die, and its re-queued trial is then taken here."""
+    failed_in_a_row = 0
+    while True:
+        optuna.storages.fail_stale_trials(study)   # a dead worker's trial: FAIL, and its parameters re-queued
+        counts = count_states(study)
+        finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+        if finished >= n_trials:
+            log(f"sweep: the study holds {finished} finished trials (asked for {n_trials}): this worker stops")
+            return finished
+        if finished + counts[TrialState.RUNNING] >= n_trials and not counts[TrialState.WAITING]:
+            if not heartbeat:   # no heartbeat (journal storage): a running trial cannot be told from a dead one
+                log(f"sweep: the last {counts[TrialState.RUNNING]} trials run elsewhere: this worker stops")
+                return finished
+            time.sleep(POLL_SECONDS)
+            continue
+        study.optimize(objective, n_trials=1, catch=(VegaError, SurplusTrial), gc_after_trial=True,
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)])
+        last = next(t for t in study.get_trials(deepcopy=False) if t.number == objective.last_number)
+        if last.state == TrialState.FAIL and not last.user_attrs.get("surplus"):
+            log(f"sweep: trial {last.number} failed: {objective.last_error}")
+            failed_in_a_row += 1
+            if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                raise VegaError(f"{MAX_FAILED_IN_A_ROW} trials in a row failed here (the last: trial {last.number}, "
+                                f"see its message above): this worker stops")
+        else:
+            failed_in_a_row = 0
+
