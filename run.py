@@ -17,7 +17,7 @@ import shlex
 import sys
 import traceback
 
-from vega_utils import threads
+from vega_utils import run_folder, threads
 from vega_utils.common import VegaError
 from vega_utils.config import ABLATIONS, OneLineParser, add_config_flags, config_from_args, resolve
 
@@ -117,7 +117,7 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None):
     stamp = datetime.datetime.now().strftime("%m%d-%H%M%S")
     folder = os.path.join(cfg.output_dir, cfg.name, f"aggregate-{stamp}")
     os.makedirs(folder, exist_ok=True)
-    main.write_json(os.path.join(folder, "aggregate.json"), agg)
+    run_folder.write_json(os.path.join(folder, "aggregate.json"), agg)
     markdown = report.aggregate_markdown(agg, class_names)
     main.atomic_write_text(os.path.join(folder, "aggregate.md"), markdown)
     if agg["n_seeds"]:
@@ -133,7 +133,6 @@ RESUME_FLAGS = ("epochs", "patience", "device", "max_bad_steps", "threads", "ten
 
 
 def resume_config(args):
-    import main
     from vega_utils.config import Config
     given = sorted(k for k in Config.__dataclass_fields__ if k != "ablation" and hasattr(args, k))
     fixed = [k for k in given if k not in RESUME_FLAGS]
@@ -141,7 +140,7 @@ def resume_config(args):
         names = fixed + [n for n in ("demo", "seeds", "ablation", "config") if getattr(args, n)]
         raise VegaError(f"--resume continues {args.resume} with its own settings; --{', --'.join(names)} "
                         f"cannot change there (only --{', --'.join(RESUME_FLAGS)} can)")
-    cfg = main.config_of_run(args.resume)
+    cfg = run_folder.config_of_run(args.resume)
     return resolve(cfg.replace(**{k: getattr(args, k) for k in given}))
 
 

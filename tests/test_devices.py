@@ -6,7 +6,7 @@ import inference
 import main
 import train
 from fast import cpu_kernels
-from vega_utils import checkpoint
+from vega_utils import checkpoint, run_folder
 from vega_utils.common import VegaError
 from vega_utils.config import load_preset, resolve
 from fast.shadow_weights import ShadowAdam
@@ -79,11 +79,11 @@ def test_rng_state_keeps_only_the_run_devices_generator(monkeypatch):
     for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all"):
         monkeypatch.setattr(torch.cuda, name, no_cuda)
     gen, anchor_rng = torch.Generator(), random.Random(0)
-    state = main.rng_state(gen, anchor_rng, torch.device("cpu"))
+    state = run_folder.rng_state(gen, anchor_rng, torch.device("cpu"))
     assert state["cuda"] is None
-    main.set_rng_state(state, gen, anchor_rng, torch.device("cpu"))
+    run_folder.set_rng_state(state, gen, anchor_rng, torch.device("cpu"))
     # a file of the earlier format (every GPU's state in a list) resumed on the CPU
-    main.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}, gen, anchor_rng,
+    run_folder.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}, gen, anchor_rng,
                        torch.device("cpu"))
 
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import inference
-import main
 import run
 from conftest import ROOT, interrupt_at_epoch
 from vega_utils import checkpoint

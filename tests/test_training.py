@@ -13,7 +13,7 @@ from conftest import interrupt_at_epoch
 import main
 import run
 import train
-from vega_utils import report
+from vega_utils import report, run_folder
 from vega_utils.common import dataset_info
 from vega_utils.config import load_preset, resolve
 from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
@@ -125,7 +125,7 @@ def test_meld_end_to_end(tmp_path):
 
 def test_two_runs_in_one_minute_get_separate_folders(iemocap_files, tmp_path):
     cfg = small_cfg(iemocap_files, tmp_path)
-    assert main.make_run_dir(cfg) != main.make_run_dir(cfg)
+    assert run_folder.make_run_dir(cfg) != run_folder.make_run_dir(cfg)
 
 
 def test_validation_split_selects_on_validation(iemocap_files, tmp_path):
