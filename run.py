@@ -15,10 +15,9 @@ import datetime
 import os
 import shlex
 import sys
-import traceback
 
 from vega_utils import run_folder, threads
-from vega_utils.common import VegaError
+from vega_utils.common import VegaError, atomic_write_text, exit_on_error
 from vega_utils.config import ABLATIONS, OneLineParser, add_config_flags, config_from_args, resolve
 
 # The demo trains the full method on a small synthetic set; a smaller model and a 10x learning rate let
@@ -119,7 +118,7 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None):
     os.makedirs(folder, exist_ok=True)
     run_folder.write_json(os.path.join(folder, "aggregate.json"), agg)
     markdown = report.aggregate_markdown(agg, class_names)
-    main.atomic_write_text(os.path.join(folder, "aggregate.md"), markdown)
+    atomic_write_text(os.path.join(folder, "aggregate.md"), markdown)
     if agg["n_seeds"]:
         report.plot_per_class_f1(agg, class_names, os.path.join(folder, "per_class_f1.png"))
     print(markdown)
@@ -161,34 +160,11 @@ def install_sigterm_handler():
 
 def run(argv=None):
     args = parser().parse_args(argv)
-    progress = not args.no_progress and sys.stderr.isatty()
     import main
     install_sigterm_handler()
     try:
-        if args.resume:
-            cfg = resume_config(args)
-            threads.apply_threads(threads.resolve_threads(cfg.threads))
-            summary = main.train_run(cfg, resume_dir=args.resume, progress=progress)
-            return 0 if summary else 1
-        cfg = build_config(args)
-        threads.apply_threads(threads.resolve_threads(cfg.threads))
-        if args.demo:
-            prepare_demo(cfg)
-            cfg = resolve(cfg)
-        if args.seeds:
-            return run_seeds(cfg, args.seeds, progress, args.jobs, args.devices)
-        if args.jobs != 1 or args.devices:
-            raise VegaError("--jobs and --devices run several seeds at once: give --seeds too "
-                            "(a sweep's workers: sweep.py --jobs)")
-        summary = main.train_run(cfg, progress=progress)
-        if args.demo:
-            print_demo_end(summary)
-        return 0
-    except VegaError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_on_error(lambda: run_command(args, progress=not args.no_progress and sys.stderr.isatty()),
+                             args.debug)
     except KeyboardInterrupt as e:
         how = e.how if isinstance(e, main.Interrupted) else str(e) or "interrupted"
         if isinstance(e, main.Interrupted):
@@ -197,6 +173,29 @@ def run(argv=None):
         else:
             print(how, file=sys.stderr)
         return 143 if how.startswith("terminated") else 130   # the shell's codes for SIGTERM and SIGINT
+
+
+def run_command(args, progress):
+    import main
+    if args.resume:
+        cfg = resume_config(args)
+        threads.apply_threads(threads.resolve_threads(cfg.threads))
+        summary = main.train_run(cfg, resume_dir=args.resume, progress=progress)
+        return 0 if summary else 1
+    cfg = build_config(args)
+    threads.apply_threads(threads.resolve_threads(cfg.threads))
+    if args.demo:
+        prepare_demo(cfg)
+        cfg = resolve(cfg)
+    if args.seeds:
+        return run_seeds(cfg, args.seeds, progress, args.jobs, args.devices)
+    if args.jobs != 1 or args.devices:
+        raise VegaError("--jobs and --devices run several seeds at once: give --seeds too "
+                        "(a sweep's workers: sweep.py --jobs)")
+    summary = main.train_run(cfg, progress=progress)
+    if args.demo:
+        print_demo_end(summary)
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
             "aten.repeat_interleave.Tensor", "aten.unique_consecutive.default", "aten._unique2.default"}
-PHASES = (("host", ("to_device",)), ("optimizer", ("step", "_optimizer_step", "finish")), ("backward", ("backward",)),
-          ("loss", ("compute_losses",)), ("forward", ("forward", "_call_impl")))
+# the innermost frame of these names decides an op's phase
+PHASES = {"to_device": "host", "_engine_run_backward": "backward", "backward": "backward", "step": "optimizer",
+          "optimizer_step": "optimizer", "finish": "optimizer", "compute_losses": "loss", "forward": "forward",
+          "_call_impl": "forward"}
 
 
 def project_frame(frame):
@@ -50,13 +52,10 @@ def project_frame(frame):
 
 
 def phase_of(frame):
-    names = []
     while frame is not None:
-        names.append(frame.f_code.co_name)
+        if frame.f_code.co_name in PHASES:
+            return PHASES[frame.f_code.co_name]
         frame = frame.f_back
-    for phase, markers in PHASES:
-        if any(n in markers for n in names):
-            return phase
     return "other"
 
 
@@ -151,11 +150,11 @@ def fast_path(main, cfg, loaders, bank, weights, device, dtype):
     batch = [next(iter(loaders["train"]))]
     test = train.EvalSet(loaders["test"], cfg.n_speakers)
     rng = random.Random(0)
-    step = lambda: train.train_epoch(model, batch, optimizer, cfg, bank.to(device), weights.to(device), device,
-                                     dtype, scaler, rng=rng, progress=False, sync_free=True)
-    evaluate = lambda: train.eval_epoch(model, test, cfg, bank.to(device), weights.to(device), device, dtype,
-                                        progress=False)
-    return step, evaluate, optimizer
+    train_once = lambda: train.train_epoch(model, batch, optimizer, cfg, bank.to(device), weights.to(device),
+                                           device, dtype, scaler, rng=rng, progress=False, sync_free=True)
+    eval_once = lambda: train.eval_epoch(model, test, cfg, bank.to(device), weights.to(device), device, dtype,
+                                         progress=False)
+    return train_once, eval_once, optimizer
 
 
 def plain_path(main, cfg, loaders, bank, weights, device, dtype):
@@ -170,15 +169,15 @@ def plain_path(main, cfg, loaders, bank, weights, device, dtype):
     batch = [next(iter(loaders["train"]))]
     rng = random.Random(0)
 
-    def step():
+    def train_once():
         with train.autocast(device, dtype):
             bench_epoch.straightforward_train_epoch(model, batch, optimizer, cfg, bank.to(device),
                                                     weights.to(device), device, rng)
 
-    def evaluate():
+    def eval_once():
         with train.autocast(device, dtype):
             bench_epoch.straightforward_eval(model, loaders["test"], cfg, bank.to(device), weights.to(device), device)
-    return step, evaluate, optimizer
+    return train_once, eval_once, optimizer
 
 
 def step_seconds(step, device, reps):
@@ -196,6 +195,7 @@ def main_cli(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--hidden_dim", type=int, default=768)
     p.add_argument("--reps", type=int, default=20, help="timed steps per path on a GPU")
+    p.add_argument("--paths", default="default,straightforward", help="comma-separated: default, straightforward")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     from fast import layers
@@ -203,7 +203,9 @@ def main_cli(argv=None):
     device = torch.device(args.device)
     main, cfg, loaders, bank, weights = setup(args.hidden_dim)
     results = {}
-    for name, build in (("default", fast_path), ("straightforward", plain_path)):
+    builders = {"default": fast_path, "straightforward": plain_path}
+    for name in args.paths.split(","):
+        build = builders[name]
         torch.manual_seed(0)
         step, evaluate, optimizer = build(main, cfg, loaders, bank, weights, device, torch.float16)
         results[name] = {"train_step": count(step, optimizer), "eval_pass": count(evaluate)}
