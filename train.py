@@ -2,6 +2,8 @@
 import random
 import threading
 import time
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -168,7 +170,8 @@ class EvalSet:
     """A fixed evaluation split (no augmentation, no shuffling) merged into forward-pass groups once.
 
     Every evaluation epoch sees the same batches, so merging them (padding and copying every feature) is done
-    here once instead of once per epoch. Each group: (merged batch, the loader's own batches in it).
+    here once instead of once per epoch, and so is moving them to the device with their layouts (`on`).
+    Each group: (merged batch, the loader's own batches in it).
     """
 
     def __init__(self, loader, n_speakers, max_rows=EVAL_ROWS):
@@ -176,71 +179,96 @@ class EvalSet:
         # which would shift every later dropout mask (a resumed run must see the same masks)
         batches = (loader.collate_fn([loader.dataset[i] for i in idx]) for idx in loader.batch_sampler)
         self.groups = [(merge_batches(g, n_speakers), g) for g in eval_groups(batches, max_rows)]
+        self.placed = (None, None)   # (key, [EvalGroup]): the groups on one device, for one model and precision
 
     def __len__(self):
         return len(self.groups)
 
-    def __iter__(self):
-        return iter(self.groups)
+    def on(self, model, device, amp_dtype):
+        """The groups on `device`, laid out for `model`: uploaded at the first evaluation, kept for the next."""
+        key = (str(device), amp_dtype, type(model), model.n_head)
+        if self.placed[0] != key:
+            self.placed = (key, [place_group(model, merged, group, device, amp_dtype) for merged, group in self.groups])
+        return self.placed[1]
+
+
+@dataclass
+class EvalGroup:
+    """One forward pass of an evaluation, on the device, with what its results need from the host side."""
+    batch: object                 # the merged dataloader.Batch, on the device
+    layout: object
+    valid_index: torch.Tensor     # (N,) row-major indices of its valid utterances, on the device
+    parts: list                   # per loader batch: (b0, b1, L, its own valid indices on the device)
+    labels: np.ndarray            # (N,) from the host-side batch
+    speakers: np.ndarray          # (N,)
+    dialogue_ids: list            # (N,) one per utterance
+    utterance_index: list         # (N,)
+
+
+def place_group(model, merged, group, device, amp_dtype):
+    valid = ~merged.pad_mask                                                    # (B, L), host side
+    batch, lay, valid_index = to_device(model, merged, device, amp_dtype)
+    parts, b0 = [], 0
+    for part in group:
+        b1, L = b0 + part.pad_mask.shape[0], part.pad_mask.shape[1]
+        part_index = (~part.pad_mask).flatten().nonzero().squeeze(1)           # (N_part,)
+        parts.append((b0, b1, L, part_index.to(device, non_blocking=True)))
+        b0 = b1
+    lengths = valid.sum(1).tolist()
+    return EvalGroup(batch, lay, valid_index, parts, merged.labels[valid].numpy(), merged.speakers[valid].numpy(),
+                     [d for d, n in zip(merged.dialogue_ids, lengths) for _ in range(n)],
+                     [i for n in lengths for i in range(n)])
 
 
 @torch.no_grad()  # not inference_mode: autocast does not cache weight casts there (4x the casts)
 def eval_epoch(model, data, cfg, anchor_bank, class_weights, device, amp_dtype, with_losses=True,
                desc="eval", progress=True, vega_branch=True):
-    """Evaluate with centre anchors on `data`, an EvalSet (merged once, reused every epoch) or a DataLoader.
-    Returns mean loss terms (if with_losses), per-utterance predictions of every head, `all`-head
+    """Evaluate with centre anchors on `data`, an EvalSet (merged and moved once, reused every epoch) or a
+    DataLoader. Returns mean loss terms (if with_losses), per-utterance predictions of every head, `all`-head
     probabilities, labels and ids, and 'seconds'.
 
     The VEGA branch never changes predictions: it runs only for its loss terms (with_losses and vega_branch).
     Several loader batches go through the model as one (fewer, larger matrix products; every utterance gets
     the same result); losses are still computed per loader batch, so they stay means over the same batches.
+    Results stay on the device until the pass ends, then come back in one go.
     """
     model.eval()
     start, sums, n_batches = time.perf_counter(), {}, 0
     anchors = None
     if with_losses and vega_branch and anchor_bank is not None and cfg.clip_loss:
         anchors = pick_anchors(anchor_bank, training=False, rand=cfg.rand)
-    preds = {m: [] for m in ("all", "t", "a", "v")}
-    clip = {m: [] for m in preds}   # VEGA logits 100 * cos(projection, centre anchor): anchor alignment
-    probs, labels, dialogue_ids, utt_index, speakers = [], [], [], [], []
+    heads = ("all", "t", "a", "v")
+    kept = {}   # output key -> [(N_group, C) rows on the device]
+    groups = []
     # One autocast region for the whole pass: autocast then casts each weight it handles once per pass, not once
     # per batch (its weight cache lives until the outermost region ends, and the weights do not change here).
     with autocast(device, amp_dtype):
-        if not isinstance(data, EvalSet):
-            data = ((merge_batches(g, cfg.n_speakers), g) for g in eval_groups(data, EVAL_ROWS))
-        for merged, group in tqdm(data, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-            batch = merged.to(device, non_blocking=True)
-            out = model(batch, anchors, features=False)
+        placed = data.on(model, device, amp_dtype) if isinstance(data, EvalSet) else (
+            place_group(model, merge_batches(g, cfg.n_speakers), g, device, amp_dtype)
+            for g in eval_groups(data, EVAL_ROWS))
+        for g in tqdm(placed, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+            out = model(g.batch, anchors, features=False, layout=g.layout)
             if with_losses:
-                b0 = 0
-                for part in group:   # the loader's own batches, cut back out of the merged output
-                    b1, L = b0 + part.pad_mask.shape[0], part.pad_mask.shape[1]
+                for b0, b1, L, part_index in g.parts:   # the loader's own batches, cut back out of the merged output
                     part_out = {k: v[b0:b1, :L] if v.dim() >= 2 else v for k, v in out.items()}
+                    part = SimpleNamespace(labels=g.batch.labels[b0:b1, :L], pad_mask=g.batch.pad_mask[b0:b1, :L])
                     with autocast(device, None):   # losses in float32, as in training
-                        _accumulate(sums, compute_losses(part_out, part.to(device), cfg, class_weights))
-                    b0 = b1
-            valid = ~batch.pad_mask                                             # (B, L)
-            for m in preds:
-                preds[m].append(out[f"{m}_logit"][valid].argmax(-1).cpu())
-            probs.append(torch.softmax(out["all_logit"][valid].float(), -1).cpu())
-            for m in clip if "all_clip_logit" in out else ():
-                clip[m].append(out[f"{m}_clip_logit"][valid].float().cpu())
-            labels.append(batch.labels[valid].cpu())
-            speakers.append(batch.speakers[valid].cpu())
-            lengths = valid.sum(1).tolist()
-            for did, n in zip(batch.dialogue_ids, lengths):
-                dialogue_ids += [did] * n
-                utt_index += list(range(n))
-            n_batches += len(group)
-    result = {
-        "losses": {k: v / max(n_batches, 1) for k, v in sums.items()},
-        "preds": {m: torch.cat(v).numpy() for m, v in preds.items()},
-        "probs": torch.cat(probs).numpy(),
-        "clip_logits": {m: torch.cat(v).numpy() for m, v in clip.items() if v},   # (N, C) each
-        "labels": torch.cat(labels).numpy(),
-        "speakers": torch.cat(speakers).numpy(),
-        "dialogue_ids": dialogue_ids,
-        "utterance_index": np.asarray(utt_index),
+                        losses = compute_losses(part_out, part, cfg, class_weights, part_index)
+                    sums = {k: sums.get(k, 0.0) + v.detach().float() for k, v in losses.items()}
+                n_batches += len(g.parts)
+            for key in [f"{m}_logit" for m in heads] + [f"{m}_clip_logit" for m in heads if "all_clip_logit" in out]:
+                kept.setdefault(key, []).append(out[key].flatten(0, 1).index_select(0, g.valid_index).float())
+            groups.append(g)
+    rows = {k: torch.cat(v).cpu() for k, v in kept.items()}                   # (N, C) each: the pass's one read
+    losses = dict(zip(sums, torch.stack(list(sums.values())).tolist())) if sums else {}
+    return {
+        "losses": {k: v / max(n_batches, 1) for k, v in losses.items()},
+        "preds": {m: rows[f"{m}_logit"].argmax(-1).numpy() for m in heads},
+        "probs": torch.softmax(rows["all_logit"], -1).numpy(),
+        "clip_logits": {m: rows[f"{m}_clip_logit"].numpy() for m in heads if f"{m}_clip_logit" in rows},
+        "labels": np.concatenate([g.labels for g in groups]),
+        "speakers": np.concatenate([g.speakers for g in groups]),
+        "dialogue_ids": [d for g in groups for d in g.dialogue_ids],
+        "utterance_index": np.asarray([i for g in groups for i in g.utterance_index]),
         "seconds": time.perf_counter() - start,
     }
-    return result
