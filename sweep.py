@@ -110,8 +110,16 @@ def start_workers(argv, args, cfg):
     signal.signal(signal.SIGTERM, pass_on)
     try:
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:   # the workers got the Ctrl-C too (same process group): let them finish cleanly
-        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        # A Ctrl-C at a terminal reaches the workers too (same process group); a SIGINT sent to this process
+        # alone does not: a worker still running after a moment is passed it.
+        for p in procs:
+            try:
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
         return 130
     return max(codes, key=abs)
 

@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score,  # noqa: E402
                              precision_recall_fscore_support, precision_score)
 
-from vega_utils.common import VegaError, atomic_write_text  # noqa: E402
+from vega_utils.common import VegaError, _umask, atomic_write_text  # noqa: E402
 
 HEADLINE_METRICS = ("weighted_f1", "accuracy", "weighted_precision", "macro_f1")
 METRIC_TITLES = {
@@ -166,6 +166,7 @@ def _save_figure(fig, path):
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp's 0600 -> what a new file gets, as every other output
         os.close(fd)
     except OSError as e:
         plt.close(fig)

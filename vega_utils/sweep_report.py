@@ -103,10 +103,11 @@ def write_report(study, folder, log=print):
             f"weighted F1, test F1 is at the epoch validation selected (never optimised).", "",
             _markdown(df) if rows else "(no trials yet)", ""]
     if counts["COMPLETE"]:
-        best = write_preset(study, os.path.join(folder, "best.json"))
+        preset = os.path.join(folder, "best.json")
+        best = write_preset(study, preset)
         text += [f"Best: trial {best.number}, validation F1 {100 * best.value:.2f}, test F1 "
-                 f"{100 * (best.user_attrs.get('test_f1') or 0):.2f}; its settings: {os.path.join(folder, 'best.json')} "
-                 f"(python run.py --config {os.path.join(folder, 'best.json')})", ""]
+                 f"{100 * (best.user_attrs.get('test_f1') or 0):.2f}; its settings: {preset} "
+                 f"(python run.py --config {preset})", ""]
     written, skipped = write_plots(study, folder)
     text += [f"Plots: {', '.join(os.path.basename(p) for p in written) or 'none'}"
              + (f"; not drawn: {'; '.join(skipped)}" if skipped else ""), ""]

@@ -12,6 +12,7 @@ import time
 import warnings
 
 import optuna
+import sqlalchemy
 from optuna.samplers import BaseSampler, RandomSampler, TPESampler
 
 from .common import VegaError
@@ -19,6 +20,8 @@ from .common import VegaError
 # fail_stale_trials and the heartbeat arguments are marked experimental by Optuna; the warnings say only that
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)   # not a line per study opened
+TRIES = 5       # attempts to open a storage / create a study that other workers are creating at the same moment
+RACE_ERRORS = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError)
 MAX_RETRY = 3   # a trial whose worker died is re-queued at most this many times (a trial that kills its worker)
 
 
@@ -46,15 +49,22 @@ def open_storage(url, heartbeat=60, grace=None):
         # several processes write one file: wait for its lock instead of failing at once
         kwargs = {"connect_args": {"timeout": 60}}
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)   # was RetryFailedTrialCallback
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace or 2 * heartbeat,
-            heartbeat_stale_trial_callback=retry)
-    except ImportError as e:
-        raise VegaError(f"--storage {url.split(':', 1)[0]}: its database driver is not installed ({e})") from None
-    except Exception as e:   # sqlalchemy's errors: a server that is not there, a bad password
-        raise VegaError(f"cannot open storage {_hide_password(url)}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0]}") from None
+    for attempt in range(TRIES):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace or 2 * heartbeat,
+                heartbeat_stale_trial_callback=retry)
+        except ImportError as e:
+            raise VegaError(f"--storage {url.split(':', 1)[0]}: its database driver is not installed ({e})") from None
+        except Exception as e:   # sqlalchemy's errors: a server that is not there, a bad password
+            # Workers that start together on an empty database all create Optuna's tables; all but one
+            # collide (PostgreSQL: a unique violation in its catalogue), and find the tables there next time.
+            # (SQLite: "table already exists" or a locked file, an OperationalError)
+            if attempt + 1 < TRIES and isinstance(e, RACE_ERRORS):
+                time.sleep(0.5 + attempt)
+                continue
+            raise VegaError(f"cannot open storage {_hide_password(url)}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}") from None
 
 
 def _hide_password(url):
@@ -109,13 +119,13 @@ def make_pruner(kind, epochs):
 def open_study(name, storage, sampler="tpe", pruner="median", seed=0, epochs=1):
     """Create the study or join it where it stands (load_if_exists). Two workers starting at the same moment
     on a new SQLite file can both try to create its tables: the loser tries again."""
-    for attempt in range(5):
+    for attempt in range(TRIES):
         try:
             return optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                        sampler=TrialSeededSampler(sampler, seed), pruner=make_pruner(pruner, epochs),
                                        load_if_exists=True)
-        except Exception as e:   # sqlalchemy OperationalError / IntegrityError of the race above
-            if attempt == 4 or "sqlalchemy" not in type(e).__module__:
+        except sqlalchemy.exc.SQLAlchemyError:   # OperationalError / IntegrityError of the race above
+            if attempt + 1 == TRIES:
                 raise
             time.sleep(0.5 + attempt)
 
