@@ -15,11 +15,10 @@ import shlex
 import signal
 import subprocess
 import sys
-import traceback
 
 import run
 from vega_utils import threads
-from vega_utils.common import PROJECT_ROOT, VegaError
+from vega_utils.common import PROJECT_ROOT, VegaError, exit_on_error
 from vega_utils.config import DERIVED, Config
 
 DEFAULT_SPACE = os.path.join(PROJECT_ROOT, "configs", "sweep_space.json")
@@ -129,30 +128,29 @@ def main(argv=None):
     args = parser().parse_args(argv)
     run.install_sigterm_handler()
     try:
-        cfg, fixed = sweep_config(args)
-        if args.report:
-            from vega_utils import sweep_report, sweep_study
-            url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
-            study = sweep_study.load_study(args.study, sweep_study.open_storage(url, args.heartbeat, args.grace))
-            sweep_report.write_report(study, report_folder(cfg, args.study))
-            return 0
-        if not args.trials or args.trials < 1:
-            raise VegaError("--trials N (at least 1) says how many finished trials the study must hold")
-        if args.jobs > 1:
-            return start_workers(argv, args, cfg)
-        if args.devices and "device" not in vars(args):   # one worker: the first device named
-            from vega_utils.parallel import parse_devices
-            cfg = cfg.replace(device=parse_devices(args.devices, cfg.device)[0])
-        return work_here(args, cfg, fixed)
-    except VegaError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_on_error(lambda: sweep_command(argv, args), args.debug)
     except KeyboardInterrupt as e:
         print(f"sweep worker {args.worker_index} stopped ({e or 'interrupted'}); its trial is marked failed, "
               f"the study goes on when a worker is started again", file=sys.stderr)
         return 143 if "terminated" in str(e) else 130
+
+
+def sweep_command(argv, args):
+    cfg, fixed = sweep_config(args)
+    if args.report:
+        from vega_utils import sweep_report, sweep_study
+        url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
+        study = sweep_study.load_study(args.study, sweep_study.open_storage(url, args.heartbeat, args.grace))
+        sweep_report.write_report(study, report_folder(cfg, args.study))
+        return 0
+    if not args.trials or args.trials < 1:
+        raise VegaError("--trials N (at least 1) says how many finished trials the study must hold")
+    if args.jobs > 1:
+        return start_workers(argv, args, cfg)
+    if args.devices and "device" not in vars(args):   # one worker: the first device named
+        from vega_utils.parallel import parse_devices
+        cfg = cfg.replace(device=parse_devices(args.devices, cfg.device)[0])
+    return work_here(args, cfg, fixed)
 
 
 if __name__ == "__main__":
