@@ -259,7 +259,10 @@ def eval_epoch(model, data, cfg, anchor_bank, class_weights, device, amp_dtype, 
             for key in [f"{m}_logit" for m in heads] + [f"{m}_clip_logit" for m in heads if "all_clip_logit" in out]:
                 kept.setdefault(key, []).append(out[key].flatten(0, 1).index_select(0, g.valid_index).float())
             groups.append(g)
-    rows = {k: torch.cat(v).cpu() for k, v in kept.items()}                   # (N, C) each: the pass's one read
+    keys = list(kept)
+    widths = [kept[k][0].shape[1] for k in keys]
+    host = torch.cat([torch.cat(kept[k]) for k in keys], dim=1).cpu() if keys else None   # (N, sum C): one read
+    rows = dict(zip(keys, host.split(widths, dim=1))) if keys else {}
     losses = dict(zip(sums, torch.stack(list(sums.values())).tolist())) if sums else {}
     return {
         "losses": {k: v / max(n_batches, 1) for k, v in losses.items()},

@@ -98,7 +98,8 @@ def straightforward_eval(model, loader, cfg, bank, class_weights, device):
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
 
 
-def run_variant(args):
+def build_variant(args):
+    """(train_once, eval_once, info for the result) of one variant, set up as run.py would."""
     import random
 
     import torch
@@ -136,22 +137,26 @@ def run_variant(args):
         optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
         test_set = train.EvalSet(loaders["test"], cfg.n_speakers)   # once per run, as main.train_run does
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-        def train_once():
-            train.train_epoch(model, loaders["train"], optimizer, cfg, bank, class_weights, device, amp_dtype,
-                              scaler, rng=rng, progress=False)
-
-        def eval_once():
-            train.eval_epoch(model, test_set, cfg, bank, class_weights, device, eval_dtype, progress=False,
-                             vega_branch=args.eval_vega)
+        train_once = lambda: train.train_epoch(model, loaders["train"], optimizer, cfg, bank, class_weights, device,
+                                               amp_dtype, scaler, rng=rng, progress=False)
+        eval_once = lambda: train.eval_epoch(model, test_set, cfg, bank, class_weights, device, eval_dtype,
+                                             progress=False, vega_branch=args.eval_vega)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.l2)
+        train_once = lambda: straightforward_train_epoch(model, loaders["train"], optimizer, cfg, bank,
+                                                         class_weights, device, rng)
+        eval_once = lambda: straightforward_eval(model, loaders["test"], cfg, bank, class_weights, device)
+    count = {split: sum(len(data.records[i]) for i in ids)
+             for split, ids in (("train", data.train_ids), ("test", data.test_ids))}
+    meta = {"variant": args.variant, "train_utterances": count["train"], "test_utterances": count["test"],
+            "amp": str(amp_dtype), "eval_amp": str(eval_dtype), "optimizer": type(optimizer).__name__}
+    return train_once, eval_once, meta
 
-        def train_once():
-            straightforward_train_epoch(model, loaders["train"], optimizer, cfg, bank, class_weights, device, rng)
 
-        def eval_once():
-            straightforward_eval(model, loaders["test"], cfg, bank, class_weights, device)
+def run_variant(args):
+    import torch
+    train_once, eval_once, meta = build_variant(args)
+    device = torch.device(args.device)
 
     def timed(fn):
         if device.type == "cuda":
@@ -181,11 +186,7 @@ def run_variant(args):
     # kernel would otherwise do during another variant's last timed epoch (it made that epoch ~20% slower).
     if sys.stdin.readline().strip() != "finish":
         raise SystemExit("bench child: expected 'finish' on stdin")
-    count = {split: sum(len(data.records[i]) for i in ids)
-             for split, ids in (("train", data.train_ids), ("test", data.test_ids))}
-    result = {"variant": args.variant, "train_s": train_s, "eval_s": eval_s, "warmup_s": warm,
-              "train_utterances": count["train"], "test_utterances": count["test"],
-              "amp": str(amp_dtype), "eval_amp": str(eval_dtype), "optimizer": type(optimizer).__name__,
+    result = {**meta, "train_s": train_s, "eval_s": eval_s, "warmup_s": warm,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "threads": torch.get_num_threads()}
     if device.type == "cuda":

@@ -13,8 +13,8 @@ TorchDispatchMode that records every non-view aten op, with every CUDA-side choi
 kernels off (VEGA_CPU_KERNELS=0), fp16 autocast, fused AdamW and the sync-free step (vega_utils/step_guard.py: DeviceRecord).
 
 Host synchronisations are the ops that need a device value on the host: `_local_scalar_dense` (item(), float(),
-bool(), int() of a tensor), `nonzero`, `masked_select`, indexing with a boolean mask, and `tolist()` / `numpy()`
-/ `cpu()` of a tensor computed in the step; each is attributed to the first line of this project's code on the
+bool(), int() of a tensor), `nonzero`, `masked_select`, indexing with a boolean mask, and `tolist()` / `cpu()` of a
+tensor computed in the step (`numpy()` is not counted: on CUDA it needs a `cpu()` first); each is attributed to the first line of this project's code on the
 stack. Work on the host-side mask before the batch moves (the layout, the loss indices) is not counted: it
 never waits for the device. The straightforward model is model.py's VEGA as it is, stepped as the reference
 does (a padded fp16 forward, torch's default AdamW, the loss read every step).
@@ -90,7 +90,7 @@ class Counter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def __enter__(self):
-        self._patched = [(name, getattr(torch.Tensor, name)) for name in ("tolist", "numpy", "cpu")]
+        self._patched = [(name, getattr(torch.Tensor, name)) for name in ("tolist", "cpu")]
         for name, real in self._patched:
             setattr(torch.Tensor, name, self._host_read(name, real))
         return super().__enter__()

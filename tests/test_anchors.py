@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from vega_utils import anchor_images as ai  # noqa: E402
 from vega_utils import anchor_utils as au  # noqa: E402
 from vega_utils.common import DATASETS, VegaError  # noqa: E402
 from vega_utils.config import load_preset, resolve  # noqa: E402
@@ -29,7 +30,7 @@ def setup(tmp_path_factory):
 def built(setup, tmp_path_factory):
     clip_dir, image_dir, _ = setup
     out = str(tmp_path_factory.mktemp("cache") / "35_anchor.pt")
-    bank = au.build_anchor_cache(image_dir, IEMOCAP, clip_dir, out, batch_size=2, device="cpu",
+    bank = ai.build_anchor_cache(image_dir, IEMOCAP, clip_dir, out, batch_size=2, device="cpu",
                                  progress=False)
     return out, bank
 
@@ -81,7 +82,7 @@ def test_transformers4_tensor_output_gives_same_cache(setup, built, tmp_path, mo
         out = as_v5(self, *args, **kwargs)
         return out if isinstance(out, torch.Tensor) else out.pooler_output
     monkeypatch.setattr(transformers.CLIPModel, "get_image_features", as_v4)
-    bank = au.build_anchor_cache(image_dir, IEMOCAP, clip_dir, str(tmp_path / "v4.pt"), batch_size=5,
+    bank = ai.build_anchor_cache(image_dir, IEMOCAP, clip_dir, str(tmp_path / "v4.pt"), batch_size=5,
                                  device="cpu", progress=False)
     torch.testing.assert_close(bank.centers, built[1].centers, rtol=1e-5, atol=1e-6)
 
@@ -112,7 +113,7 @@ def test_cli_error_exit_code(tmp_path, capsys):
 def test_unloadable_clip_model_is_a_clear_error(setup, tmp_path):
     _, image_dir, _ = setup
     with pytest.raises(VegaError, match="could not load CLIP model 'nobody/no-such-clip'"):
-        au.build_anchor_cache(image_dir, IEMOCAP, "nobody/no-such-clip", str(tmp_path / "x.pt"),
+        ai.build_anchor_cache(image_dir, IEMOCAP, "nobody/no-such-clip", str(tmp_path / "x.pt"),
                               device="cpu", progress=False)
 
 
@@ -128,14 +129,14 @@ def test_unloadable_clip_model_is_a_clear_error(setup, tmp_path):
     ("happy/sad_01.jpg", ["happy", "sad"]),
 ])
 def test_classes_named_by(rel, expected):
-    assert au.classes_named_by(rel, IEMOCAP) == expected
+    assert ai.classes_named_by(rel, IEMOCAP) == expected
 
 
 def test_label_words_above_the_image_folder_are_ignored(tmp_path):
     # Every parent folder names a class; only the path below image_dir may count.
     image_dir = str(tmp_path / "sad_lab" / "happy anger" / "35")
     made = make_image_folder(image_dir, IEMOCAP, per_class=2, layout="names")
-    assigned = au.assign_images(image_dir, IEMOCAP)
+    assigned = ai.assign_images(image_dir, IEMOCAP)
     assert assigned == made
 
 
@@ -145,19 +146,19 @@ def test_ambiguous_refused_and_unmatched_skipped(tmp_path, capsys):
     draw_face(os.path.join(image_dir, "stranger.png"), 1)
     os.makedirs(os.path.join(image_dir, "__MACOSX"))
     draw_face(os.path.join(image_dir, "__MACOSX", "sad_and_happy.png"), 2)  # zip debris: ignored
-    assigned = au.assign_images(image_dir, IEMOCAP)
+    assigned = ai.assign_images(image_dir, IEMOCAP)
     assert all(len(paths) == 1 for paths in assigned.values())
     assert "stranger.png" in capsys.readouterr().err
     draw_face(os.path.join(image_dir, "happy", "sad_face.png"), 3)
     with pytest.raises(VegaError, match=r"more than one class(.|\n)*happy/sad_face.png  \(names happy, sad\)"):
-        au.assign_images(image_dir, IEMOCAP)
+        ai.assign_images(image_dir, IEMOCAP)
 
 
 def test_missing_class_is_named(tmp_path):
     image_dir = str(tmp_path / "imgs")
     make_image_folder(image_dir, [c for c in IEMOCAP if c != "frustration"], per_class=1)
     with pytest.raises(VegaError, match="no image for class\\(es\\) frustration in"):
-        au.build_anchor_cache(image_dir, IEMOCAP, "never-loaded", str(tmp_path / "x.pt"), progress=False)
+        ai.build_anchor_cache(image_dir, IEMOCAP, "never-loaded", str(tmp_path / "x.pt"), progress=False)
 
 
 # -------------------------------------------------------------------------------------- bad images
@@ -170,9 +171,9 @@ def test_corrupt_image_is_named_or_skipped(setup, tmp_path, capsys):
         f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     out = str(tmp_path / "x.pt")
     with pytest.raises(VegaError, match="cannot read image .*broken.jpg.*--skip_bad_images"):
-        au.build_anchor_cache(image_dir, IEMOCAP, clip_dir, out, device="cpu", progress=False)
+        ai.build_anchor_cache(image_dir, IEMOCAP, clip_dir, out, device="cpu", progress=False)
     assert not os.path.exists(out)
-    bank = au.build_anchor_cache(image_dir, IEMOCAP, clip_dir, out, device="cpu", progress=False,
+    bank = ai.build_anchor_cache(image_dir, IEMOCAP, clip_dir, out, device="cpu", progress=False,
                                  skip_bad_images=True)
     captured = capsys.readouterr()
     assert "skipping unreadable image" in captured.err and "broken.jpg" in captured.err
@@ -188,7 +189,7 @@ def test_class_with_only_bad_images_stops(setup, tmp_path):
     with open(os.path.join(image_dir, "anger", "a.png"), "wb") as f:
         f.write(b"nope")
     with pytest.raises(VegaError, match="no image for class\\(es\\) anger .*that could be read"):
-        au.build_anchor_cache(image_dir, IEMOCAP, clip_dir, str(tmp_path / "x.pt"), device="cpu",
+        ai.build_anchor_cache(image_dir, IEMOCAP, clip_dir, str(tmp_path / "x.pt"), device="cpu",
                               skip_bad_images=True, progress=False)
 
 
@@ -276,7 +277,7 @@ def test_ensure_builds_from_fallback_folder_then_loads(setup, tmp_path, monkeypa
 
     def must_not_build(*args, **kwargs):
         raise AssertionError("the cache exists: it must be loaded, not rebuilt")
-    monkeypatch.setattr(au, "build_anchor_cache", must_not_build)
+    monkeypatch.setattr(ai, "build_anchor_cache", must_not_build)
     torch.testing.assert_close(au.ensure_anchor_cache(cfg).centers, built_bank.centers)
     with pytest.raises(VegaError, match="has CLIP width 16 but --CLIP_Model/clip_dim expects 768"):
         au.ensure_anchor_cache(cfg.replace(clip_dim=768))

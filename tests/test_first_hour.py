@@ -104,7 +104,7 @@ def test_missing_data_and_anchors_point_to_their_sources(files, tmp_path, capsys
 
 def test_clip_folder_without_its_processor_says_how_to_save_it(tmp_path):
     from anchor_fixtures import make_tiny_clip
-    from vega_utils.anchor_utils import load_clip
+    from vega_utils.anchor_images import load_clip
     folder = make_tiny_clip(tmp_path / "clip")
     os.remove(os.path.join(folder, "preprocessor_config.json"))
     with pytest.raises(VegaError, match=r"preprocessor_config.json too.*save_pretrained"):

@@ -17,7 +17,7 @@ from anchor_fixtures import draw_face, make_tiny_clip
 from conftest import ROOT
 from dataloader import load_dialogues
 from vega_utils import convert
-from vega_utils.anchor_utils import assign_images
+from vega_utils.anchor_images import assign_images
 from vega_utils.anchor_utils import main as anchor_main
 from vega_utils.common import VegaError
 from vega_utils.openformat import write_npz

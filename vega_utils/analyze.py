@@ -25,7 +25,8 @@ import torch
 from model import VEGA, pick_anchors   # a command, not a helper: it rebuilds the plain model of a run
 
 from . import alignment, anchor_maps, breakdown, checkpoint, report
-from .common import VegaError, atomic_write_text, dataset_info, exit_on_error, resolve_device
+from .common import VegaError, atomic_write_text, dataset_info, exit_on_error, read_json, resolve_device
+from .run_folder import fresh_folder
 from .config import Config, OneLineParser, resolve
 
 HEADS = alignment.HEADS
@@ -46,18 +47,8 @@ def parser():
     return p
 
 
-def read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise VegaError(f"{path} not found: is this a run folder? ({what})") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise VegaError(f"{path} is unreadable: {e}") from None
-
-
 def run_config(run_dir):
-    saved = read_json(os.path.join(run_dir, "config.json"), "its settings")
+    saved = read_json(os.path.join(run_dir, "config.json"), "the run settings")
     try:
         return resolve(Config.from_dict({k: v for k, v in saved.items() if k in Config.__dataclass_fields__}))
     except TypeError as e:
@@ -73,19 +64,6 @@ def best_checkpoint(run_dir):
     if not found:
         raise VegaError(f"{run_dir} holds no BEST_cls_f1_*.pth: no epoch of this run finished")
     return found[-1]
-
-
-def fresh_folder(base):
-    for i in range(1, 1000):
-        path = base if i == 1 else f"{base}-{i}"
-        try:
-            os.makedirs(path)
-            return path
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise VegaError(f"cannot create {path}: {e.strerror or e}") from None
-    raise VegaError(f"too many folders {base}*")
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
 """Things every module needs: the user-facing error type, devices, atomic writes (dataset facts: datasets.py)."""
+import json
 import os
 import random
 import subprocess
@@ -27,6 +28,17 @@ def exit_on_error(command, debug=False):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def read_json(path, what):
+    """A JSON file's content; a missing or unreadable file is one line naming `what` and the path."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise VegaError(f"{what} {path} not found") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VegaError(f"{what} {path}: cannot read it as JSON ({e})") from None
 
 
 def resolve_device(name="auto"):

@@ -18,8 +18,9 @@ import sys
 import numpy as np
 
 from . import report, stats
-from .analyze import fresh_folder, read_json, run_config, run_name
-from .common import VegaError, atomic_write_text, dataset_info, exit_on_error
+from .analyze import run_config, run_name
+from .common import VegaError, atomic_write_text, dataset_info, exit_on_error, read_json
+from .run_folder import fresh_folder
 from .config import OneLineParser
 
 HEADLINE = (("weighted_f1", "weighted F1"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
@@ -44,7 +45,7 @@ def parser():
 def best_alignment(run_dir):
     """The test-set alignment of the 'all' head at the run's best epoch, from metrics.jsonl; None without it."""
     try:
-        best = read_json(os.path.join(run_dir, "summary.json"), "").get("best_epoch")
+        best = read_json(os.path.join(run_dir, "summary.json"), "the run summary").get("best_epoch")
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             row = next((r for r in map(json.loads, f) if r.get("epoch") == best), {})
     except (VegaError, OSError, ValueError):
@@ -55,7 +56,7 @@ def best_alignment(run_dir):
 
 def load_run(path):
     cfg = run_config(path)
-    summary = read_json(os.path.join(path, "summary.json"), "its results")
+    summary = read_json(os.path.join(path, "summary.json"), "the run summary")
     test = (summary.get("best") or {}).get("test")
     if not test:
         raise VegaError(f"{path}/summary.json has no best-epoch test metrics (the run finished no epoch)")
@@ -68,7 +69,7 @@ def load_run(path):
 
 
 def load_aggregate(path):
-    agg = read_json(os.path.join(path, "aggregate.json"), "a seed aggregate")
+    agg = read_json(os.path.join(path, "aggregate.json"), "the seed aggregate")
     metrics = agg.get("metrics") or {}
     if not metrics:
         raise VegaError(f"{path}/aggregate.json holds no metrics (no seed finished)")

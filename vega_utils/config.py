@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .common import PROJECT_ROOT, VegaError
+from .common import PROJECT_ROOT, VegaError, read_json
 from .datasets import DATASETS, dataset_info, from_dict, is_spec_path
 
 # The paper's ablations: each only sets flags (explicit flags still win); run.py --ablation NAME.
@@ -158,13 +158,7 @@ def dataset_arg(value):
 def read_config_file(path):
     """A preset file (run.py --config; sweep.py writes the best trial's as one): {key: value} of config keys.
     Keys a run folder's config.json adds (git_commit, command, ...) are ignored; an unknown key is an error."""
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except OSError as e:
-        raise VegaError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise VegaError(f"config file {path} is not valid JSON: {e}") from None
+    saved = read_json(path, "config file")
     if not isinstance(saved, dict):
         raise VegaError(f"config file {path} must hold a JSON object of config keys")
     keys = set(Config.__dataclass_fields__) - DERIVED

@@ -5,14 +5,13 @@ own data"), passed as `--Dataset path/to/dataset.json`. Both give a DatasetInfo.
 description of a JSON dataset in its config (`dataset_spec`), so a checkpoint is scored with the classes,
 speakers and sizes it was trained with even where the JSON file is not.
 """
-import json
 import os
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
 
-from .common import VegaError
+from .common import VegaError, read_json
 
 MISSING = -1        # an utterance without a label (e.g. the predict split)
 DROPPED = None      # a source label the dataset's label_map leaves out: the utterance is removed
@@ -100,14 +99,9 @@ def read_spec(path):
     """Read and check a dataset JSON; every problem is one line naming the file."""
     def bad(problem):
         raise VegaError(f"dataset file {path}: {problem}")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise VegaError(f"dataset file {path} not found (--Dataset takes IEMOCAP, MELD or the path of a "
-                        f"dataset JSON)") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VegaError(f"dataset file {path}: cannot read it as JSON ({e})") from None
+    if not os.path.exists(path):
+        bad("not found (--Dataset takes IEMOCAP, MELD or the path of a dataset JSON)")
+    raw = read_json(path, "dataset file")
     if not isinstance(raw, dict):
         bad(f"expected a JSON object, found {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SPEC_KEYS))
@@ -261,11 +255,5 @@ def read_label_map(path, class_names):
     """A --label_map file: a JSON object {word: class name}, e.g. {"happiness": "happy", "angry": "anger"}."""
     def bad(problem):
         raise VegaError(f"label map {path}: {problem}")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise VegaError(f"label map {path} not found") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VegaError(f"label map {path}: cannot read it as JSON ({e})") from None
+    raw = read_json(path, "label map")
     return _label_map(raw, list(class_names), "label map", bad)

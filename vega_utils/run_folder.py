@@ -44,9 +44,13 @@ def make_run_dir(cfg, fixed=None):
         now = datetime.datetime.now(pytz.timezone("Europe/London"))
     except ImportError:
         now = datetime.datetime.now()
-    base = os.path.join(cfg.output_dir, cfg.name, run_folder_name(cfg, now))
+    return fresh_folder(os.path.join(cfg.output_dir, cfg.name, run_folder_name(cfg, now)))
+
+
+def fresh_folder(base):
+    """Create `base`, or `base-2`, `base-3`, ... when taken (mkdir is atomic: two processes never share one)."""
     try:
-        os.makedirs(os.path.dirname(base), exist_ok=True)
+        os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
     except OSError as e:
         raise VegaError(f"cannot create output folder {os.path.dirname(base)}: {e.strerror or e}") from None
     for i in range(1, 1000):
@@ -57,8 +61,8 @@ def make_run_dir(cfg, fixed=None):
         except FileExistsError:
             continue
         except OSError as e:
-            raise VegaError(f"cannot create run folder {path}: {e.strerror or e}") from None
-    raise VegaError(f"too many runs in {base}*")
+            raise VegaError(f"cannot create folder {path}: {e.strerror or e}") from None
+    raise VegaError(f"too many folders {base}*")
 
 
 def append_jsonl(path, row):

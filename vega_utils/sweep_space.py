@@ -6,9 +6,8 @@
 Types: float (low, high, optional log or step), int (low, high, optional log or step), categorical (choices).
 A key fixed by a flag on the sweep's command line is not drawn (the flag's value holds for every trial).
 """
-import json
 
-from .common import VegaError
+from .common import VegaError, read_json
 
 TYPES = {"float": ("low", "high"), "int": ("low", "high"), "categorical": ("choices",)}
 OPTIONAL = {"float": ("log", "step"), "int": ("log", "step"), "categorical": ()}
@@ -17,13 +16,7 @@ OPTIONAL = {"float": ("log", "step"), "int": ("log", "step"), "categorical": ()}
 def load_space(path):
     """The space as {key: spec}, checked against the config's keys; one-line errors naming the file."""
     from .config import DERIVED, Config
-    try:
-        with open(path) as f:
-            space = json.load(f)
-    except OSError as e:
-        raise VegaError(f"cannot read search space {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise VegaError(f"search space {path} is not valid JSON: {e}") from None
+    space = read_json(path, "search space")
     if not isinstance(space, dict) or not space:
         raise VegaError(f"search space {path} must be a non-empty JSON object of config keys")
     keys = set(Config.__dataclass_fields__) - DERIVED
