@@ -28,6 +28,16 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def synthetic_files(root, data, anchors=None, seed=0, anchor_seed=0):
+    """Generated data under root: data {file name: make_synthetic_dataset arguments}, anchors {file: CLIP width}."""
+    from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+    for name, kw in data.items():
+        make_synthetic_dataset(root / name, seed=seed, **kw)
+    for name, width in (anchors or {"anchor.pt": 512}).items():
+        make_synthetic_anchor_cache(root / name, clip_dim=width, seed=anchor_seed)
+    return root
+
+
 def interrupt_at_epoch(monkeypatch, epoch):
     """Make training raise KeyboardInterrupt (a Ctrl-C) as epoch `epoch` starts; returns a function that undoes it."""
     import train

@@ -13,8 +13,7 @@ import torch
 
 import inference
 import run
-from conftest import ROOT
-from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from conftest import ROOT, synthetic_files
 
 TINY = ["--hidden_dim", "32", "--clip_dim", "512", "--epochs", "1", "--batch-size", "4", "--no_progress",
         "--device", "cpu"]
@@ -22,12 +21,10 @@ TINY = ["--hidden_dim", "32", "--clip_dim", "512", "--epochs", "1", "--batch-siz
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    make_synthetic_dataset(root / "good.pkl", n_train=8, n_test=4, max_len=10, seed=5)
-    make_synthetic_dataset(root / "meld.pkl", dataset="MELD", n_train=8, n_test=4, max_len=10, seed=5)
-    make_synthetic_anchor_cache(root / "anchor.pt", clip_dim=512)
-    make_synthetic_anchor_cache(root / "anchor768.pt", clip_dim=768)
-    return root
+    return synthetic_files(tmp_path_factory.mktemp("cli"), {
+        "good.pkl": dict(n_train=8, n_test=4, max_len=10),
+        "meld.pkl": dict(dataset="MELD", n_train=8, n_test=4, max_len=10)},
+        anchors={"anchor.pt": 512, "anchor768.pt": 768}, seed=5)
 
 
 def variant(files, name, edit, source="good.pkl"):

@@ -14,21 +14,18 @@ import torch
 
 import inference
 import run
-from conftest import ROOT, interrupt_at_epoch
+from conftest import ROOT, interrupt_at_epoch, synthetic_files
 from vega_utils import checkpoint
 from vega_utils.common import VegaError, atomic_write_text
-from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
 
 TINY = ["--hidden_dim", "32", "--clip_dim", "512", "--batch-size", "4", "--no_progress", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("first_hour")
-    make_synthetic_dataset(root / "IEMOCAP.pkl", n_train=8, n_test=4, max_len=10, seed=7)
-    make_synthetic_dataset(root / "meld.pkl", dataset="MELD", n_train=4, n_test=2, max_len=10, seed=7)
-    make_synthetic_anchor_cache(root / "anchor.pt", clip_dim=512)
-    return root
+    return synthetic_files(tmp_path_factory.mktemp("first_hour"), {
+        "IEMOCAP.pkl": dict(n_train=8, n_test=4, max_len=10),
+        "meld.pkl": dict(dataset="MELD", n_train=4, n_test=2, max_len=10)}, seed=7)
 
 
 def data_flags(files, out):

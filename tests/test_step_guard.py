@@ -15,7 +15,7 @@ from fast.shadow_weights import ShadowAdam
 from vega_utils import step_guard
 from vega_utils.common import VegaError, dataset_info
 from vega_utils.config import load_preset, resolve
-from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from conftest import synthetic_files
 
 SMALL = dict(hidden_dim=32, n_head=4, lr=3e-3, dropout=0.1, outlayer_drop=0.1, clip_dim=512, batch_size=3)
 kernels_off = os.environ.get("VEGA_CPU_KERNELS") == "0"
@@ -23,10 +23,8 @@ kernels_off = os.environ.get("VEGA_CPU_KERNELS") == "0"
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guard")
-    make_synthetic_dataset(root / "IEMOCAP.pkl", n_train=24, n_test=6, max_len=12, signal=2.5, seed=5)
-    make_synthetic_anchor_cache(root / "anchor.pt", clip_dim=512, seed=5)
-    return root
+    return synthetic_files(tmp_path_factory.mktemp("guard"),
+                           {"IEMOCAP.pkl": dict(n_train=24, n_test=6, max_len=12, signal=2.5)}, seed=5, anchor_seed=5)
 
 
 def small_cfg(files, out, **kw):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import interrupt_at_epoch
+from conftest import interrupt_at_epoch, synthetic_files
 import main
 import run
 import train
@@ -28,10 +28,8 @@ RUN_FILES = ["config.json", "metrics.jsonl", "summary.json", "predictions.csv", 
 
 @pytest.fixture(scope="module")
 def iemocap_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("iemocap")
-    make_synthetic_dataset(root / "IEMOCAP.pkl", n_train=36, n_test=10, max_len=20, signal=2.5, seed=3)
-    make_synthetic_anchor_cache(root / "anchor.pt", clip_dim=512, seed=3)
-    return root
+    return synthetic_files(tmp_path_factory.mktemp("iemocap"),
+                           {"IEMOCAP.pkl": dict(n_train=36, n_test=10, max_len=20, signal=2.5)}, seed=3, anchor_seed=3)
 
 
 def small_cfg(files, out, dataset="IEMOCAP", **kw):
