@@ -256,3 +256,17 @@ def test_eval_set_matches_per_batch_evaluation(iemocap_files, tmp_path):
         assert result["losses"].keys() == per_batch["losses"].keys()
         for k, v in per_batch["losses"].items():
             assert result["losses"][k] == pytest.approx(v, rel=1e-5), k
+
+
+def test_no_fast_trains_model_py_as_it_is(iemocap_files, tmp_path):
+    """--no_fast: the plain model (padded layout, stock layers, torch's AdamW) trains through the same flow."""
+    from fast import is_accelerated
+    from model import VEGA
+    cfg = small_cfg(iemocap_files, tmp_path, epochs=1, fast=False, amp="off")
+    model = main.build_model(cfg)
+    assert type(model) is VEGA and not is_accelerated(model)
+    assert type(model.t_t.transformer_inter[0].self_attn.linear_q) is torch.nn.Linear
+    assert isinstance(main.build_optimizer(cfg, model, torch.bfloat16, torch.device("cpu")), torch.optim.AdamW)
+    summary = main.train_run(cfg, progress=False)
+    saved = json.load(open(os.path.join(summary["run_dir"], "config.json")))
+    assert saved["fast"] is False and summary["epochs_run"] == 1 and summary["best"]["test"]["weighted_f1"] >= 0
