@@ -46,41 +46,51 @@ class StepGuard:
                                 f"stopping. Try a lower --lr or --amp off.")
 
 
+def named_gradients(optimizer, names=None):
+    """[(name, gradient)] of every gradient the optimizer will read: its parameters' and, for ShadowAdam, the bf16
+    copies'. names: {parameter: name} (model.named_parameters()), else names are None."""
+    names = names or {}
+    named = [(names.get(p), p.grad) for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]
+    shadows = getattr(optimizer, "shadows", {})
+    return named + [(f"{names.get(p)} (bf16 copy)", s.tensor.grad) for p, s in shadows.items()
+                    if s.tensor.grad is not None]
+
+
 def gradients(optimizer):
-    """Every gradient the optimizer will read: its parameters' and, for ShadowAdam, the bf16 copies'."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    shadows = getattr(optimizer, "shadows", {}).values()
-    return grads + [s.tensor.grad for s in shadows if s.tensor.grad is not None]
+    return [g for _, g in named_gradients(optimizer)]
+
+
+def norms(tensors):
+    """(P,) float32 2-norms of the tensors, in their order: one fused read-only pass per dtype and device (6-8 ms
+    for the default model's 54 M gradients on 2 cores; torch's max-norm takes 10x that)."""
+    groups = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    parts = [torch.stack(torch._foreach_norm([tensors[i] for i in idx], 2)).float() for idx in groups.values()]
+    order = [i for idx in groups.values() for i in idx]
+    flat = torch.cat([n.to(parts[0].device) for n in parts])                  # (P,) in group order
+    return flat[torch.tensor(order, device=flat.device).argsort()]
 
 
 def all_finite(tensors):
-    """Whether every tensor's 2-norm is finite, with one host sync: one fused read-only pass per dtype (6-8 ms
-    for the default model's 54 M gradients on 2 cores, ~2% of its training step; torch's max-norm takes 10x that).
+    """Whether every tensor's 2-norm is finite, with one host sync.
 
     A 2-norm is finite iff every element is finite and the squares' sum fits float32, so a gradient with an
     element beyond ~1.8e19 counts as non-finite too: Adam's second moment (g^2) would overflow to inf there and
     freeze that weight for good (its updates m / sqrt(v) would be 0 from then on)."""
-    by_dtype = {}
-    for t in tensors:
-        by_dtype.setdefault((t.dtype, t.device), []).append(t)
-    if not by_dtype:
-        return True
-    norms = [torch.stack(torch._foreach_norm(ts, 2)).float().amax() for ts in by_dtype.values()]
-    return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
+    return not tensors or bool(torch.isfinite(norms(tensors)).all())
 
 
 def first_nonfinite(named_tensors):
-    """The name of the first tensor all_finite rejects (for the one report; checks them one by one)."""
-    return next((n for n, t in named_tensors if not all_finite([t])), "unknown")
+    """The name of the first tensor all_finite rejects (for the one report)."""
+    finite = torch.isfinite(norms([t for _, t in named_tensors])).tolist() if named_tensors else []
+    return next((n for (n, _), ok in zip(named_tensors, finite) if not ok), "unknown")
 
 
 def _nonfinite_gradient(model, optimizer):
-    """Which gradient is non-finite, by parameter name (checked one by one: only when a step is skipped)."""
-    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    shadows = getattr(optimizer, "shadows", {})
-    names = {p: n for n, p in model.named_parameters()}
-    named += [(f"{names[p]} (bf16 copy)", s.tensor.grad) for p, s in shadows.items() if s.tensor.grad is not None]
-    return first_nonfinite(named)
+    """Which gradient is non-finite, by parameter name (only when a step is skipped)."""
+    return first_nonfinite(named_gradients(optimizer, {p: n for n, p in model.named_parameters()}))
 
 
 def optimizer_step(model, optimizer, loss, scaler):
@@ -116,8 +126,9 @@ class DeviceRecord:
         """Backward and optimizer step; a step with a non-finite loss or gradient is skipped on the device."""
         terms = torch.stack([v.detach().float() for v in losses.values()])       # (T,), the total last
         (losses["total"] if scaler is None else scaler.scale(losses["total"])).backward()
-        names, grads = named_gradients(self.names, self.optimizer)
-        bad = ~torch.isfinite(torch.cat([terms, _norms(grads)]))                  # (T + P,)
+        named = named_gradients(self.optimizer, self.names)
+        names, grads = [n for n, _ in named], [g for _, g in named]
+        bad = ~torch.isfinite(torch.cat([terms] + ([norms(grads)] if grads else [])))   # (T + P,)
         if scaler is not None:   # the scaler's own found-inf skips an overflowed step
             scaler.step(self.optimizer)
             scaler.update()
@@ -147,24 +158,3 @@ class DeviceRecord:
         keys = self.steps[0][0]
         sums, n = values[start:start + len(keys)], max(values[-1], 1.0)
         return {k: v / n for k, v in zip(keys, sums)}
-
-
-def _norms(grads):
-    """(P,) float32 2-norms of the gradients in their order, one fused pass per dtype."""
-    by_dtype = {}
-    for i, g in enumerate(grads):
-        by_dtype.setdefault(g.dtype, []).append(i)
-    norms = [None] * len(grads)
-    for idx in by_dtype.values():
-        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], 2)):
-            norms[i] = n.float()
-    return torch.stack(norms)
-
-
-def named_gradients(names, optimizer):
-    """(names, gradients) of what the optimizer will read, in gradients()'s order."""
-    grads = gradients(optimizer)
-    named = [names.get(p, "?") for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    shadows = getattr(optimizer, "shadows", {})
-    named += [f"{names.get(p, '?')} (bf16 copy)" for p, s in shadows.items() if s.tensor.grad is not None]
-    return named, grads
