@@ -322,6 +322,11 @@ GROUP_LAMBDAS = {"cls": "cls_lambda", "cls_kl": "cls_all_cls_kl_lambda", "clip":
                  "clip_kl": "clip_all_clip_kl_lambda"}
 
 
+def valid_indices(pad_mask):
+    """(N,) row-major flat indices into (B, L) of the valid utterances (pad_mask True = padding)."""
+    return (~pad_mask).flatten().nonzero().squeeze(1)
+
+
 def weighted_ce(logits, labels, class_weights):
     """Cross-entropy with fixed class weights: sum_i w_yi * nll_i / sum_i w_yi. logits (N, C), labels (N,)."""
     return F.cross_entropy(logits.float(), labels, weight=class_weights)
@@ -351,7 +356,7 @@ def compute_losses(out, batch, cfg, class_weights, valid_index=None):
         total   = cls_lambda cls + cls_all_cls_kl_lambda cls_kl + clip_lambda clip + clip_all_clip_kl_lambda clip_kl
     """
     if valid_index is None:
-        valid_index = (~batch.pad_mask).flatten().nonzero().squeeze(1)         # (N,)
+        valid_index = valid_indices(batch.pad_mask)
     labels = batch.labels.flatten().index_select(0, valid_index)                # (N,)
     rows = {k: v.flatten(0, 1).index_select(0, valid_index) for k, v in out.items() if k.endswith("_logit")}  # (N, C)
     term_fns = {

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import compute_losses, pick_anchors
+from model import compute_losses, pick_anchors, valid_indices
 from vega_utils.step_guard import DeviceRecord, StepGuard, optimizer_step, sync_free_steps
 
 
@@ -73,15 +73,15 @@ def _accumulate(sums, losses):
         sums[k] = sums.get(k, 0.0) + float(v)
 
 
-def to_device(model, batch, device, amp_dtype):
-    """(batch, layout, valid_index) on the device. The layout and the loss's row-major indices of the valid
-    utterances are built from the host-side mask first and go over with the batch, so nothing in the step has
-    to wait for the device (a boolean mask or `nonzero` on a device tensor would)."""
-    valid_index = (~batch.pad_mask).flatten().nonzero().squeeze(1)               # (N,)
+def to_device(model, batch, device, amp_dtype, extra=()):
+    """(batch, layout, valid_index, extra) on the device. The layout and the loss's row-major indices of the valid
+    utterances are built from the host-side mask first and go over with the batch (in one copy with any `extra`
+    index tensors), so nothing in the step has to wait for the device (a boolean mask or `nonzero` on a device
+    tensor would)."""
     with autocast(device, amp_dtype):   # the fast layout depends on the precision
         lay = model.layout(batch.pad_mask, device)
-    lay, (valid_index,) = lay.to(device, extra=[valid_index])
-    return batch.to(device, non_blocking=True), lay, valid_index
+    lay, moved = lay.to(device, extra=[valid_indices(batch.pad_mask), *extra])
+    return batch.to(device, non_blocking=True), lay, moved[0], moved[1:]
 
 
 def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, device, amp_dtype, scaler=None,
@@ -101,7 +101,7 @@ def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, devic
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
     for batch_number, host_batch in enumerate(bar, 1):
         check_stop()
-        batch, lay, valid_index = to_device(model, host_batch, device, amp_dtype)
+        batch, lay, valid_index, _ = to_device(model, host_batch, device, amp_dtype)
         anchors = None
         if anchor_bank is not None and cfg.clip_loss:
             anchors = pick_anchors(anchor_bank, training=True, rand=cfg.rand, rng=rng or random)
@@ -207,12 +207,12 @@ class EvalGroup:
 
 def place_group(model, merged, group, device, amp_dtype):
     valid = ~merged.pad_mask                                                    # (B, L), host side
-    batch, lay, valid_index = to_device(model, merged, device, amp_dtype)
+    batch, lay, valid_index, part_indices = to_device(model, merged, device, amp_dtype,
+                                                      extra=[valid_indices(part.pad_mask) for part in group])
     parts, b0 = [], 0
-    for part in group:
+    for part, part_index in zip(group, part_indices):   # each loader batch's rows of the merged batch
         b1, L = b0 + part.pad_mask.shape[0], part.pad_mask.shape[1]
-        part_index = (~part.pad_mask).flatten().nonzero().squeeze(1)           # (N_part,)
-        parts.append((b0, b1, L, part_index.to(device, non_blocking=True)))
+        parts.append((b0, b1, L, part_index))
         b0 = b1
     lengths = valid.sum(1).tolist()
     return EvalGroup(batch, lay, valid_index, parts, merged.labels[valid].numpy(), merged.speakers[valid].numpy(),

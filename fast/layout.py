@@ -59,9 +59,9 @@ class Layout:
     def prepare(self, n_head):
         """Build now, from the host-side mask, the grid indices attention will need: built later from a device
         tensor, `nonzero` would make the host wait for the device."""
-        for h in (None, n_head):
-            self._grid_index(h)
-            self._uncovered(h)
+        self._grid_index(None)   # from_grids of whole rows, and the fused evaluation attention's grids
+        self._grid_index(n_head)
+        self._uncovered(n_head)  # the only zero rows attention asks for: its head-major grids
         return self
 
     def to(self, device, extra=()):
