@@ -5,7 +5,6 @@ aggregation share one definition of every number. Metrics are fractions in [0, 1
 helpers (console line, markdown, plot axes) turn them into percent.
 """
 import os
-import tempfile
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score,  # noqa: E402
                              precision_recall_fscore_support, precision_score)
 
-from vega_utils.common import VegaError, _umask, atomic_write_text  # noqa: E402
+from vega_utils.common import VegaError, _atomic_write, atomic_write_text  # noqa: E402
 
 HEADLINE_METRICS = ("weighted_f1", "accuracy", "weighted_precision", "macro_f1")
 METRIC_TITLES = {
@@ -161,25 +160,11 @@ def metrics_from_predictions_csv(path, class_names):
 # ----------------------------------------------------------------------------------------------
 
 def _save_figure(fig, path):
-    """Save as PNG through a temp file in the same folder, so a crash never leaves half an image."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Save as PNG through a temp file in the same folder (common._atomic_write): a crash never leaves half an image."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp's 0600 -> what a new file gets, as every other output
-        os.close(fd)
-    except OSError as e:
-        plt.close(fig)
-        raise VegaError(f"cannot write {path}: {e.strerror or e}") from e
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise VegaError(f"cannot write {path}: {e.strerror or e}") from e
+        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"), "wb")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _series(rows, key, scale=1.0):
