@@ -13,6 +13,7 @@ from tqdm import tqdm
 import train
 from dataloader import load_dialogues, make_loaders, speaker_names, split_validation
 from fast import ShadowAdam, accelerate, cpu_kernels, is_accelerated
+from fast.capture import capture
 from model import VEGA
 from vega_utils import alignment, checkpoint, live, report, run_folder, step_guard, threads
 from vega_utils.anchor_utils import ensure_anchor_cache
@@ -36,7 +37,7 @@ def build_optimizer(cfg, model, amp_dtype=None, device=None):
     """The configured optimizer. Training the fast model in bf16 on the CPU, Adam/AdamW keep bf16 weight copies
     (fast/shadow_weights.py: the same update, no per-step weight casts) when the CPU kernels are built."""
     on_cpu_bf16 = amp_dtype == torch.bfloat16 and device is not None and torch.device(device).type == "cpu"
-    if on_cpu_bf16 and is_accelerated(model) and cfg.optimizer in ("AdamW", "Adam") \
+    if on_cpu_bf16 and is_accelerated(model) and not cfg.compile and cfg.optimizer in ("AdamW", "Adam") \
             and cpu_kernels.kernel() is not None:
         return ShadowAdam(model, lr=cfg.lr, weight_decay=cfg.l2, decoupled=cfg.optimizer == "AdamW")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -124,6 +125,7 @@ class Run:
     class_weights: torch.Tensor
     anchor_rng: random.Random
     select_on: str                # the split whose F1 picks the best epoch
+    step_fn: object = None        # --compile: the captured forward + losses (fast/capture.py)
 
 
 def setup(cfg):
@@ -150,7 +152,8 @@ def setup(cfg):
               build_scheduler(cfg, optimizer, len(loaders["train"])),
               torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
               torch.tensor(class_weights_of(info, data), device=device), random.Random(cfg.seed),
-              "valid" if valid_ids else "test")
+              "valid" if valid_ids else "test",
+              capture(model, train.forward_losses, device) if cfg.compile else None)
     return cfg, run
 
 
@@ -200,7 +203,7 @@ def run_epoch(cfg, run, epoch, eval_sets, guard, share, progress):
     """Train one epoch and evaluate it: (its metrics.jsonl row, {split: (evaluation, metrics)})."""
     tr = train.train_epoch(run.model, run.loaders["train"], run.optimizer, cfg, run.bank, run.class_weights,
                            run.device, run.amp_dtype, run.scaler, run.scheduler, epoch, run.anchor_rng, progress,
-                           guard)
+                           guard, step_fn=run.step_fn)
     row = {"epoch": epoch, "train_seconds": tr.pop("seconds"), "lr": run.optimizer.param_groups[0]["lr"],
            "skipped_steps": tr.pop("skipped_steps")}
     row["train_loss"] = tr.pop("total", float("nan"))   # nan: every step of the epoch was skipped

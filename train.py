@@ -84,14 +84,21 @@ def to_device(model, batch, device, amp_dtype, extra=()):
     return batch.to(device, non_blocking=True), lay, moved[0], moved[1:]
 
 
+def forward_losses(model, batch, anchors, lay, valid_index, cfg, class_weights, device, amp_dtype):
+    """A training step's forward pass and every loss term (what `--compile` captures: fast/capture.py)."""
+    with autocast(device, amp_dtype):
+        out = model(batch, anchors, layout=lay)
+    return compute_losses(out, batch, cfg, class_weights, valid_index)
+
+
 def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, device, amp_dtype, scaler=None,
-                scheduler=None, epoch=0, rng=None, progress=True, guard=None, sync_free=None):
+                scheduler=None, epoch=0, rng=None, progress=True, guard=None, sync_free=None, step_fn=None):
     """One pass over the training loader. Returns {term: mean over batches with a finite loss} and 'seconds'.
 
     A step with a non-finite loss or gradient is skipped (see StepGuard); `guard` carries the counts between
     epochs (a fresh one with cfg.max_bad_steps when not given). sync_free (default: sync_free_steps): no host
     synchronisation in a step; skips are then found on the device and reported at the end of the epoch, and a
-    skipped step still advances the learning-rate schedule."""
+    skipped step still advances the learning-rate schedule. step_fn: forward_losses, or its captured version."""
     model.train()
     guard = guard or StepGuard(cfg.max_bad_steps)
     guard.new_epoch()
@@ -105,9 +112,8 @@ def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, devic
         anchors = None
         if anchor_bank is not None and cfg.clip_loss:
             anchors = pick_anchors(anchor_bank, training=True, rand=cfg.rand, rng=rng or random)
-        with autocast(device, amp_dtype):
-            out = model(batch, anchors, layout=lay)
-        losses = compute_losses(out, batch, cfg, class_weights, valid_index)
+        losses = (step_fn or forward_losses)(model, batch, anchors, lay, valid_index, cfg, class_weights, device,
+                                             amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         if sync_free:
             record.step(losses, scaler)

@@ -16,6 +16,8 @@
     cores busy).
 (b0) for reference only (--variants a,b,b0): (b) with torch's default threads and no CoreShare, as before
     issue 17: on an idle machine (b) and (b0) should not differ.
+(c) for reference only (--variants a,b,c): (b) with --compile (fast/capture.py: the step captured by
+    torch.compile, torch's own ops, fused AdamW); its compilation happens in the untimed warm-up epoch.
 (a) keeps torch's defaults, as the reference runs.
 Timing: one untimed warm-up epoch, then --reps epochs, each a training epoch followed by an evaluation pass; the
 variants run in their own processes, taking turns epoch by epoch (a, b, a, b, ...) so that a machine whose speed
@@ -43,13 +45,13 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=5, help="timed epochs per variant (median reported)")
     p.add_argument("--quick", action="store_true", help="tiny data (a few batches), 1 rep: checks the script")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--variants", default="a,b", help="comma-separated subset of a,b,b0")
+    p.add_argument("--variants", default="a,b", help="comma-separated subset of a,b,b0,c")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no_eval_vega", dest="eval_vega", action="store_false",
                    help="(b) evaluates without the VEGA branch (no VEGA test-loss terms; predictions unchanged)")
     p.add_argument("--eval_amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="(b)'s evaluation precision (default: run.py's, float32 on the CPU)")
-    p.add_argument("--variant", choices=["a", "b", "b0"], help=argparse.SUPPRESS)   # child process mode
+    p.add_argument("--variant", choices=["a", "b", "b0", "c"], help=argparse.SUPPRESS)   # child process mode
     p.add_argument("--data_dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -110,23 +112,24 @@ def build_variant(args):
     from vega_utils.anchor_utils import load_anchor_cache
     from vega_utils.common import dataset_info, seed_everything
     from vega_utils.config import load_preset, resolve
+    from fast.capture import capture
     from vega_utils.threads import CoreShare, apply_threads, default_threads
 
     device = torch.device(args.device)
-    fast = args.variant in ("b", "b0")
-    if args.variant == "b":   # as run.py and main.train_run
+    fast = args.variant in ("b", "b0", "c")
+    if args.variant in ("b", "c"):   # as run.py and main.train_run
         apply_threads(default_threads())
     cfg = resolve(load_preset("IEMOCAP").replace(
         data_path=os.path.join(args.data_dir, "IEMOCAP.pkl"), anchor_path=os.path.join(args.data_dir, "anchor.pt"),
         clip_dim=512, num_workers=0, device=args.device, amp="auto" if fast else "off",
-        eval_amp=args.eval_amp))
+        eval_amp=args.eval_amp, compile=args.variant == "c"))
     seed_everything(cfg.seed)
     info = dataset_info(cfg.Dataset)
     data = load_dialogues(cfg.data_path, cfg.Dataset)
     bank = load_anchor_cache(cfg.anchor_path, info.class_names).to(device)
     loaders = make_loaders(data, cfg, pin_memory=device.type == "cuda")
     model = main.build_model(cfg, device) if fast else VEGA(cfg).to(device)   # (a): model.py as it is
-    if args.variant == "b" and device.type == "cpu":
+    if args.variant in ("b", "c") and device.type == "cpu":
         CoreShare(torch.get_num_threads()).start()   # for the life of the process, as main.train_run's run
     class_weights = torch.tensor(info.class_weights, device=device)
     rng = random.Random(cfg.seed)
@@ -137,8 +140,9 @@ def build_variant(args):
         optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
         test_set = train.EvalSet(loaders["test"], cfg.n_speakers)   # once per run, as main.train_run does
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        step_fn = capture(model, train.forward_losses, device) if cfg.compile else None
         train_once = lambda: train.train_epoch(model, loaders["train"], optimizer, cfg, bank, class_weights, device,
-                                               amp_dtype, scaler, rng=rng, progress=False)
+                                               amp_dtype, scaler, rng=rng, progress=False, step_fn=step_fn)
         eval_once = lambda: train.eval_epoch(model, test_set, cfg, bank, class_weights, device, eval_dtype,
                                              progress=False, vega_branch=args.eval_vega)
     else:
@@ -220,7 +224,7 @@ def summarise(r):
 
 def print_table(results, device):
     names = {"a": "(a) straightforward", "b": "(b) default fast path",
-             "b0": "(b0) (b) before issue 17"}
+             "b0": "(b0) (b) before issue 17", "c": "(c) (b) with --compile"}
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
     print(f"| variant | train s/epoch (median) | train utt/s | eval s/pass (median) | eval utt/s | {mem} |")
     print("|---|---|---|---|---|---|")
@@ -237,6 +241,11 @@ def print_table(results, device):
         print(f"ratio (a)/(b): training {a['train_median_s'] / b['train_median_s']:.2f}x, "
               f"evaluation {a['eval_median_s'] / b['eval_median_s']:.2f}x, "
               f"peak memory (b)/(a) {(b['peak_rss_mb'] / a['peak_rss_mb']):.2f}")
+    if "c" in results and "b" in results:
+        c, b = results["c"], results["b"]
+        print(f"ratio (c)/(b) (above 1: the compiled step is slower): training "
+              f"{c['train_median_s'] / b['train_median_s']:.2f}x, "
+              f"evaluation {c['eval_median_s'] / b['eval_median_s']:.2f}x")
     if "b0" in results and "b" in results:
         b0, b = results["b0"], results["b"]
         print(f"ratio (b0)/(b) (above 1: issue 17's thread handling is faster): training "

@@ -1,26 +1,30 @@
 """Dispatched ops and host synchronisations of one training step and one evaluation pass: the CUDA path,
 emulated on the CPU, against the straightforward padded model.
 
-    python bench/step_ops.py                 # counts (about a minute on 2 cores)
+    python bench/step_ops.py                 # counts (about 9 minutes on 2 cores, most of it compiling)
+    python bench/step_ops.py --paths default,straightforward   # without the compiled path: about a minute
     python bench/step_ops.py --json out.json
-    python bench/step_ops.py --device cuda   # on a GPU: also the measured step time of both paths
+    python bench/step_ops.py --device cuda   # on a GPU: also the measured step time of each path
 
 On a GPU a step of the default configuration is a few milliseconds of work; what decides its speed is how many
 kernels the host launches and how often it waits for the device. This script counts both without a GPU: it
 runs the real training and evaluation code (train.train_epoch on a one-batch loader, train.eval_epoch) under a
 TorchDispatchMode that records every non-view aten op, with every CUDA-side choice of the fast package taken
 (fast.layers.EMULATE_CUDA: one attention grid per batch, nn.Linear's own forward, torch's dropout), the C
-kernels off (VEGA_CPU_KERNELS=0), fp16 autocast, fused AdamW and the sync-free step (vega_utils/step_guard.py: DeviceRecord).
+kernels off (VEGA_CPU_KERNELS=0), fp16 autocast, fused AdamW and the sync-free step (vega_utils/step_guard.py:
+DeviceRecord). The `compiled` path is the same with --compile (fast/capture.py): a captured region's run counts as
+one launch and the ops inside it as none (on a GPU it is a CUDA graph replay); it compiles first (minutes).
 
 Host synchronisations are the ops that need a device value on the host: `_local_scalar_dense` (item(), float(),
 bool(), int() of a tensor), `nonzero`, `masked_select`, indexing with a boolean mask, and `tolist()` / `cpu()` of a
-tensor computed in the step (`numpy()` is not counted: on CUDA it needs a `cpu()` first); each is attributed to the first line of this project's code on the
-stack. Work on the host-side mask before the batch moves (the layout, the loss indices) is not counted: it
+tensor computed in the step (`numpy()` is not counted: on CUDA it needs a `cpu()` first); each is attributed to
+the first line of this project's code on the stack. Work on the host-side mask before the batch moves (the layout, the loss indices) is not counted: it
 never waits for the device. The straightforward model is model.py's VEGA as it is, stepped as the reference
 does (a padded fp16 forward, torch's default AdamW, the loss read every step).
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -31,7 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+
+from fast import capture  # noqa: E402
 
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
             "aten.repeat_interleave.Tensor", "aten.unique_consecutive.default", "aten._unique2.default"}
@@ -68,6 +74,7 @@ class Counter(TorchDispatchMode):
     def __init__(self, host_scalars=()):
         super().__init__()
         self.ops, self.syncs, self.host_scalars = collections.Counter(), collections.Counter(), set(host_scalars)
+        self.inside = 0   # > 0 while a captured region runs
 
     def _sync(self, what):
         if phase_of(sys._getframe(2)) == "host":
@@ -79,7 +86,7 @@ class Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not func.is_view:
+        if not func.is_view and not self.inside:
             self.ops[phase_of(sys._getframe(1))] += 1
         name = str(func)
         if name == "aten._local_scalar_dense.default" and args[0].data_ptr() in self.host_scalars:
@@ -88,6 +95,23 @@ class Counter(TorchDispatchMode):
                 torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []))):
             self._sync(name.replace("aten.", "").replace(".default", ""))
         return func(*args, **kwargs)
+
+    # fast/capture.py's observer: a captured region's run counts as one launch in its phase, the ops inside none
+    @contextlib.contextmanager
+    def region(self, phase):
+        self.enter(phase)
+        try:
+            with _disable_current_modes():   # the compiled forward runs as it does without this counter
+                yield
+        finally:
+            self.leave(phase)
+
+    def enter(self, phase):
+        self.ops[phase] += 1
+        self.inside += 1
+
+    def leave(self, phase):
+        self.inside -= 1
 
     def __enter__(self):
         self._patched = [(name, getattr(torch.Tensor, name)) for name in ("tolist", "cpu")]
@@ -133,25 +157,32 @@ def count(fn, optimizer=None):
     steps = [] if optimizer is None or optimizer.defaults.get("fused") else \
         [s["step"].data_ptr() for s in optimizer.state.values() if "step" in s]
     counter = Counter(steps)
-    with counter:
-        fn()
+    capture.observer = counter
+    try:
+        with counter:
+            fn()
+    finally:
+        capture.observer = None
     return {"ops": sum(counter.ops.values()), "ops_by_phase": dict(counter.ops),
             "host_syncs": sum(counter.syncs.values()), "syncs_by_source": dict(counter.syncs.most_common())}
 
 
-def fast_path(main, cfg, loaders, bank, weights, device, dtype):
-    """The default path's training step and evaluation pass, CUDA's choices (emulated on a CPU)."""
+def fast_path(main, cfg, loaders, bank, weights, device, dtype, captured=False):
+    """The default path's training step and evaluation pass, CUDA's choices (emulated on a CPU); captured: with
+    --compile (its forward + losses and their backward each one region, fast/capture.py)."""
     import random
 
     import train
     model = main.build_model(cfg, device)
+    step_fn = capture.capture(model, train.forward_losses, device) if captured else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.l2, fused=True)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     batch = [next(iter(loaders["train"]))]
     test = train.EvalSet(loaders["test"], cfg.n_speakers)
     rng = random.Random(0)
     train_once = lambda: train.train_epoch(model, batch, optimizer, cfg, bank.to(device), weights.to(device),
-                                           device, dtype, scaler, rng=rng, progress=False, sync_free=True)
+                                           device, dtype, scaler, rng=rng, progress=False, sync_free=True,
+                                           step_fn=step_fn)
     eval_once = lambda: train.eval_epoch(model, test, cfg, bank.to(device), weights.to(device), device, dtype,
                                          progress=False)
     return train_once, eval_once, optimizer
@@ -195,7 +226,8 @@ def main_cli(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--hidden_dim", type=int, default=768)
     p.add_argument("--reps", type=int, default=20, help="timed steps per path on a GPU")
-    p.add_argument("--paths", default="default,straightforward", help="comma-separated: default, straightforward")
+    p.add_argument("--paths", default="default,compiled,straightforward",
+                   help="comma-separated: default, compiled (--compile), straightforward")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     from fast import layers
@@ -203,7 +235,8 @@ def main_cli(argv=None):
     device = torch.device(args.device)
     main, cfg, loaders, bank, weights = setup(args.hidden_dim)
     results = {}
-    builders = {"default": fast_path, "straightforward": plain_path}
+    builders = {"default": fast_path, "straightforward": plain_path,
+                "compiled": lambda *a: fast_path(*a, captured=True)}
     for name in args.paths.split(","):
         build = builders[name]
         torch.manual_seed(0)
@@ -235,9 +268,11 @@ def print_report(results, device):
                 print(f"\n{name}, {part}: host syncs by source")
                 for src, n in r[part]["syncs_by_source"].items():
                     print(f"  {n:4d}  {src}")
-    if "step_seconds" in results.get("default", {}):
-        d, s = results["default"]["step_seconds"], results["straightforward"]["step_seconds"]
-        print(f"\nstep time on CUDA: default {d * 1e3:.2f} ms, straightforward {s * 1e3:.2f} ms ({s / d:.2f}x)")
+    base = results.get("straightforward", {}).get("step_seconds")
+    for name, r in results.items():
+        if "step_seconds" in r:
+            versus = f" ({base / r['step_seconds']:.2f}x the straightforward step)" if base else ""
+            print(f"step time on CUDA, {name}: {r['step_seconds'] * 1e3:.2f} ms{versus}")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ class ActDropoutFn(torch.autograd.Function):
 
 
 def _usable(x, dtypes):
-    return x.device.type == "cpu" and x.dtype in dtypes and kernel() is not None
+    return x.device.type == "cpu" and x.dtype in dtypes and not torch.compiler.is_compiling() and kernel() is not None
 
 
 def dropout(x, p):

@@ -27,8 +27,10 @@ from .shadow_weights import product_weight
 EMULATE_CUDA = False
 
 
-def on_cuda(x):
-    return x.is_cuda or EMULATE_CUDA
+def torch_ops(x):
+    """Whether to take torch's own ops (CUDA's choices): on CUDA, when emulating it, and inside a torch.compile
+    capture (fast/capture.py), which cannot trace the C kernels or the bf16 weight copies."""
+    return x.is_cuda or EMULATE_CUDA or torch.compiler.is_compiling()
 
 
 def compute_dtype(x):
@@ -110,7 +112,7 @@ class FastLinear(nn.Linear):
     shadow = None
 
     def forward(self, x):
-        if on_cuda(x):
+        if torch_ops(x):
             return super().forward(x)
         weight = product_weight(self, x)
         if not torch.is_grad_enabled():
@@ -129,7 +131,7 @@ class FastConv1x1(nn.Conv1d):
             and module.dilation == (1,) and module.groups == 1
 
     def forward(self, x):
-        if x.dim() != 3 or x.shape[-1] != 1 or on_cuda(x):
+        if x.dim() != 3 or x.shape[-1] != 1 or torch_ops(x):
             return super().forward(x)
         rows = x.squeeze(-1)                                                       # (R, D)
         return LinearFn.apply(rows, product_weight(self, rows), self.bias, True).unsqueeze(-1)  # (R, H, 1)
@@ -143,7 +145,7 @@ class FastDropout(nn.Dropout):
     def forward(self, x):
         if not self.training or self.p == 0.0:
             return x
-        if on_cuda(x) or self.p >= 1.0:
+        if torch_ops(x) or self.p >= 1.0:
             return F.dropout(x, self.p, True)
         y = cpu_kernels.dropout(x, self.p)
         if y is not None:
@@ -225,12 +227,15 @@ class FastPositionalEncoding(PositionalEncoding):
 
 
 class FastVEGA(VEGA):
+    single_grid = False   # set by fast/capture.py: a captured step takes one grid per batch on the CPU too
+
     def layout(self, pad_mask, device=None):
         """The packed rows of the valid utterances (layout.py), for use on `device` (default: the mask's).
         Under CPU autocast, grids of dialogues of similar lengths (cheaper products there); on CUDA one grid per
         batch: each extra grid costs ~135 kernel launches a step, and launches are what a GPU step waits on."""
         device = torch.device(device or pad_mask.device)
-        grouped = device.type == "cpu" and not EMULATE_CUDA and torch.is_autocast_enabled("cpu")
+        grouped = device.type == "cpu" and not (EMULATE_CUDA or self.single_grid) \
+            and torch.is_autocast_enabled("cpu")
         return make_layout(pad_mask, grouped=grouped, max_position=MAX_LEN - 1).prepare(self.n_head)
 
 

@@ -104,3 +104,13 @@ def test_cuda_scores_agree_with_cpu_float32(iemocap_files, tmp_path):
     np.testing.assert_allclose(scored["cuda32"][probs].to_numpy(), scored["cpu"][probs].to_numpy(), atol=1e-5)
     assert list(scored["cuda32"]["prediction"]) == list(scored["cpu"]["prediction"])
     np.testing.assert_allclose(scored["cuda16"][probs].to_numpy(), scored["cpu"][probs].to_numpy(), atol=2e-2)
+
+
+def test_compiled_cuda_run_trains(iemocap_files, tmp_path, no_cpu_only_code):
+    """--compile on CUDA: inductor with CUDA graphs (reduce-overhead), fp16 + GradScaler; the loss falls."""
+    import main
+    cfg = small_cuda_cfg(iemocap_files, tmp_path, compile=True, epochs=3)
+    run_dir = main.train_run(cfg, progress=False)["run_dir"]
+    rows = read_rows(run_dir)
+    assert len(rows) == 3 and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]

@@ -98,6 +98,9 @@ class Config:
     # The fast package (fast/) swaps its modules and packed layout into model.py's plain VEGA; False runs the
     # plain model (the reference's padded computation, several times slower on the CPU; same float32 numbers).
     fast: bool = True
+    # Capture the training step's forward + losses (and backward) with torch.compile (fast/capture.py): for
+    # GPUs, where a step waits on kernel launches; slower than the default on the CPU.
+    compile: bool = False
     threads: Optional[int] = None      # CPU threads; None: the cores this process may use (vega_utils/threads.py)
     # each epoch's metrics as TensorBoard event files in the run folder (vega_utils/live.py), when installed
     tensorboard: bool = True
