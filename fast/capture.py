@@ -5,7 +5,8 @@ them is what it waits on. Captured, the forward and the loss terms run as one co
 as another (fullgraph: a graph break is an error, not a silent split). On CUDA the mode is `reduce-overhead`:
 each region is replayed as a CUDA graph, one per shape, and the packed layout already rounds the shapes to few
 buckets (rows to multiples of 32, grid lengths to multiples of 16, one grid per batch). Shapes are dynamic, so a
-new bucket costs a graph capture, not a recompilation.
+new bucket costs a graph capture, not a recompilation (a size of 0 or 1 would still be specialised: the layout
+keeps its index sizes away from them, fast/layout.py's SENTINEL_ROWS).
 
 On the CPU it works too, but eager with the C kernels is faster there (bench/README.md, compile_vs_kernels.py);
 the compiled step takes torch's own ops (no C kernels, no bf16 weight copies) and one attention grid per batch,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from . import cpu_kernels
 
 ROW_BUCKET, KEY_BUCKET = 32, 16  # packed rows and attention grid lengths are rounded up to multiples of these
+SENTINEL_ROWS = 2  # buffer rows after the grids, never covered (see _grid_index)
 GRID_COST = 12000  # fixed cost of one more grid, in units of (one dialogue x Lg^2): ~20 extra small ops/encoder
 
 
@@ -94,7 +95,10 @@ class Layout:
                     parts.append((offset + (g.slot[:, None] * h + heads) * Lg + g.positions[:, None]).flatten())
                 sizes.append(Bg * Lg * (h or 1))
                 offset += sizes[-1]
-            self.cache[key] = (torch.cat(parts), sizes, offset)
+            # two rows past the grids that no row lands on: the zero-fill index (_uncovered) is then never empty
+            # or one row long, sizes torch.compile would specialise on (a recompilation each; fast/capture.py)
+            sizes.append(SENTINEL_ROWS)
+            self.cache[key] = (torch.cat(parts), sizes, offset + SENTINEL_ROWS)
         return self.cache[key]
 
     def _uncovered(self, h):

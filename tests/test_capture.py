@@ -94,9 +94,13 @@ def test_captured_step_equals_eager_step(files, tmp_path, monkeypatch):
 
 def test_compiled_run_trains_in_bf16(files, tmp_path):
     """run.py's flow with --compile on the CPU: bf16 autocast, torch's ops and fused AdamW (no C kernels, no bf16
-    weight copies), the setting saved with the run."""
+    weight copies), the setting saved with the run; compiled once for every batch shape (the layout's sentinel rows
+    keep the zero-fill index from ever being empty, which would specialise a size and recompile)."""
+    from torch._dynamo.utils import counters
     cfg = config(files, tmp_path, compile=True, epochs=2, lr=3e-3)
+    graphs_before = counters["stats"]["unique_graphs"]
     summary = main.train_run(cfg, progress=False)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
     saved = json.load(open(os.path.join(summary["run_dir"], "config.json")))
     assert saved["compile"] is True and saved["train_precision"] == "bfloat16"
     rows = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
