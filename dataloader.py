@@ -2,7 +2,6 @@
 dialogues the way the reference does."""
 import json
 import os
-import pickle
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
@@ -12,7 +11,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from vega_utils.common import VegaError
-from vega_utils.datacheck import MODALITIES, Dialogue, FileChecker, complete_info, first_line, missing_file  # noqa: F401
+from vega_utils.datacheck import MODALITIES, open_checked
 from vega_utils.datasets import DatasetInfo, dataset_info
 
 
@@ -104,7 +103,7 @@ class DialogueData:
 
 def speaker_names(dataset):
     """Printable speaker name per id (for a predictions file): 'M'/'F' for IEMOCAP, '0'..'8' for MELD."""
-    info = dataset if isinstance(dataset, DatasetInfo) else dataset_info(dataset)
+    info = dataset_info(dataset)
     return list(info.speakers) if info.speakers else [str(i) for i in range(info.n_speakers)]
 
 
@@ -115,12 +114,10 @@ def load_dialogues(path, dataset):
 
     A pickle is unpickled, so only load pickles you trust; an .npz is read without unpickling.
     """
-    info = dataset if isinstance(dataset, DatasetInfo) else dataset_info(dataset)
+    info = dataset_info(dataset)
     if path is None:
         raise VegaError(f"dataset {info.name} names no data file: give --data_path")
-    check = FileChecker(path, info)
-    tables, splits = read_tables(path, check)
-    check.info = complete_info(check.info, tables, [v for ids in splits.values() for v in ids])
+    check, tables, splits = open_checked(path, info)
     records, kept = {}, {}
     for split, ids in splits.items():
         for vid in ids:
@@ -145,35 +142,11 @@ def settle_from_data(info, path):
         data = load_dialogues(path, info)
         if not data.records:
             raise VegaError(f"{path}: no dialogue is left after the label map of {info.name}")
-        first = data.records[next(iter(data.records))]
-        _SETTLED[key] = replace(data.info, **{f"{m}_dim": getattr(first, m).shape[1] for m in MODALITIES})
+        _SETTLED[key] = data.info   # the checker read the sizes from the first dialogue; the rest agree
     return _SETTLED[key]
 
 
 _SETTLED = {}   # settle_from_data's answers: (file, its mtime, the description) -> DatasetInfo
-
-
-def read_tables(path, check):
-    """The file's per-dialogue tables (speakers, labels, text, audio, visual) and {split: dialogue ids}."""
-    if str(path).lower().endswith(".npz"):
-        from vega_utils.openformat import read_npz
-        return read_npz(path, check)
-    speakers, labels, text, audio, visual, train_raw, test_raw = check.seven_tuple(read_pickle(path))
-    tables = {"speakers": speakers, "labels": labels, "text": text, "audio": audio, "visual": visual}
-    return tables, {"train": check.id_list(train_raw, "train"), "test": check.id_list(test_raw, "test")}
-
-
-def read_pickle(path):
-    if not os.path.exists(path):
-        raise missing_file(path)
-    try:
-        with open(path, "rb") as f:
-            # latin1 lets pickles written by Python 2 (the older MERC feature files) load too
-            return pickle.load(f, encoding="latin1")
-    except OSError as e:
-        raise VegaError(f"{path}: cannot read the data file ({e.strerror or e})") from e
-    except Exception as e:  # unpickling can raise almost any error type on a damaged or foreign file
-        raise VegaError(f"{path}: not a readable pickle ({type(e).__name__}: {first_line(e)})") from e
 
 
 # ---------------------------------------------------------------- datasets, batches, loaders

@@ -49,6 +49,12 @@ def build_optimizer(cfg, model, amp_dtype=None, device=None):
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.l2, momentum=cfg.momentum)
 
 
+def build_step_fn(cfg, model, device):
+    """What a training step runs for its forward pass and losses: train.forward_losses, captured by torch.compile
+    with --compile (fast/capture.py), else None (train_epoch's default, the same function eager)."""
+    return capture(model, train.forward_losses, torch.device(device)) if cfg.compile else None
+
+
 def build_scheduler(cfg, optimizer, steps_per_epoch):
     """Cosine decay with a 1% linear warm-up, stepped every batch (off by default, as the reference)."""
     if not cfg.scheduler:
@@ -153,7 +159,7 @@ def setup(cfg):
               torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
               torch.tensor(class_weights_of(info, data), device=device), random.Random(cfg.seed),
               "valid" if valid_ids else "test",
-              capture(model, train.forward_losses, device) if cfg.compile else None)
+              build_step_fn(cfg, model, device))
     return cfg, run
 
 

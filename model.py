@@ -249,8 +249,9 @@ class VEGA(nn.Module):
 
     def forward(self, batch, anchors=None, features=True, layout=None):
         """batch: dataloader.Batch. anchors: (C, K) from pick_anchors, or None to skip the VEGA branch (it never
-        changes predictions). features=False leaves out `all_transformer_out` (the fused features, which
-        evaluation does not use). layout: self.layout(pad_mask) made beforehand (train.py makes it from the
+        changes predictions). features=False leaves out `all_transformer_out` (the fused features) and
+        the two probability mixes: what the reference returns beyond the logits, which training and evaluation
+        do not use. layout: self.layout(pad_mask) made beforehand (train.py makes it from the
         host-side mask), else made here. Returns a dict of (B, L, ...) tensors, zero where not computed."""
         if batch.pad_mask.shape[1] > MAX_LEN:
             raise ValueError(f"a dialogue of {batch.pad_mask.shape[1]} utterances exceeds the positional table "
@@ -262,7 +263,8 @@ class VEGA(nn.Module):
             rows["all_transformer_out"] = h["all"]                                  # (R, H)
         if anchors is not None:
             rows.update(self.anchor_logits(h, anchors))
-            rows.update(self.probability_mixes(rows["all_logit"], rows["all_clip_logit"]))
+            if features:
+                rows.update(self.probability_mixes(rows["all_logit"], rows["all_clip_logit"]))
         out = {k: lay.to_padded(v) for k, v in rows.items()}                        # (B, L, ...)
         temps = ("cls", "clip") if anchors is not None else ("cls",)
         for kind in temps:

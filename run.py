@@ -139,7 +139,7 @@ def resume_config(args):
         names = fixed + [n for n in ("demo", "seeds", "ablation", "config") if getattr(args, n)]
         raise VegaError(f"--resume continues {args.resume} with its own settings; --{', --'.join(names)} "
                         f"cannot change there (only --{', --'.join(RESUME_FLAGS)} can)")
-    cfg = run_folder.config_of_run(args.resume)
+    cfg = run_folder.config_of_run(args.resume, f"cannot resume from {args.resume}: its settings")
     return resolve(cfg.replace(**{k: getattr(args, k) for k in given}))
 
 

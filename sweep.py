@@ -65,6 +65,13 @@ def report_folder(cfg, study):
     return os.path.join(cfg.output_dir, cfg.name, study, "report")
 
 
+def storage_of(args, cfg):
+    """(the study storage's URL, the storage opened): --storage, else the sweep's SQLite file."""
+    from vega_utils import sweep_study
+    url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
+    return url, sweep_study.open_storage(url, args.heartbeat, args.grace)
+
+
 def work_here(args, cfg, fixed):
     """This process is one worker."""
     import optuna
@@ -72,8 +79,7 @@ def work_here(args, cfg, fixed):
     from vega_utils import sweep_report, sweep_study, sweep_worker
     from vega_utils.sweep_space import load_space
     space = load_space(args.space)
-    url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
-    storage = sweep_study.open_storage(url, args.heartbeat, args.grace)
+    url, storage = storage_of(args, cfg)
     study = sweep_study.open_study(args.study, storage, args.sampler, args.pruner, cfg.seed, cfg.epochs)
     threads.apply_threads(threads.resolve_threads(cfg.threads))
     # Optuna logs a failed trial with its traceback (a Ctrl-C too): this worker says it in one line instead
@@ -92,9 +98,7 @@ def start_workers(argv, args, cfg):
     from vega_utils import parallel, sweep_study
     slots = parallel.worker_slots(args.jobs, parallel.parse_devices(args.devices, cfg.device), cfg.threads)
     # the study (and its tables) exist before the workers start, so they never race to create them
-    url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
-    sweep_study.open_study(args.study, sweep_study.open_storage(url, args.heartbeat, args.grace),
-                           args.sampler, args.pruner, cfg.seed, cfg.epochs)
+    sweep_study.open_study(args.study, storage_of(args, cfg)[1], args.sampler, args.pruner, cfg.seed, cfg.epochs)
     procs = []
     for i, (device, share) in enumerate(slots):
         # later flags win in argparse: these replace --jobs / --devices / --device / --threads of argv
@@ -139,8 +143,7 @@ def sweep_command(argv, args):
     cfg, fixed = sweep_config(args)
     if args.report:
         from vega_utils import sweep_report, sweep_study
-        url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
-        study = sweep_study.load_study(args.study, sweep_study.open_storage(url, args.heartbeat, args.grace))
+        study = sweep_study.load_study(args.study, storage_of(args, cfg)[1])
         sweep_report.write_report(study, report_folder(cfg, args.study))
         return 0
     if not args.trials or args.trials < 1:

@@ -3,7 +3,6 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -73,21 +72,20 @@ def _accumulate(sums, losses):
         sums[k] = sums.get(k, 0.0) + float(v)
 
 
-def to_device(model, batch, device, amp_dtype, extra=()):
-    """(batch, layout, valid_index, extra) on the device. The layout and the loss's row-major indices of the valid
-    utterances are built from the host-side mask first and go over with the batch (in one copy with any `extra`
-    index tensors), so nothing in the step has to wait for the device (a boolean mask or `nonzero` on a device
-    tensor would)."""
+def to_device(model, batch, device, amp_dtype):
+    """(batch, layout, valid_index) on the device. The layout and the loss's row-major indices of the valid
+    utterances are built from the host-side mask first and go over with the batch (in one copy), so nothing in
+    the step has to wait for the device (a boolean mask or `nonzero` on a device tensor would)."""
     with autocast(device, amp_dtype):   # the fast layout depends on the precision
         lay = model.layout(batch.pad_mask, device)
-    lay, moved = lay.to(device, extra=[valid_indices(batch.pad_mask), *extra])
-    return batch.to(device, non_blocking=True), lay, moved[0], moved[1:]
+    lay, moved = lay.to(device, extra=[valid_indices(batch.pad_mask)])
+    return batch.to(device, non_blocking=True), lay, moved[0]
 
 
 def forward_losses(model, batch, anchors, lay, valid_index, cfg, class_weights, device, amp_dtype):
     """A training step's forward pass and every loss term (what `--compile` captures: fast/capture.py)."""
     with autocast(device, amp_dtype):
-        out = model(batch, anchors, layout=lay)
+        out = model(batch, anchors, features=False, layout=lay)   # the losses read the logits only
     return compute_losses(out, batch, cfg, class_weights, valid_index)
 
 
@@ -108,7 +106,7 @@ def train_epoch(model, loader, optimizer, cfg, anchor_bank, class_weights, devic
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
     for batch_number, host_batch in enumerate(bar, 1):
         check_stop()
-        batch, lay, valid_index, _ = to_device(model, host_batch, device, amp_dtype)
+        batch, lay, valid_index = to_device(model, host_batch, device, amp_dtype)
         anchors = None
         if anchor_bank is not None and cfg.clip_loss:
             anchors = pick_anchors(anchor_bank, training=True, rand=cfg.rand, rng=rng or random)
@@ -204,7 +202,7 @@ class EvalGroup:
     batch: object                 # the merged dataloader.Batch, on the device
     layout: object
     valid_index: torch.Tensor     # (N,) row-major indices of its valid utterances, on the device
-    parts: list                   # per loader batch: (b0, b1, L, its own valid indices on the device)
+    parts: list                   # per loader batch: (n0, n1), its utterances' span of valid_index
     labels: np.ndarray            # (N,) from the host-side batch
     speakers: np.ndarray          # (N,)
     dialogue_ids: list            # (N,) one per utterance
@@ -213,13 +211,11 @@ class EvalGroup:
 
 def place_group(model, merged, group, device, amp_dtype):
     valid = ~merged.pad_mask                                                    # (B, L), host side
-    batch, lay, valid_index, part_indices = to_device(model, merged, device, amp_dtype,
-                                                      extra=[valid_indices(part.pad_mask) for part in group])
-    parts, b0 = [], 0
-    for part, part_index in zip(group, part_indices):   # each loader batch's rows of the merged batch
-        b1, L = b0 + part.pad_mask.shape[0], part.pad_mask.shape[1]
-        parts.append((b0, b1, L, part_index))
-        b0 = b1
+    batch, lay, valid_index = to_device(model, merged, device, amp_dtype)
+    # each loader batch is a block of whole rows of the merged batch, so its utterances are one span of the
+    # merged row-major valid_index, in their own row-major order
+    bounds = np.cumsum([0] + [int((~part.pad_mask).sum()) for part in group]).tolist()
+    parts = list(zip(bounds[:-1], bounds[1:]))
     lengths = valid.sum(1).tolist()
     return EvalGroup(batch, lay, valid_index, parts, merged.labels[valid].numpy(), merged.speakers[valid].numpy(),
                      [d for d, n in zip(merged.dialogue_ids, lengths) for _ in range(n)],
@@ -255,11 +251,9 @@ def eval_epoch(model, data, cfg, anchor_bank, class_weights, device, amp_dtype, 
         for g in tqdm(placed, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
             out = model(g.batch, anchors, features=False, layout=g.layout)
             if with_losses:
-                for b0, b1, L, part_index in g.parts:   # the loader's own batches, cut back out of the merged output
-                    part_out = {k: v[b0:b1, :L] if v.dim() >= 2 else v for k, v in out.items()}
-                    part = SimpleNamespace(labels=g.batch.labels[b0:b1, :L], pad_mask=g.batch.pad_mask[b0:b1, :L])
+                for n0, n1 in g.parts:   # the loader's own batches: their utterances of the merged output
                     with autocast(device, None):   # losses in float32, as in training
-                        losses = compute_losses(part_out, part, cfg, class_weights, part_index)
+                        losses = compute_losses(out, g.batch, cfg, class_weights, g.valid_index[n0:n1])
                     sums = {k: sums.get(k, 0.0) + v.detach().float() for k, v in losses.items()}
                 n_batches += len(g.parts)
             for key in [f"{m}_logit" for m in heads] + [f"{m}_clip_logit" for m in heads if "all_clip_logit" in out]:

@@ -112,7 +112,6 @@ def build_variant(args):
     from vega_utils.anchor_utils import load_anchor_cache
     from vega_utils.common import dataset_info, seed_everything
     from vega_utils.config import load_preset, resolve
-    from fast.capture import capture
     from vega_utils.threads import CoreShare, apply_threads, default_threads
 
     device = torch.device(args.device)
@@ -140,7 +139,7 @@ def build_variant(args):
         optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
         test_set = train.EvalSet(loaders["test"], cfg.n_speakers)   # once per run, as main.train_run does
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        step_fn = capture(model, train.forward_losses, device) if cfg.compile else None
+        step_fn = main.build_step_fn(cfg, model, device)
         train_once = lambda: train.train_epoch(model, loaders["train"], optimizer, cfg, bank, class_weights, device,
                                                amp_dtype, scaler, rng=rng, progress=False, step_fn=step_fn)
         eval_once = lambda: train.eval_epoch(model, test_set, cfg, bank, class_weights, device, eval_dtype,

@@ -10,7 +10,7 @@ On a GPU a step of the default configuration is a few milliseconds of work; what
 kernels the host launches and how often it waits for the device. This script counts both without a GPU: it
 runs the real training and evaluation code (train.train_epoch on a one-batch loader, train.eval_epoch) under a
 TorchDispatchMode that records every non-view aten op, with every CUDA-side choice of the fast package taken
-(fast.layers.EMULATE_CUDA: one attention grid per batch, nn.Linear's own forward, torch's dropout), the C
+(fast.cpu_kernels.EMULATE_CUDA: one attention grid per batch, nn.Linear's own forward, torch's dropout), the C
 kernels off (VEGA_CPU_KERNELS=0), fp16 autocast, fused AdamW and the sync-free step (vega_utils/step_guard.py:
 DeviceRecord). The `compiled` path is the same with --compile (fast/capture.py): a captured region's run counts as
 one launch and the ops inside it as none (on a GPU it is a CUDA graph replay); it compiles first (minutes).
@@ -174,16 +174,16 @@ def fast_path(main, cfg, loaders, bank, weights, device, dtype, captured=False):
 
     import train
     model = main.build_model(cfg, device)
-    step_fn = capture.capture(model, train.forward_losses, device) if captured else None
+    step_fn = main.build_step_fn(cfg.replace(compile=captured), model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.l2, fused=True)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     batch = [next(iter(loaders["train"]))]
     test = train.EvalSet(loaders["test"], cfg.n_speakers)
     rng = random.Random(0)
-    train_once = lambda: train.train_epoch(model, batch, optimizer, cfg, bank.to(device), weights.to(device),
+    train_once = lambda: train.train_epoch(model, batch, optimizer, cfg, bank, weights,
                                            device, dtype, scaler, rng=rng, progress=False, sync_free=True,
                                            step_fn=step_fn)
-    eval_once = lambda: train.eval_epoch(model, test, cfg, bank.to(device), weights.to(device), device, dtype,
+    eval_once = lambda: train.eval_epoch(model, test, cfg, bank, weights, device, dtype,
                                          progress=False)
     return train_once, eval_once, optimizer
 
@@ -202,12 +202,11 @@ def plain_path(main, cfg, loaders, bank, weights, device, dtype):
 
     def train_once():
         with train.autocast(device, dtype):
-            bench_epoch.straightforward_train_epoch(model, batch, optimizer, cfg, bank.to(device),
-                                                    weights.to(device), device, rng)
+            bench_epoch.straightforward_train_epoch(model, batch, optimizer, cfg, bank, weights, device, rng)
 
     def eval_once():
         with train.autocast(device, dtype):
-            bench_epoch.straightforward_eval(model, loaders["test"], cfg, bank.to(device), weights.to(device), device)
+            bench_epoch.straightforward_eval(model, loaders["test"], cfg, bank, weights, device)
     return train_once, eval_once, optimizer
 
 
@@ -230,10 +229,11 @@ def main_cli(argv=None):
                    help="comma-separated: default, compiled (--compile), straightforward")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
-    from fast import layers
-    layers.EMULATE_CUDA = args.device == "cpu"
+    from fast import cpu_kernels
+    cpu_kernels.EMULATE_CUDA = args.device == "cpu"
     device = torch.device(args.device)
     main, cfg, loaders, bank, weights = setup(args.hidden_dim)
+    bank, weights = bank.to(device), weights.to(device)   # once, not inside the counted and timed steps
     results = {}
     builders = {"default": fast_path, "straightforward": plain_path,
                 "compiled": lambda *a: fast_path(*a, captured=True)}

@@ -168,8 +168,18 @@ class ActDropoutFn(torch.autograd.Function):
         return dz, None, None, None
 
 
+# bench/step_ops.py sets this to count, on a CPU, the ops of the CUDA path (every CUDA choice of fast/ taken)
+EMULATE_CUDA = False
+
+
+def torch_ops(x):
+    """Whether to take torch's own ops (CUDA's choices): on CUDA, when emulating it, and inside a torch.compile
+    capture (fast/capture.py), which cannot trace the C kernels or the bf16 weight copies."""
+    return x.is_cuda or EMULATE_CUDA or torch.compiler.is_compiling()
+
+
 def _usable(x, dtypes):
-    return x.device.type == "cpu" and x.dtype in dtypes and not torch.compiler.is_compiling() and kernel() is not None
+    return x.device.type == "cpu" and not torch_ops(x) and x.dtype in dtypes and kernel() is not None
 
 
 def dropout(x, p):

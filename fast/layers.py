@@ -19,18 +19,9 @@ from model import (MAX_LEN, VEGA, MultiHeadedAttention, MultimodalGate, Position
                    PositionwiseFeedForward, gelu_tanh)
 
 from . import cpu_kernels
+from .cpu_kernels import torch_ops
 from .layout import make_layout
 from .shadow_weights import product_weight
-
-
-# bench/step_ops.py sets this to count, on a CPU, the ops of the CUDA path (every choice below made for CUDA)
-EMULATE_CUDA = False
-
-
-def torch_ops(x):
-    """Whether to take torch's own ops (CUDA's choices): on CUDA, when emulating it, and inside a torch.compile
-    capture (fast/capture.py), which cannot trace the C kernels or the bf16 weight copies."""
-    return x.is_cuda or EMULATE_CUDA or torch.compiler.is_compiling()
 
 
 def compute_dtype(x):
@@ -234,7 +225,7 @@ class FastVEGA(VEGA):
         Under CPU autocast, grids of dialogues of similar lengths (cheaper products there); on CUDA one grid per
         batch: each extra grid costs ~135 kernel launches a step, and launches are what a GPU step waits on."""
         device = torch.device(device or pad_mask.device)
-        grouped = device.type == "cpu" and not (EMULATE_CUDA or self.single_grid) \
+        grouped = device.type == "cpu" and not (cpu_kernels.EMULATE_CUDA or self.single_grid) \
             and torch.is_autocast_enabled("cpu")
         return make_layout(pad_mask, grouped=grouped, max_position=MAX_LEN - 1).prepare(self.n_head)
 

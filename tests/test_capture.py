@@ -73,7 +73,7 @@ def test_captured_step_equals_eager_step(files, tmp_path, monkeypatch):
     batches = list(loader)[:2]
     assert batches[0].pad_mask.shape != batches[1].pad_mask.shape
     for host_batch in batches:
-        batch, lay, index, _ = train.to_device(model, host_batch, torch.device("cpu"), None)
+        batch, lay, index = train.to_device(model, host_batch, torch.device("cpu"), None)
         results = []
         for fn in (train.forward_losses, step):
             model.zero_grad(set_to_none=True)

@@ -34,13 +34,15 @@ def alignment(cos, labels, class_names):
     return {"overall": summary(np.ones(n, dtype=bool)), "per_class": per_class}
 
 
+def unit_rows(x):
+    """Rows scaled to unit length, float64 (F.normalize's eps)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def cosines(features, centres):
     """features (N, K) projected utterances, centres (C, K) anchors (any norm) -> (N, C) cosines, float64."""
-    f = np.asarray(features, dtype=np.float64)
-    a = np.asarray(centres, dtype=np.float64)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)       # F.normalize's eps
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    return f @ a.T
+    return unit_rows(features) @ unit_rows(centres).T
 
 
 def flat_row(split, by_head):

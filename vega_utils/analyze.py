@@ -25,9 +25,9 @@ import torch
 from model import VEGA, pick_anchors   # a command, not a helper: it rebuilds the plain model of a run
 
 from . import alignment, anchor_maps, breakdown, checkpoint, report
-from .common import VegaError, atomic_write_text, dataset_info, exit_on_error, read_json, resolve_device
-from .run_folder import fresh_folder
-from .config import Config, OneLineParser, resolve
+from .common import VegaError, atomic_write_text, dataset_info, exit_on_error, resolve_device
+from .run_folder import config_of_run as run_config, fresh_folder
+from .config import OneLineParser
 
 HEADS = alignment.HEADS
 
@@ -45,14 +45,6 @@ def parser():
                    "own OpenMP threads spin while they wait, so on a busy machine --threads 1 makes t-SNE much faster")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
-
-
-def run_config(run_dir):
-    saved = read_json(os.path.join(run_dir, "config.json"), "the run settings")
-    try:
-        return resolve(Config.from_dict({k: v for k, v in saved.items() if k in Config.__dataclass_fields__}))
-    except TypeError as e:
-        raise VegaError(f"{run_dir}/config.json is not a run config: {e}") from None
 
 
 def run_name(cfg, run_dir):
@@ -145,8 +137,10 @@ def check_against_metrics(run_dir, epoch, by_head, class_names, log):
 
 
 def anchor_parts(out, cfg, name, epoch, ev, bank, class_names, args, log):
-    """Alignment table and the 2-D maps; returns (markdown, json)."""
+    """Alignment table and the 2-D maps; returns (markdown, json). Adds each VEGA head's own prediction, its
+    nearest class-centre anchor, to ev["preds"]."""
     cos = {m: alignment.cosines(ev["features"][m], bank.centers.numpy()) for m in HEADS}    # (N, C) each
+    ev["preds"].update({f"anchor {m}": cos[m].argmax(1) for m in HEADS})
     by_head = {m: alignment.alignment(cos[m], ev["labels"], class_names) for m in HEADS}
     worst = check_against_metrics(args.run_dir, epoch, by_head, class_names, log)
     md = alignment.markdown(by_head, class_names, f"Anchor alignment, test set, epoch {epoch}")
@@ -185,12 +179,8 @@ def analyze(args, log=print):
         md, extra = anchor_parts(out, cfg, name, epoch, ev, bank, class_names, args, log)
         sections.append(md)
         numbers.update(extra)
-        # each VEGA head's own prediction: its nearest class-centre anchor
-        for m in HEADS:
-            ev["preds"][f"anchor {m}"] = alignment.cosines(ev["features"][m], bank.centers.numpy()).argmax(1)
     ev["preds"] = {(k if k.startswith("anchor") else f"classifier {k}"): v for k, v in ev["preds"].items()}
-    scores = {k: report.classification_metrics(ev["labels"], p, class_names)["weighted_f1"]
-              for k, p in ev["preds"].items()}
+    scores = report.head_f1s(ev["labels"], ev["preds"])
     names, matrix = anchor_maps.agreement(ev["preds"])
     anchor_maps.plot_agreement(names, matrix, scores, os.path.join(out, "head_agreement.png"),
                                f"{name}: head agreement on the test set, epoch {epoch}")

@@ -1,14 +1,10 @@
 """Figures of `python -m vega_utils.analyze`: 2-D maps of projected features with the anchors, head agreement."""
 import numpy as np
 
+from .alignment import unit_rows
 from .report import _save_figure, plt
 
 CLASS_COLOURS = plt.get_cmap("tab10").colors
-
-
-def _unit(x):
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def embed(points, n_fit, method, seed=0):
@@ -41,7 +37,7 @@ def plot_maps(features, labels, centres, images, class_names, method, path, titl
     n, c = len(labels), len(class_names)
     for ax, head in zip(axes.flat, heads):
         # (N + C + I, K): utterances, then centres, then images
-        points = np.concatenate([_unit(features[head]), _unit(centres), _unit(image_points)])
+        points = np.concatenate([unit_rows(features[head]), unit_rows(centres), unit_rows(image_points)])
         xy, (xlabel, ylabel) = embed(points, n, method, seed)
         utt, cen, img = xy[:n], xy[n:n + c], xy[n + c:]
         for k, name in enumerate(class_names):

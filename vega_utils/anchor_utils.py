@@ -119,7 +119,6 @@ def _bank_from_cache(d, path, class_names):
     if _is_float_matrix(centers) and centers.shape[0] == len(keys) != len(class_names):
         # a cache of more classes (IEMOCAP's six for IEMOCAP-4): the centre rows of ours, in the dict's order
         centers = centers[[keys.index(c) for c in class_names]]
-        d = {"anchor_center": centers, "anchor_img_dict": per_class}
     expected_shape = (len(class_names), widths[0])
     if not _is_float_matrix(centers) or tuple(centers.shape) != expected_shape:
         shape = tuple(centers.shape) if isinstance(centers, torch.Tensor) else type(centers).__name__
@@ -128,7 +127,7 @@ def _bank_from_cache(d, path, class_names):
     for name, t in named:
         if not torch.isfinite(t).all():
             bad(f"{name} hold NaN or infinite values")
-    return AnchorBank.from_reference_dict(d, class_names)
+    return AnchorBank(centers.float().cpu(), [f.float().cpu() for f in features])
 
 
 def _is_float_matrix(t):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .common import PROJECT_ROOT, VegaError, read_json
-from .datasets import DATASETS, dataset_info, from_dict, is_spec_path
+from .datasets import DATASETS, dataset_of, is_spec_path
 
 # The paper's ablations: each only sets flags (explicit flags still win); run.py --ablation NAME.
 ABLATIONS = {
@@ -140,13 +140,8 @@ def preset_path(dataset):
 def load_preset(dataset, spec=None):
     """configs/<Dataset>.json; for a dataset JSON, the preset it names (default IEMOCAP) with its Dataset and
     name, and its description `spec` (a run's dataset_spec) when given instead of reading the file again."""
-    info = from_dict(spec) if spec else dataset_info(dataset)  # clear error for an unknown name, a bad file
-    path = preset_path(info.preset)
-    try:
-        with open(path) as f:
-            cfg = Config.from_dict(json.load(f))
-    except (OSError, json.JSONDecodeError) as e:
-        raise VegaError(f"cannot read preset {path}: {e}") from e
+    info = dataset_of(dataset, spec)  # clear error for an unknown name, a bad file
+    cfg = Config.from_dict(read_json(preset_path(info.preset), "preset"))
     return cfg if info.builtin else cfg.replace(Dataset=dataset, name=info.name, dataset_spec=spec)
 
 
@@ -192,7 +187,7 @@ def clip_dim_for(model_name):
 
 def resolve(cfg):
     """Fill derived values (dataset sizes, default paths, clip_dim) and check value ranges."""
-    info = from_dict(cfg.dataset_spec) if cfg.dataset_spec else dataset_info(cfg.Dataset)
+    info = dataset_of(cfg.Dataset, cfg.dataset_spec)
     data_path = cfg.data_path or info.default_data_path
     if None in (info.text_dim, info.audio_dim, info.visual_dim, info.n_speakers):   # left to the data by a JSON
         if data_path is None:

@@ -13,30 +13,18 @@ import pickle
 import sys
 
 import numpy as np
-import torch
 
 from .common import VegaError, _atomic_write, exit_on_error
-from .datacheck import MODALITIES, FileChecker, complete_info
+from .datacheck import MODALITIES, open_checked, stored_matrix
 from .datasets import dataset_info
-from .openformat import read_npz, write_npz
-
-
-def raw_matrix(x):
-    """A pickle's feature entry as numpy in its stored dtype, utterances first ([1, n, D] -> [n, D])."""
-    if torch.is_tensor(x):
-        x = x.detach().cpu().numpy()
-    elif isinstance(x, (list, tuple)) and x and torch.is_tensor(x[0]):
-        x = torch.stack(list(x)).detach().cpu().numpy()
-    x = np.asarray(x)
-    return x[0] if x.ndim == 3 and x.shape[0] == 1 else x   # (1, n, D) -> (n, D)
+from .openformat import write_npz
 
 
 def pickle_to_columns(path, info):
     """The open format's columns of a reference pickle, checked as the loader checks it."""
-    from dataloader import read_tables, speaker_names
-    check = FileChecker(path, info)
-    tables, splits = read_tables(path, check)
-    check.info = info = complete_info(info, tables, splits["train"] + splits["test"])
+    from dataloader import speaker_names
+    check, tables, splits = open_checked(path, info)
+    info = check.info
     both = set(splits["train"]) & set(splits["test"])
     if both:
         check.fail(f"dialogue {sorted(both, key=str)[0]!r} is in both the train and the test ids; the open "
@@ -53,7 +41,7 @@ def pickle_to_columns(path, info):
             cols["label"] += [int(v) for v in tables["labels"][vid]]
             cols["split"] += [split] * n
             for m in MODALITIES:
-                cols[m].append(raw_matrix(tables[m][vid]))
+                cols[m].append(stored_matrix(tables[m][vid]))
     out = {k: np.asarray(v) for k, v in cols.items() if k not in MODALITIES}
     out.update({m: np.concatenate(cols[m]) for m in MODALITIES})   # (U, D), the stored dtype
     out["position"] = out["position"].astype(np.int64)
@@ -63,9 +51,8 @@ def pickle_to_columns(path, info):
 
 def npz_to_blob(path, info):
     """The reference 7-tuple of an open file; its valid and predict splits have no place there."""
-    check = FileChecker(path, info)
-    tables, splits = read_npz(path, check)
-    check.info = info = complete_info(info, tables, [v for ids in splits.values() for v in ids])
+    check, tables, splits = open_checked(path, info)   # only called for an .npz file
+    info = check.info
     extra = {s: len(splits[s]) for s in ("valid", "predict") if splits[s]}
     if extra:
         check.fail("the reference pickle has only train and test splits; this file also has "

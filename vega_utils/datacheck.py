@@ -4,6 +4,8 @@ Each reader turns its file into the same per-dialogue tables ({dialogue id: valu
 audio, visual); FileChecker checks a dialogue's entries and turns them into tensors. A failure is one line
 naming the file (VegaError), whichever format it came from.
 """
+import os
+import pickle
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -45,6 +47,17 @@ def first_line(e):
 def plain(x):
     """numpy scalars -> Python scalars, so ids print and compare like the ones in the dicts."""
     return x.item() if isinstance(x, np.generic) else x
+
+
+def stored_matrix(raw):
+    """A feature entry (a tensor, a list of tensors or any array-like) as numpy in its stored dtype (bf16, which
+    numpy lacks, as float32), utterances first: IEMOCAP text is sometimes stored [1, n_utt, 1024]."""
+    if torch.is_tensor(raw) or (isinstance(raw, (list, tuple)) and raw and torch.is_tensor(raw[0])):
+        t = (raw if torch.is_tensor(raw) else torch.stack(list(raw))).detach().cpu()
+        x = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    else:
+        x = np.asarray(raw)
+    return x[0] if x.ndim == 3 and x.shape[0] == 1 else x
 
 
 class FileChecker:
@@ -120,16 +133,9 @@ class FileChecker:
     def features(self, vid, modality, raw):
         """Any array-like -> float32 numpy array with utterances first (shape checked later)."""
         try:
-            if torch.is_tensor(raw):
-                x = raw.detach().cpu().to(torch.float32).numpy()
-            elif isinstance(raw, (list, tuple)) and raw and torch.is_tensor(raw[0]):
-                x = torch.stack(list(raw)).detach().cpu().to(torch.float32).numpy()
-            else:
-                x = np.asarray(raw, dtype=np.float32)
+            x = stored_matrix(raw).astype(np.float32, copy=False)
         except (ValueError, TypeError, RuntimeError) as e:
             self.fail(f"{modality} features of dialogue {vid!r} are not a numeric array ({first_line(e)})")
-        if x.ndim == 3 and x.shape[0] == 1:
-            x = x[0]  # IEMOCAP text is sometimes stored [1, n_utt, 1024]
         if x.ndim == 0:
             self.fail(f"{modality} features of dialogue {vid!r} are a single number, expected [n_utt, dim]")
         return x
@@ -190,9 +196,10 @@ class FileChecker:
         if isinstance(s, str):
             if names is None:
                 self.fail(f"{where} is {s!r}, expected a {n}-dim one-hot vector for {self.info.name}")
-            if s not in names:
+            try:
+                return names.index(s)
+            except ValueError:
                 self.fail(f"{where} is unknown: {s!r}, expected one of {', '.join(names)}")
-            return names.index(s)
         if isinstance(s, int) and not isinstance(s, bool):
             if not 0 <= s < n:
                 self.fail(f"{where} is speaker id {s}, out of range [0, {n})")
@@ -235,4 +242,38 @@ def complete_info(info, tables, ids):
     return info
 
 
-__all__ = ["Dialogue", "FileChecker", "missing_file", "MISSING", "MODALITIES", "TUPLE_FIELDS", "complete_info", "first_line", "plain"]
+# ---------------------------------------------------------------- reading a file
+def open_checked(path, info):
+    """(FileChecker with the file's speakers settled, per-dialogue tables, {split: dialogue ids}) of a data file:
+    a reference pickle or the open .npz format."""
+    check = FileChecker(path, info)
+    tables, splits = read_tables(path, check)
+    check.info = complete_info(check.info, tables, [v for ids in splits.values() for v in ids])
+    return check, tables, splits
+
+
+def read_tables(path, check):
+    """The file's per-dialogue tables (speakers, labels, text, audio, visual) and {split: dialogue ids}."""
+    if str(path).lower().endswith(".npz"):
+        from .openformat import read_npz   # here: openformat imports this module
+        return read_npz(path, check)
+    speakers, labels, text, audio, visual, train_raw, test_raw = check.seven_tuple(read_pickle(path))
+    tables = {"speakers": speakers, "labels": labels, "text": text, "audio": audio, "visual": visual}
+    return tables, {"train": check.id_list(train_raw, "train"), "test": check.id_list(test_raw, "test")}
+
+
+def read_pickle(path):
+    if not os.path.exists(path):
+        raise missing_file(path)
+    try:
+        with open(path, "rb") as f:
+            # latin1 lets pickles written by Python 2 (the older MERC feature files) load too
+            return pickle.load(f, encoding="latin1")
+    except OSError as e:
+        raise VegaError(f"{path}: cannot read the data file ({e.strerror or e})") from e
+    except Exception as e:  # unpickling can raise almost any error type on a damaged or foreign file
+        raise VegaError(f"{path}: not a readable pickle ({type(e).__name__}: {first_line(e)})") from e
+
+
+__all__ = ["Dialogue", "FileChecker", "missing_file", "MISSING", "MODALITIES", "TUPLE_FIELDS", "complete_info",
+           "first_line", "open_checked", "plain", "read_tables", "stored_matrix"]

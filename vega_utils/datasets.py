@@ -66,7 +66,9 @@ def is_spec_path(name):
 
 
 def dataset_info(name):
-    """The built-in dataset of that name, or the dataset a JSON file describes."""
+    """The built-in dataset of that name, or the dataset a JSON file describes (a DatasetInfo: itself)."""
+    if isinstance(name, DatasetInfo):
+        return name
     if name in DATASETS:
         return DATASETS[name]
     if is_spec_path(name):
@@ -75,10 +77,15 @@ def dataset_info(name):
                     f"dataset JSON (README.md, 'Your own data')")
 
 
+def dataset_of(name, spec=None):
+    """A run's dataset: its stored description `spec` (a config's dataset_spec) when it has one, else `name`."""
+    return from_dict(spec) if spec else dataset_info(name)
+
+
 def info_of(cfg):
     """The dataset of a config: its stored description (dataset_spec), else its Dataset, with the sizes that
     resolve() settled."""
-    info = from_dict(cfg.dataset_spec) if cfg.dataset_spec else dataset_info(cfg.Dataset)
+    info = dataset_of(cfg.Dataset, cfg.dataset_spec)
     sizes = {k: getattr(cfg, k) for k in ("text_dim", "audio_dim", "visual_dim", "n_speakers")
              if getattr(cfg, k) is not None}
     return replace(info, **sizes)

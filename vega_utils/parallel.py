@@ -30,7 +30,7 @@ def worker_slots(jobs, devices, thread_count=None):
     oversubscribe the cores)."""
     if jobs < 1:
         raise VegaError(f"--jobs {jobs} must be at least 1")
-    share = thread_count or threads.default_threads(jobs)
+    share = threads.resolve_threads(thread_count, jobs)
     return [(devices[i % len(devices)], share) for i in range(jobs)]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .common import VegaError, atomic_torch_save, atomic_write_text, git_commit
+from .common import VegaError, atomic_torch_save, atomic_write_text, git_commit, read_json
 from .config import Config, resolve
 
 LAST = "last.pth"
@@ -90,22 +90,19 @@ def record_resume(run_dir, cfg, device, precision):
     """config.json keeps the settings the run goes on with (a resume may change epochs, patience, device)
     and a line per resume."""
     path = os.path.join(run_dir, "config.json")
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_json(path, "the run settings")
     resumes = saved.pop("resumes", []) + [{"command": " ".join(sys.argv), "git_commit": git_commit(),
                                             "resolved_device": str(device), **precision}]
     write_json(path, {**saved, **cfg.to_dict(), "resumes": resumes})
 
 
-def config_of_run(run_dir):
-    path = os.path.join(run_dir, "config.json")
+def config_of_run(run_dir, what="the run settings"):
+    """The resolved config a run was trained with: config.json's config keys (it also holds resolved extras)."""
+    saved = read_json(os.path.join(run_dir, "config.json"), what)
     try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise VegaError(f"cannot resume from {run_dir}: {path} is missing or unreadable ({e})") from None
-    keys = set(Config.__dataclass_fields__)
-    return resolve(Config.from_dict({k: v for k, v in saved.items() if k in keys}))
+        return resolve(Config.from_dict({k: v for k, v in saved.items() if k in Config.__dataclass_fields__}))
+    except TypeError as e:
+        raise VegaError(f"{run_dir}/config.json is not a run config: {e}") from None
 
 
 def rewrite_metrics(run_dir, history):

@@ -70,7 +70,11 @@ def norms(tensors):
     parts = [torch.stack(torch._foreach_norm([tensors[i] for i in idx], 2)).float() for idx in groups.values()]
     order = [i for idx in groups.values() for i in idx]
     flat = torch.cat([n.to(parts[0].device) for n in parts])                  # (P,) in group order
-    return flat[torch.tensor(order, device=flat.device).argsort()]
+    if len(parts) == 1:   # already in order (CUDA's float32 gradients): no index to build or upload
+        return flat
+    # built on the host and sent in a non-blocking copy: a plain torch.tensor(..., device=cuda) would wait
+    inverse = torch.tensor(order).argsort()
+    return flat[(inverse.pin_memory() if flat.is_cuda else inverse).to(flat.device, non_blocking=True)]
 
 
 def all_finite(tensors):
