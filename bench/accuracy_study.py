@@ -1,155 +1,170 @@
-"""Does the fast path learn as well as the reference's computation? Best test weighted F1 over several seeds.
+"""Does CPU bf16 training cost accuracy? A paired study of `run.py` against `run.py --amp off`.
 
-    python bench/accuracy_study.py                       # 5 seeds x 20 epochs x (a, b): about 8 minutes, 2 cores
-    python bench/accuracy_study.py --seeds 1 2 --epochs 3 --quick   # a check of the script
+    python bench/accuracy_study.py --out bench/results/precision          # 2 sets x 6 seeds x 2 precisions
+    python bench/accuracy_study.py --out /tmp/q --quick                   # a check of the script (a minute)
+    python bench/accuracy_study.py --out /tmp/k --variant kernels_off     # one more arm: VEGA_CPU_KERNELS=0
 
-(a) the reference's computation (float32, padded, stock layers, default AdamW) and (b) the default path
-(bf16 autocast on the CPU, packed rows, the CPU kernels, ShadowAdam), exactly as in bench_epoch.py, trained on the same
-generated data (IEMOCAP layout, real dims; signal 2.0, a little weaker than the demo's 2.5 so the score has
-room to move) with the IEMOCAP preset except hidden 256 and lr 1e-3: at hidden 768 and the preset's lr the
-model sits at chance for well over 20 epochs of this small set, which would make the study measure nothing
-in the time it can take. Per seed and variant: the best test weighted F1 over the epochs (the reference's
-selection rule). Each variant runs in its own process; seeds are paired (same seed, same data).
+For each generated data set (IEMOCAP-size in the IEMOCAP layout; MELD-size with `--Dataset MELD`) and each
+seed, the default command (bf16 autocast on the CPU, the C kernels, ShadowAdam) and the same command with
+`--amp off` (float32) train from the same seed on the same data; the figure per run is the best test weighted
+F1 over the epochs (the reference's selection rule, read from the run's summary.json). Per set the script
+prints the per-seed table, the mean paired difference (bf16 - float32) with a 95% interval (paired t; a
+bootstrap over seeds beside it) and the number of seeds where bf16 is lower.
+
+Each run is its own `run.py` process, so the study measures exactly what a user runs. Finished runs are
+recorded in OUT/results.jsonl as they end: a stopped study continues where it stopped when started again.
 """
 import argparse
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+# The generated sets: IEMOCAP-size (the real 120/31 split) and MELD-size (380 dialogues, the size of the data a
+# default run was once tried on). Signal 2.0 leaves the score room to move.
+SETS = {
+    "iemocap": dict(dataset="IEMOCAP", data=dict(n_train=120, n_test=31, min_len=8, max_len=110, signal=2.0)),
+    "meld": dict(dataset="MELD", data=dict(n_train=304, n_test=76, min_len=2, max_len=32, signal=2.0)),
+}
+# Arms: name -> (extra run.py flags, extra environment). "bf16" is the default command, "fp32" the float32 one.
+ARMS = {
+    "bf16": ([], {}),
+    "fp32": (["--amp", "off"], {}),
+    "kernels_off": ([], {"VEGA_CPU_KERNELS": "0"}),
+}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--hidden_dim", type=int, default=256)
-    p.add_argument("--n_train", type=int, default=100)
-    p.add_argument("--n_test", type=int, default=25)
-    p.add_argument("--signal", type=float, default=2.0, help="class signal of the generated features")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (the demo's)")
-    p.add_argument("--variants", default="b,a", help="comma-separated subset of b,a (run in this order)")
-    p.add_argument("--quick", action="store_true", help="hidden 64, few dialogues: checks the script")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--variant", choices=["a", "b"], help=argparse.SUPPRESS)   # child process mode
-    p.add_argument("--data_dir", help=argparse.SUPPRESS)
+    p.add_argument("--out", required=True, help="study folder: data, run folders and results.jsonl (default: none)")
+    p.add_argument("--sets", default="iemocap,meld", help="comma-separated subset of iemocap,meld (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="default: %(default)s")
+    p.add_argument("--epochs", type=int, default=40, help="epochs per run (default: %(default)s)")
+    p.add_argument("--hidden_dim", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=5e-4, help="default: %(default)s")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default: %(default)s)")
+    p.add_argument("--variant", action="append", default=[], choices=sorted(set(ARMS) - {"bf16", "fp32"}),
+                   help="one more arm to run beside bf16 and fp32 (repeatable; default: none)")
+    p.add_argument("--arms", default="bf16,fp32", help="the arms compared (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="tiny sets, 2 epochs, hidden 64: checks the script")
     return p.parse_args(argv)
 
 
-def run_variant(args):
-    """Child: every seed of one variant; prints one RESULT line per seed."""
-    import random
-
-    import torch
-    import bench_epoch
-    import main
-    import train
-    from dataloader import load_dialogues, make_loaders
-    from model import VEGA
-    from vega_utils.anchor_utils import load_anchor_cache
-    from vega_utils.common import dataset_info, seed_everything
-    from vega_utils.config import load_preset, resolve
-    from vega_utils.report import classification_metrics
-
-    fast = args.variant == "b"
-    device = torch.device("cpu")
-    info = dataset_info("IEMOCAP")
-    for seed in args.seeds:
-        cfg = resolve(load_preset("IEMOCAP").replace(
-            data_path=os.path.join(args.data_dir, "IEMOCAP.pkl"), anchor_path=os.path.join(args.data_dir, "anchor.pt"),
-            clip_dim=512, num_workers=0, hidden_dim=args.hidden_dim, seed=seed, lr=args.lr,
-            amp="auto" if fast else "off"))
-        seed_everything(seed)
-        data = load_dialogues(cfg.data_path, cfg.Dataset)
-        bank = load_anchor_cache(cfg.anchor_path, info.class_names)
-        loaders = make_loaders(data, cfg)
-        model = main.build_model(cfg) if fast else VEGA(cfg)   # (a): model.py as it is
-        weights = torch.tensor(info.class_weights)
-        rng = random.Random(seed)
-        amp_dtype = train.resolve_amp(cfg.amp, device)
-        if fast:
-            optimizer = main.build_optimizer(cfg, model, amp_dtype, device)
-            test_set = train.EvalSet(loaders["test"], cfg.n_speakers)
-        else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.l2)
-        f1s, start = [], time.perf_counter()
-        for _ in range(args.epochs):
-            if fast:
-                train.train_epoch(model, loaders["train"], optimizer, cfg, bank, weights, device, amp_dtype,
-                                  rng=rng, progress=False)
-                ev = train.eval_epoch(model, test_set, cfg, bank, weights, device, amp_dtype, progress=False)
-                preds, labels = ev["preds"]["all"], ev["labels"]
-            else:
-                bench_epoch.straightforward_train_epoch(model, loaders["train"], optimizer, cfg, bank, weights,
-                                                        device, rng)
-                preds, labels = bench_epoch.straightforward_eval(model, loaders["test"], cfg, bank, weights, device)
-            f1s.append(classification_metrics(labels, preds, info.class_names)["weighted_f1"])
-        seconds = time.perf_counter() - start
-        print("RESULT " + json.dumps({"variant": args.variant, "seed": seed, "f1_per_epoch": f1s,
-                                      "best_f1": max(f1s), "best_epoch": 1 + f1s.index(max(f1s)),
-                                      "seconds": seconds}), flush=True)
+def make_data(out, name, quick):
+    from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+    spec = SETS[name]
+    folder = os.path.join(out, "data", name)
+    data_path = os.path.join(folder, f"{spec['dataset']}.pkl")
+    anchor_path = os.path.join(folder, "anchor.pt")
+    if not os.path.exists(data_path):
+        os.makedirs(folder, exist_ok=True)
+        sizes = dict(spec["data"], n_train=12, n_test=6) if quick else spec["data"]
+        make_synthetic_dataset(data_path, dataset=spec["dataset"], seed=0, **sizes)
+        make_synthetic_anchor_cache(anchor_path, dataset=spec["dataset"], clip_dim=512, seed=0)
+    return data_path, anchor_path
 
 
-def stats(values):
-    mean = statistics.mean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+def load_results(path):
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    done[(r["set"], r["arm"], r["seed"])] = r
+    return done
+
+
+def run_one(args, set_name, arm, seed, data_path, anchor_path):
+    flags, env = ARMS[arm]
+    name = f"{set_name}_{arm}_seed{seed}"
+    cmd = [sys.executable, os.path.join(ROOT, "run.py"), "--Dataset", SETS[set_name]["dataset"],
+           "--data_path", data_path, "--anchor_path", anchor_path, "--CLIP_Model", "openai/clip-vit-base-patch32",
+           "--output_dir", os.path.join(args.out, "runs"), "--name", name, "--seed", str(seed),
+           "--hidden_dim", str(args.hidden_dim), "--lr", str(args.lr), "--epochs", str(args.epochs),
+           "--threads", str(args.threads), "--device", "cpu", "--no_progress", "--no_tensorboard", *flags]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    run_dir = [ln.split("run folder: ", 1)[1].strip() for ln in proc.stdout.splitlines() if "run folder: " in ln][-1]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    return {"set": set_name, "arm": arm, "seed": seed, "best_f1": 100 * summary["best"]["test"]["weighted_f1"],
+            "best_epoch": summary["best_epoch"], "skipped_steps": summary.get("skipped_steps", 0),
+            "train_precision": summary["train_precision"], "seconds": round(time.time() - start, 1),
+            "run_dir": run_dir}
+
+
+def paired(diffs, n_boot=20000):
+    """Mean, 95% paired-t interval and 95% bootstrap interval of the paired differences."""
+    from scipy import stats
+    n = len(diffs)
+    mean = statistics.mean(diffs)
+    if n < 2:
+        return mean, (float("nan"), float("nan")), (float("nan"), float("nan"))
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    half = stats.t.ppf(0.975, n - 1) * se
+    rng = random.Random(0)
+    boots = sorted(statistics.mean(rng.choices(diffs, k=n)) for _ in range(n_boot))
+    return mean, (mean - half, mean + half), (boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1])
+
+
+def report(done, sets, seeds, base="fp32", other="bf16"):
+    lines = []
+    for s in sets:
+        rows = [(seed, done.get((s, other, seed)), done.get((s, base, seed))) for seed in seeds]
+        rows = [(seed, b, f) for seed, b, f in rows if b and f]
+        if not rows:
+            continue
+        lines += [f"\n{s}: {other} against {base}, best test weighted F1 (%)",
+                  f"| seed | {other} | {base} | difference | {other} epoch | {base} epoch | {other} s | {base} s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for seed, b, f in rows:
+            lines.append(f"| {seed} | {b['best_f1']:.2f} | {f['best_f1']:.2f} | {b['best_f1'] - f['best_f1']:+.2f} | "
+                         f"{b['best_epoch']} | {f['best_epoch']} | {b['seconds']:.0f} | {f['seconds']:.0f} |")
+        diffs = [b["best_f1"] - f["best_f1"] for _, b, f in rows]
+        mean, t_ci, boot_ci = paired(diffs)
+        lower = sum(d < 0 for d in diffs)
+        lines.append(f"mean {other} {statistics.mean(b['best_f1'] for _, b, _ in rows):.2f}, "
+                     f"{base} {statistics.mean(f['best_f1'] for _, _, f in rows):.2f}; paired difference "
+                     f"{mean:+.2f} points, 95% interval (paired t) [{t_ci[0]:+.2f}, {t_ci[1]:+.2f}], bootstrap "
+                     f"[{boot_ci[0]:+.2f}, {boot_ci[1]:+.2f}]; {other} lower on {lower} of {len(diffs)} seeds")
+    return "\n".join(lines)
 
 
 def main_cli(argv=None):
     args = parse_args(argv)
-    if args.variant:
-        return run_variant(args)
-    from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
     if args.quick:
-        args.hidden_dim, args.n_train, args.n_test = 64, 18, 9
-    results = {"a": [], "b": []}
-    with tempfile.TemporaryDirectory(prefix="vega-acc-") as folder:
-        summary = make_synthetic_dataset(os.path.join(folder, "IEMOCAP.pkl"), n_train=args.n_train,
-                                         n_test=args.n_test, seed=0, signal=args.signal)
-        make_synthetic_anchor_cache(os.path.join(folder, "anchor.pt"), clip_dim=512, seed=0)
-        print(f"data: {summary['n_train']} train + {summary['n_test']} test dialogues, {summary['n_utterances']} "
-              f"utterances, signal {args.signal}; hidden {args.hidden_dim}, lr {args.lr}, {args.epochs} epochs, "
-              f"seeds {args.seeds}", flush=True)
-        for v in args.variants.split(","):
-            cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--data_dir", folder,
-                   "--epochs", str(args.epochs), "--hidden_dim", str(args.hidden_dim), "--lr", str(args.lr),
-                   "--seeds", *map(str, args.seeds)]
-            with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True) as proc:
-                for line in proc.stdout:
-                    if line.startswith("RESULT "):
-                        r = json.loads(line[len("RESULT "):])
-                        results[v].append(r)
-                        print(f"  {v} seed {r['seed']}: best F1 {100 * r['best_f1']:.2f} at epoch "
-                              f"{r['best_epoch']} ({r['seconds']:.0f} s)", flush=True)
-            if proc.returncode:
-                raise SystemExit(f"variant {v} failed (exit {proc.returncode})")
-    print("\n| variant | best test weighted F1, mean ± std over seeds (%) | per seed | s/epoch |")
-    print("|---|---|---|---|")
-    names = {"a": "(a) float32 padded, stock layers", "b": "(b) default: bf16 autocast, packed"}
-    for v in [v for v in ("a", "b") if results[v]]:
-        best = [r["best_f1"] * 100 for r in results[v]]
-        mean, std = stats(best)
-        per_epoch = statistics.mean(r["seconds"] / args.epochs for r in results[v])
-        print(f"| {names[v]} | {mean:.2f} ± {std:.2f} | {', '.join(f'{x:.2f}' for x in best)} | {per_epoch:.2f} |")
-    for r in results["a"] + results["b"]:
-        print(f"{r['variant']} seed {r['seed']} F1 per epoch: {' '.join(f'{100 * x:.1f}' for x in r['f1_per_epoch'])}")
-    diffs = [100 * (b["best_f1"] - a["best_f1"]) for a, b in zip(results["a"], results["b"])]
-    if not diffs:
-        return 0
-    mean, std = stats(diffs)
-    se = std / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    print(f"\npaired difference (b) - (a): {mean:+.2f} ± {std:.2f} points (standard error {se:.2f}, "
-          f"{len(diffs)} seeds)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results, "paired_diff_points": diffs}, f, indent=2)
+        args.epochs, args.hidden_dim, args.seeds = 2, 64, args.seeds[:2]
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.jsonl")
+    done = load_results(results_path)
+    arms = args.arms.split(",") + args.variant
+    sets = args.sets.split(",")
+    paths = {s: make_data(args.out, s, args.quick) for s in sets}
+    for seed in args.seeds:            # seed outermost: a stopped study still holds whole pairs of both sets
+        for s in sets:
+            for arm in arms:
+                if (s, arm, seed) in done:
+                    continue
+                r = run_one(args, s, arm, seed, *paths[s])
+                done[(s, arm, seed)] = r
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+                print(f"{s} {arm} seed {seed}: best F1 {r['best_f1']:.2f} at epoch {r['best_epoch']} "
+                      f"({r['seconds']:.0f} s)", flush=True)
+    print(report(done, sets, args.seeds))
+    for arm in args.variant:
+        print(report(done, sets, args.seeds, base="bf16", other=arm))
     return 0
 
 
