@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader
 import train
 from dataloader import DialogueDataset, collate, load_dialogues, speaker_names
 from main import build_model
-from vega_utils import checkpoint, report, threads
-from vega_utils.common import VegaError, atomic_write_text, exit_on_error, resolve_device
-from vega_utils.config import ACTIVATIONS, AMP_CHOICES, Config, OneLineParser, dataset_arg, load_preset, resolve
-from vega_utils.datasets import info_of
+from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error, resolve_device
+from vega_utils.data.datasets import dataset_arg, info_of
+from vega_utils.insight import report
+from vega_utils.runs import checkpoint, threads
+from vega_utils.runs.config import ACTIVATIONS, AMP_CHOICES, Config, load_preset, resolve
 
 # The reference's model flags: (flag, config key, type, choices). They build the model of a file without
 # a config; with a config, a flag that contradicts it is an error.

@@ -1,5 +1,5 @@
 """The flow of one training run: setup (data, anchors, model), a fresh or resumed run folder, then per epoch
-train, evaluate, keep (vega_utils/run_folder.py has what is written where)."""
+train, evaluate, keep (vega_utils/runs/run_folder.py has what is written where)."""
 import json
 import math
 import os
@@ -15,11 +15,12 @@ from dataloader import load_dialogues, make_loaders, speaker_names, split_valida
 from fast import ShadowAdam, accelerate, cpu_kernels, is_accelerated
 from fast.capture import capture
 from model import VEGA
-from vega_utils import alignment, checkpoint, live, report, run_folder, step_guard, threads
-from vega_utils.anchor_utils import ensure_anchor_cache
+from vega_utils.anchors.build import ensure_anchor_cache
 from vega_utils.common import VegaError, git_commit, resolve_device, seed_everything
-from vega_utils.config import load_preset, resolve
-from vega_utils.datasets import class_weights_of, info_of
+from vega_utils.data.datasets import class_weights_of, info_of
+from vega_utils.insight import alignment, live, report
+from vega_utils.runs import checkpoint, run_folder, step_guard, threads
+from vega_utils.runs.config import load_preset, resolve
 
 
 def log(msg):
@@ -98,7 +99,7 @@ def save_best_outputs(run_dir, cfg, ev, metrics, epoch, class_names, model, best
     f1 = metrics["weighted_f1"]
     path = os.path.join(run_dir, f"BEST_cls_f1_[{100 * f1:.2f}]_epoch{epoch}.pth")
     checkpoint.save_best(path, model, cfg, epoch, metrics)
-    if cfg.clip_loss:   # the VEGA branch of the same epoch, beside it (for python -m vega_utils.analyze)
+    if cfg.clip_loss:   # the VEGA branch of the same epoch, beside it (for python -m vega_utils.insight.analyze)
         checkpoint.save_branch(os.path.join(run_dir, checkpoint.BRANCH_FILE), model, cfg, epoch)
     if best_path and best_path != path and os.path.exists(best_path):
         os.remove(best_path)  # an older, worse best: removed only after the new one is safely written
@@ -119,7 +120,7 @@ class Run:
     amp_dtype: object             # training autocast dtype, None = float32
     eval_dtype: object            # evaluation autocast dtype
     precision: dict               # their names, for config.json and summary.json
-    info: object                  # dataset facts (vega_utils/datasets.py)
+    info: object                  # dataset facts (vega_utils/data/datasets.py)
     data: object
     bank: object                  # AnchorBank on the device, None without the VEGA branch
     valid_ids: list

@@ -296,7 +296,7 @@ class VEGA(nn.Module):
 
 
 def pick_anchors(bank, training, rand, rng=random):
-    """The (C, K) anchors of one forward pass, L2-normalised (spec 2.2). bank: vega_utils.anchor_utils.AnchorBank.
+    """The (C, K) anchors of one forward pass, L2-normalised (spec 2.2). bank: vega_utils.anchors.bank.AnchorBank.
 
     Training: with probability `rand` one uniformly drawn image per class, otherwise the class centres.
     Evaluation always uses the centres (the reference also draws there; see README).

@@ -16,9 +16,9 @@ import os
 import shlex
 import sys
 
-from vega_utils import run_folder, threads
-from vega_utils.common import VegaError, atomic_write_text, exit_on_error
-from vega_utils.config import ABLATIONS, OneLineParser, add_config_flags, config_from_args, resolve
+from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error
+from vega_utils.runs import run_folder, threads
+from vega_utils.runs.config import ABLATIONS, add_config_flags, config_from_args, resolve
 
 # The demo trains the full method on a small synthetic set; a smaller model and a 10x learning rate let
 # it learn within a minute on a laptop CPU (the paper's rate needs hundreds of epochs).
@@ -52,7 +52,7 @@ def build_config(args):
     if args.ablation:
         overrides.update(ABLATIONS[args.ablation])
     if getattr(args, "config", None):   # weaker than demo / ablation settings, stronger than the dataset's
-        from vega_utils.config import read_config_file
+        from vega_utils.runs.config import read_config_file
         overrides.update({k: v for k, v in read_config_file(args.config).items() if k not in overrides})
     given = {k: v for k, v in vars(args).items()}
     for k, v in overrides.items():
@@ -61,7 +61,7 @@ def build_config(args):
 
 
 def prepare_demo(cfg):
-    from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+    from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
     if not os.path.exists(cfg.data_path):
         summary = make_synthetic_dataset(cfg.data_path, dataset=cfg.Dataset, **DEMO_DATA)
         print(f"demo: wrote synthetic {cfg.Dataset}-layout data to {cfg.data_path}: {summary}")
@@ -74,7 +74,8 @@ def print_demo_end(summary):
     """The demo's F1 next to always answering the most frequent class; what it wrote; what to try next."""
     import numpy as np
     import pandas as pd
-    from vega_utils import report
+
+    from vega_utils.insight import report
     run_dir = summary["run_dir"]
     labels = pd.read_csv(os.path.join(run_dir, "predictions.csv"))["label"].to_numpy()
     names, ids = np.unique(labels, return_inverse=True)
@@ -90,8 +91,9 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None):
     """One run per seed (in `jobs` processes when jobs > 1); a failed seed is reported and the others go on.
     The aggregate is read back from the run folders either way, so serial and parallel give the same one."""
     import main
-    from vega_utils import parallel, report
-    from vega_utils.datasets import info_of
+    from vega_utils.data.datasets import info_of
+    from vega_utils.insight import report
+    from vega_utils.sweep import parallel
     if jobs > 1:
         done = parallel.run_seeds_parallel(cfg, seeds, jobs, parallel.parse_devices(devices, cfg.device))
     else:
@@ -132,7 +134,7 @@ RESUME_FLAGS = ("epochs", "patience", "device", "max_bad_steps", "threads", "ten
 
 
 def resume_config(args):
-    from vega_utils.config import Config
+    from vega_utils.runs.config import Config
     given = sorted(k for k in Config.__dataclass_fields__ if k != "ablation" and hasattr(args, k))
     fixed = [k for k in given if k not in RESUME_FLAGS]
     if fixed or args.demo or args.seeds or args.ablation or args.config:

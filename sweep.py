@@ -17,9 +17,9 @@ import subprocess
 import sys
 
 import run
-from vega_utils import threads
 from vega_utils.common import PROJECT_ROOT, VegaError, exit_on_error
-from vega_utils.config import DERIVED, Config
+from vega_utils.runs import threads
+from vega_utils.runs.config import DERIVED, Config
 
 DEFAULT_SPACE = os.path.join(PROJECT_ROOT, "configs", "sweep_space.json")
 
@@ -51,7 +51,7 @@ def sweep_config(args):
     if "valid_ratio" not in vars(args):
         args.valid_ratio = 0.1   # a sweep selects on validation F1; a preset file may not say 0 either (below)
         if args.config:
-            from vega_utils.config import read_config_file
+            from vega_utils.runs.config import read_config_file
             args.valid_ratio = read_config_file(args.config).get("valid_ratio") or 0.1
     cfg = run.build_config(args)
     if cfg.valid_ratio == 0:
@@ -67,7 +67,7 @@ def report_folder(cfg, study):
 
 def storage_of(args, cfg):
     """(the study storage's URL, the storage opened): --storage, else the sweep's SQLite file."""
-    from vega_utils import sweep_study
+    from vega_utils.sweep import sweep_study
     url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
     return url, sweep_study.open_storage(url, args.heartbeat, args.grace)
 
@@ -76,8 +76,8 @@ def work_here(args, cfg, fixed):
     """This process is one worker."""
     import optuna
 
-    from vega_utils import sweep_report, sweep_study, sweep_worker
-    from vega_utils.sweep_space import load_space
+    from vega_utils.sweep import sweep_report, sweep_study, sweep_worker
+    from vega_utils.sweep.sweep_space import load_space
     space = load_space(args.space)
     url, storage = storage_of(args, cfg)
     study = sweep_study.open_study(args.study, storage, args.sampler, args.pruner, cfg.seed, cfg.epochs)
@@ -95,7 +95,7 @@ def work_here(args, cfg, fixed):
 
 def start_workers(argv, args, cfg):
     """--jobs K: K copies of this command, each one worker with its device and its share of the threads."""
-    from vega_utils import parallel, sweep_study
+    from vega_utils.sweep import parallel, sweep_study
     slots = parallel.worker_slots(args.jobs, parallel.parse_devices(args.devices, cfg.device), cfg.threads)
     # the study (and its tables) exist before the workers start, so they never race to create them
     sweep_study.open_study(args.study, storage_of(args, cfg)[1], args.sampler, args.pruner, cfg.seed, cfg.epochs)
@@ -142,7 +142,7 @@ def main(argv=None):
 def sweep_command(argv, args):
     cfg, fixed = sweep_config(args)
     if args.report:
-        from vega_utils import sweep_report, sweep_study
+        from vega_utils.sweep import sweep_report, sweep_study
         study = sweep_study.load_study(args.study, storage_of(args, cfg)[1])
         sweep_report.write_report(study, report_folder(cfg, args.study))
         return 0
@@ -151,7 +151,7 @@ def sweep_command(argv, args):
     if args.jobs > 1:
         return start_workers(argv, args, cfg)
     if args.devices and "device" not in vars(args):   # one worker: the first device named
-        from vega_utils.parallel import parse_devices
+        from vega_utils.sweep.parallel import parse_devices
         cfg = cfg.replace(device=parse_devices(args.devices, cfg.device)[0])
     return work_here(args, cfg, fixed)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import compute_losses, pick_anchors, valid_indices
-from vega_utils.step_guard import DeviceRecord, StepGuard, optimizer_step, sync_free_steps
+from vega_utils.runs.step_guard import DeviceRecord, StepGuard, optimizer_step, sync_free_steps
 
 
 # ---------------------------------------------------------------- precision

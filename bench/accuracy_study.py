@@ -45,7 +45,8 @@ ARMS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="study folder: data, run folders and results.jsonl (default: none)")
-    p.add_argument("--sets", default="iemocap,meld", help="comma-separated subset of iemocap,meld (default: %(default)s)")
+    p.add_argument("--sets", default="iemocap,meld", 
+                   help="comma-separated subset of iemocap,meld (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="default: %(default)s")
     p.add_argument("--epochs", type=int, default=40, help="epochs per run (default: %(default)s)")
     p.add_argument("--hidden_dim", type=int, default=256, help="default: %(default)s")
@@ -59,7 +60,7 @@ def parse_args(argv=None):
 
 
 def make_data(out, name, quick):
-    from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+    from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
     spec = SETS[name]
     folder = os.path.join(out, "data", name)
     data_path = os.path.join(folder, f"{spec['dataset']}.pkl")

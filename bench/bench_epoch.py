@@ -12,7 +12,7 @@
     plain model), train.train_epoch / train.eval_epoch on the packed rows,
     resolve_amp('auto') for training (bf16 autocast on the CPU, fp16 + GradScaler on CUDA), resolve_eval_amp('auto')
     for evaluation (float32 on the CPU, fp16 autocast on CUDA), main.build_optimizer, and main.train_run's
-    threads (vega_utils/threads.py: --threads' default; idle OpenMP threads sleep while other processes keep the
+    threads (vega_utils/runs/threads.py: --threads' default; idle OpenMP threads sleep while other processes keep the
     cores busy).
 (b0) for reference only (--variants a,b,b0): (b) with torch's default threads and no CoreShare, as before
     issue 17: on an idle machine (b) and (b0) should not differ.
@@ -57,12 +57,12 @@ def parse_args(argv=None):
 
 
 def data_sizes(quick):
-    from vega_utils.synthetic import IEMOCAP_LIKE
+    from vega_utils.data.synthetic import IEMOCAP_LIKE
     return dict(n_train=18, n_test=9, min_len=8, max_len=110) if quick else IEMOCAP_LIKE
 
 
 def make_data(folder, quick):
-    from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+    from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
     summary = make_synthetic_dataset(os.path.join(folder, "IEMOCAP.pkl"), seed=0, **data_sizes(quick))
     make_synthetic_anchor_cache(os.path.join(folder, "anchor.pt"), clip_dim=512, seed=0)
     return summary
@@ -86,6 +86,7 @@ def straightforward_train_epoch(model, loader, optimizer, cfg, bank, class_weigh
 def straightforward_eval(model, loader, cfg, bank, class_weights, device):
     """The reference's evaluation: padded float32 forward with the VEGA branch, every loss, predictions."""
     import torch
+
     from model import compute_losses, pick_anchors
     model.eval()
     anchors = pick_anchors(bank, training=False, rand=cfg.rand)
@@ -105,14 +106,16 @@ def build_variant(args):
     import random
 
     import torch
+
     import main
     import train
     from dataloader import load_dialogues, make_loaders
     from model import VEGA
-    from vega_utils.anchor_utils import load_anchor_cache
-    from vega_utils.common import dataset_info, seed_everything
-    from vega_utils.config import load_preset, resolve
-    from vega_utils.threads import CoreShare, apply_threads, default_threads
+    from vega_utils.anchors.bank import load_anchor_cache
+    from vega_utils.common import seed_everything
+    from vega_utils.data.datasets import dataset_info
+    from vega_utils.runs.config import load_preset, resolve
+    from vega_utils.runs.threads import CoreShare, apply_threads, default_threads
 
     device = torch.device(args.device)
     fast = args.variant in ("b", "b0", "c")

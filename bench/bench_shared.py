@@ -9,7 +9,7 @@ Scenarios, each timed per variant:
   busy   the same next to a separate process doing steady CPU-bound torch work (float32 matmuls in a loop on
          every core, torch's default settings: another researcher's job);
   pair   two training processes of the variant started on the same epoch at once (two of us).
-Variants: `new` is what run.py does now (vega_utils/threads.py: a thread per core, idle OpenMP threads sleep while
+Variants: `new` is what run.py does now (vega_utils/runs/threads.py: a thread per core, idle OpenMP threads sleep while
 other processes keep the cores busy); `old` is the behaviour before issue 17 (torch's defaults: a thread per core,
 spinning). A variant may carry modifiers after slashes: `new/threads=1` (as --threads 1),
 `old/OMP_WAIT_POLICY=PASSIVE` (an upper-case name is an environment variable of the process, set before torch is
@@ -74,14 +74,16 @@ def run_child(args):
     import random
 
     import torch
+
     import main
     import train
     from dataloader import load_dialogues, make_loaders
     from run import DEMO
-    from vega_utils.anchor_utils import load_anchor_cache
-    from vega_utils.common import dataset_info, seed_everything
-    from vega_utils.config import load_preset, resolve
-    from vega_utils.threads import CoreShare, apply_threads, default_threads
+    from vega_utils.anchors.bank import load_anchor_cache
+    from vega_utils.common import seed_everything
+    from vega_utils.data.datasets import dataset_info
+    from vega_utils.runs.config import load_preset, resolve
+    from vega_utils.runs.threads import CoreShare, apply_threads, default_threads
 
     if base == "new" or threads:   # as run.py
         apply_threads(threads or default_threads())
@@ -260,7 +262,7 @@ def main_cli(argv=None):
 
 def make_data(folder, size, quick):
     from run import DEMO_DATA
-    from vega_utils.synthetic import IEMOCAP_LIKE, make_synthetic_anchor_cache, make_synthetic_dataset
+    from vega_utils.data.synthetic import IEMOCAP_LIKE, make_synthetic_anchor_cache, make_synthetic_dataset
     sizes = DEMO_DATA if size == "demo" else {**IEMOCAP_LIKE, "seed": 0}
     if quick:
         sizes = {**sizes, "n_train": 27, "n_test": 9}

@@ -95,8 +95,9 @@ def small_config(files, out, device, epochs):
 
 def step_scores(device, folder, files):
     """Train a small model on the CPU, then score its checkpoint on the CPU (float32) and on the device."""
-    import main
     import pandas as pd
+
+    import main
     summary = main.train_run(small_config(files, os.path.join(folder, "scores"), "cpu", 3), progress=False)
     scored = {}
     runs = [("cpu_float32", ["--device", "cpu"])]
@@ -122,9 +123,10 @@ def step_scores(device, folder, files):
 
 
 def step_resume(device, folder, files, trap):
+    import torch
+
     import main
     import run
-    import torch
     import train
     cfg = small_config(files, os.path.join(folder, "full"), device, 4)
     if device == "cuda":
@@ -172,7 +174,8 @@ def main_cli(argv=None):
     p.add_argument("--out", default="gpu_check.json")
     args = p.parse_args(argv)
     import torch
-    from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+
+    from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device is visible (use --device cpu to check the script itself)")
     report = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",

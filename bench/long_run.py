@@ -8,7 +8,7 @@ Variants (each `run.py` in its own process, the same command otherwise):
 - torch-ops bf16: VEGA_CPU_KERNELS=0 (bf16 autocast, torch's ops, torch's fused AdamW);
 - float32: --amp off.
 Per variant: best test weighted F1 and its epoch, epochs run, skipped training steps (non-finite loss or
-gradient, vega_utils/step_guard.py), median training seconds per epoch, and why the run stopped.
+gradient, vega_utils/runs/step_guard.py), median training seconds per epoch, and why the run stopped.
 """
 import argparse
 import json

@@ -11,14 +11,15 @@ kernels the host launches and how often it waits for the device. This script cou
 runs the real training and evaluation code (train.train_epoch on a one-batch loader, train.eval_epoch) under a
 TorchDispatchMode that records every non-view aten op, with every CUDA-side choice of the fast package taken
 (fast.cpu_kernels.EMULATE_CUDA: one attention grid per batch, nn.Linear's own forward, torch's dropout), the C
-kernels off (VEGA_CPU_KERNELS=0), fp16 autocast, fused AdamW and the sync-free step (vega_utils/step_guard.py:
+kernels off (VEGA_CPU_KERNELS=0), fp16 autocast, fused AdamW and the sync-free step (vega_utils/runs/step_guard.py:
 DeviceRecord). The `compiled` path is the same with --compile (fast/capture.py): a captured region's run counts as
 one launch and the ops inside it as none (on a GPU it is a CUDA graph replay); it compiles first (minutes).
 
 Host synchronisations are the ops that need a device value on the host: `_local_scalar_dense` (item(), float(),
 bool(), int() of a tensor), `nonzero`, `masked_select`, indexing with a boolean mask, and `tolist()` / `cpu()` of a
 tensor computed in the step (`numpy()` is not counted: on CUDA it needs a `cpu()` first); each is attributed to
-the first line of this project's code on the stack. Work on the host-side mask before the batch moves (the layout, the loss indices) is not counted: it
+the first line of this project's code on the stack. Work on the host-side mask before the
+batch moves (the layout, the loss indices) is not counted: it
 never waits for the device. The straightforward model is model.py's VEGA as it is, stepped as the reference
 does (a padded fp16 forward, torch's default AdamW, the loss read every step).
 """
@@ -134,10 +135,10 @@ class Counter(TorchDispatchMode):
 def setup(hidden):
     import main
     from dataloader import load_dialogues, make_loaders
-    from vega_utils.anchor_utils import load_anchor_cache
-    from vega_utils.common import dataset_info
-    from vega_utils.config import load_preset, resolve
-    from vega_utils.synthetic import IEMOCAP_LIKE, make_synthetic_anchor_cache, make_synthetic_dataset
+    from vega_utils.anchors.bank import load_anchor_cache
+    from vega_utils.data.datasets import dataset_info
+    from vega_utils.data.synthetic import IEMOCAP_LIKE, make_synthetic_anchor_cache, make_synthetic_dataset
+    from vega_utils.runs.config import load_preset, resolve
     folder = os.path.join(ROOT, "bench", "results", "step_ops_data")
     if not os.path.exists(os.path.join(folder, "anchor.pt")):
         make_synthetic_dataset(os.path.join(folder, "IEMOCAP.pkl"), seed=0, **IEMOCAP_LIKE)
@@ -193,6 +194,7 @@ def plain_path(main, cfg, loaders, bank, weights, device, dtype):
     import random
 
     import bench_epoch
+
     import train
     from model import VEGA
     model = VEGA(cfg).to(device)

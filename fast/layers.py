@@ -15,8 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (MAX_LEN, VEGA, MultiHeadedAttention, MultimodalGate, PositionalEncoding,
-                   PositionwiseFeedForward, gelu_tanh)
+from model import (
+    MAX_LEN,
+    VEGA,
+    MultiHeadedAttention,
+    MultimodalGate,
+    PositionalEncoding,
+    PositionwiseFeedForward,
+    gelu_tanh,
+)
 
 from . import cpu_kernels
 from .cpu_kernels import torch_ops
@@ -180,6 +187,9 @@ class FastMLP(nn.Sequential):
 
 
 class FastFeedForward(PositionwiseFeedForward):
+    # the plain code this class stands in for, hashed (fast/fingerprint.py)
+    written_against = {"forward": "331445e11c8e", "__init__": "61b58830b102", "gelu_tanh": "78b8b6e339ca"}
+
     def forward(self, x):
         pre = self.w_1(self.layer_norm(x))                                         # (R, d_ff)
         inter = activation_then_dropout(pre, "gelu_tanh", gelu_tanh, self.dropout_1)
@@ -187,12 +197,16 @@ class FastFeedForward(PositionwiseFeedForward):
 
 
 class FastMultimodalGate(MultimodalGate):
+    written_against = {"mix": "5a0cc2bf1c0c"}
+
     def mix(self, logits, stacked):
         y = cpu_kernels.softmax_mix3(logits, stacked)                              # bf16 CPU: one fused pass
         return super().mix(logits, stacked) if y is None else y
 
 
 class FastAttention(MultiHeadedAttention):
+    written_against = {"attend_grids": "0cf005a92575", "attend": "cc1209a3b8b2"}
+
     def attend_grids(self, q, k, v, lay):
         if torch.is_grad_enabled() or compute_dtype(q) == torch.float32:
             return super().attend_grids(q, k, v, lay)
@@ -206,18 +220,24 @@ class FastAttention(MultiHeadedAttention):
 
 
 class FastEmbedding(nn.Embedding):
+    written_against = {}   # adds a cast to torch's forward
+
     def forward(self, x):
         y = super().forward(x)
         return cast(y, compute_dtype(y))
 
 
 class FastPositionalEncoding(PositionalEncoding):
+    written_against = {}   # adds a cast to the plain forward
+
     def forward(self, positions):
         y = super().forward(positions)
         return cast(y, compute_dtype(y))
 
 
 class FastVEGA(VEGA):
+    written_against = {"layout": "1ad52bc347bc"}   # everything else is the plain model's own code
+
     single_grid = False   # set by fast/capture.py: a captured step takes one grid per batch on the CPU too
 
     def layout(self, pad_mask, device=None):

@@ -196,7 +196,8 @@ def scatter_rows(rows, index, zero_rows, total, out=None):
 def group_by_length(lengths, grid_cost=GRID_COST):
     """Split dialogues into grids of similar length: minimise sum over grids of (Bg * Lg^2 + grid_cost).
 
-    lengths: list of ints (each dialogue's extent). Returns lists of dialogue indices, longest first. Dynamic programming over the
+    lengths: list of ints (each dialogue's extent). Returns lists of dialogue indices, longest first.
+    Dynamic programming over the
     dialogues sorted by length (an optimal grouping of sorted items is contiguous).
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

@@ -30,7 +30,7 @@ def rel_err(a, b):
 
 def synthetic_files(root, data, anchors=None, seed=0, anchor_seed=0):
     """Generated data under root: data {file name: make_synthetic_dataset arguments}, anchors {file: CLIP width}."""
-    from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+    from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
     for name, kw in data.items():
         make_synthetic_dataset(root / name, seed=seed, **kw)
     for name, width in (anchors or {"anchor.pt": 512}).items():
@@ -49,3 +49,9 @@ def interrupt_at_epoch(monkeypatch, epoch):
         return real(*args, **kw)
     monkeypatch.setattr(train, "train_epoch", interrupting)
     return lambda: monkeypatch.setattr(train, "train_epoch", real)
+
+
+@pytest.fixture(scope="module")
+def iemocap_files(tmp_path_factory):
+    return synthetic_files(tmp_path_factory.mktemp("iemocap"),
+                           {"IEMOCAP.pkl": dict(n_train=36, n_test=10, max_len=20, signal=2.5)}, seed=3, anchor_seed=3)

@@ -3,16 +3,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from anchor_fixtures import draw_face, make_anchor_setup, make_image_folder  # noqa: E402  (sets offline env)
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from anchor_fixtures import draw_face, make_anchor_setup, make_image_folder  # noqa: E402  (sets offline env)
 
-from vega_utils import anchor_images as ai  # noqa: E402
-from vega_utils import anchor_utils as au  # noqa: E402
-from vega_utils.common import DATASETS, VegaError  # noqa: E402
-from vega_utils.config import load_preset, resolve  # noqa: E402
+from vega_utils.anchors import bank as anchor_bank  # noqa: E402
+from vega_utils.anchors import build as au  # noqa: E402
+from vega_utils.anchors import images as ai  # noqa: E402
+from vega_utils.common import VegaError
+from vega_utils.data.datasets import DATASETS  # noqa: E402
+from vega_utils.runs.config import load_preset, resolve  # noqa: E402
 
 IEMOCAP = list(DATASETS["IEMOCAP"].class_names)
 MELD = list(DATASETS["MELD"].class_names)
@@ -68,7 +69,7 @@ def test_cache_equals_direct_transformers_features(setup, built):
         # Centre = plain mean of the normalised features, not re-normalised (spec section 4).
         torch.testing.assert_close(saved["anchor_center"][i], expected.mean(dim=0), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bank.banks[i], got)
-    loaded = au.load_anchor_cache(out, IEMOCAP, expected_dim=16)
+    loaded = anchor_bank.load_anchor_cache(out, IEMOCAP, expected_dim=16)
     torch.testing.assert_close(loaded.centers, bank.centers)
 
 
@@ -98,7 +99,7 @@ def test_cli_prints_counts_and_writes_meld_cache(setup, tmp_path, capsys):
     assert rc == 0
     for c in MELD:
         assert f"  {c:<12}     2" in printed
-    assert au.load_anchor_cache(out, MELD).clip_dim == 16
+    assert anchor_bank.load_anchor_cache(out, MELD).clip_dim == 16
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # no temporary left behind
 
 
@@ -197,7 +198,7 @@ def test_class_with_only_bad_images_stops(setup, tmp_path):
 def test_dimension_mismatch_is_clear(built):
     out, _ = built
     with pytest.raises(VegaError, match="has CLIP width 16 but --CLIP_Model/clip_dim expects 768"):
-        au.load_anchor_cache(out, IEMOCAP, expected_dim=768)
+        anchor_bank.load_anchor_cache(out, IEMOCAP, expected_dim=768)
 
 
 def good_dict(n=2, k=4):
@@ -232,7 +233,7 @@ def test_invalid_caches_are_refused(tmp_path, kind, message):
     path = str(tmp_path / "bad.pt")
     torch.save(broken(kind), path)
     with pytest.raises(VegaError, match=f"anchor cache {path} is not a valid anchor cache: {message}"):
-        au.load_anchor_cache(path, IEMOCAP)
+        anchor_bank.load_anchor_cache(path, IEMOCAP)
 
 
 def test_unsafe_missing_and_damaged_files(tmp_path):
@@ -240,13 +241,13 @@ def test_unsafe_missing_and_damaged_files(tmp_path):
     unsafe = str(tmp_path / "unsafe.pt")
     torch.save({"anchor_center": argparse.Namespace(x=1)}, unsafe)
     with pytest.raises(VegaError, match="needs arbitrary unpickling.*argparse.Namespace"):
-        au.load_anchor_cache(unsafe, IEMOCAP)
+        anchor_bank.load_anchor_cache(unsafe, IEMOCAP)
     with pytest.raises(VegaError, match="anchor cache .*nothing.pt not found"):
-        au.load_anchor_cache(str(tmp_path / "nothing.pt"), IEMOCAP)
+        anchor_bank.load_anchor_cache(str(tmp_path / "nothing.pt"), IEMOCAP)
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(b"not a torch file")
     with pytest.raises(VegaError, match="damaged or not a torch file"):
-        au.load_anchor_cache(str(damaged), IEMOCAP)
+        anchor_bank.load_anchor_cache(str(damaged), IEMOCAP)
 
 
 def test_published_layout_with_extra_precision_loads(tmp_path):
@@ -254,7 +255,7 @@ def test_published_layout_with_extra_precision_loads(tmp_path):
     d["anchor_center"] = d["anchor_center"].double()  # any float dtype is accepted, used as float32
     path = str(tmp_path / "35_anchor.pt")
     torch.save(d, path)
-    bank = au.load_anchor_cache(path, IEMOCAP, expected_dim=4)
+    bank = anchor_bank.load_anchor_cache(path, IEMOCAP, expected_dim=4)
     assert bank.centers.dtype == torch.float32 and len(bank.banks) == 6
 
 

@@ -9,16 +9,16 @@ import os
 
 import pytest
 import torch
+from conftest import rel_err, synthetic_files
 
 import main
 import train
-from conftest import rel_err, synthetic_files
+from dataloader import load_dialogues, make_loaders
 from fast import capture as capture_module
 from model import pick_anchors
-from vega_utils.anchor_utils import load_anchor_cache
-from vega_utils.common import dataset_info
-from vega_utils.config import load_preset, resolve
-from dataloader import load_dialogues, make_loaders
+from vega_utils.anchors.bank import load_anchor_cache
+from vega_utils.data.datasets import dataset_info
+from vega_utils.runs.config import load_preset, resolve
 
 NO_DROPOUT = dict(dropout=0.0, outlayer_drop=0.0, clip_proj_drop=0.0)
 

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, synthetic_files
 
 import inference
 import run
-from conftest import ROOT, synthetic_files
 
 TINY = ["--hidden_dim", "32", "--clip_dim", "512", "--epochs", "1", "--batch-size", "4", "--no_progress",
         "--device", "cpu"]

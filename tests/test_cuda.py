@@ -8,9 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import interrupt_at_epoch
-from test_training import iemocap_files  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,9 +30,10 @@ def no_cpu_only_code(monkeypatch):
 @pytest.mark.parametrize("name", ["iemocap", "meld"])
 @pytest.mark.parametrize("kind", ["plain", "fast"])
 def test_parity_float32_on_cuda(name, kind, no_cpu_only_code):
+    from test_parity import check_against_reference, fixture_setup
+
     import train
     from fast import accelerate
-    from test_parity import check_against_reference, fixture_setup
     train.exact_float32(CUDA)
     fx, cfg, model, batch, anchors, weights = fixture_setup(name)
     model = accelerate(model) if kind == "fast" else model
@@ -73,9 +72,10 @@ def test_cuda_run_resumes_to_the_uninterrupted_result(iemocap_files, tmp_path, m
 
 def test_cpu_bf16_run_resumes_on_cuda(iemocap_files, tmp_path, monkeypatch):
     """Trained on the CPU in bf16 (ShadowAdam), resumed on CUDA (fused AdamW + GradScaler): it steps."""
+    from test_training import small_cfg
+
     import main
     import run
-    from test_training import small_cfg
     cfg = small_cfg(iemocap_files, tmp_path, epochs=3)   # on the CPU, in bf16
     restore = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
@@ -89,9 +89,10 @@ def test_cpu_bf16_run_resumes_on_cuda(iemocap_files, tmp_path, monkeypatch):
 
 def test_cuda_scores_agree_with_cpu_float32(iemocap_files, tmp_path):
     """inference.py in float32 on CUDA gives the CPU's probabilities and predictions; the fp16 default is close."""
+    from test_training import small_cfg
+
     import inference
     import main
-    from test_training import small_cfg
     summary = main.train_run(small_cfg(iemocap_files, tmp_path, epochs=2), progress=False)
     scored = {}
     for name, extra in (("cpu", ["--device", "cpu"]), ("cuda32", ["--device", "cuda", "--eval_amp", "off"]),

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import (DialogueDataset, collate, load_dialogues, make_loaders, speaker_names,
-                        split_validation)
-from vega_utils.anchor_utils import AnchorBank
-from vega_utils.common import DATASETS, VegaError
-from vega_utils.config import load_preset
-from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from dataloader import DialogueDataset, collate, load_dialogues, make_loaders, speaker_names, split_validation
+from vega_utils.anchors.bank import AnchorBank
+from vega_utils.common import VegaError
+from vega_utils.data.datasets import DATASETS
+from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.runs.config import load_preset
 
 SMALL = dict(n_train=10, n_test=4, min_len=3, max_len=12)
 

@@ -6,10 +6,10 @@ import inference
 import main
 import train
 from fast import cpu_kernels
-from vega_utils import checkpoint, run_folder
-from vega_utils.common import VegaError
-from vega_utils.config import load_preset, resolve
 from fast.shadow_weights import ShadowAdam
+from vega_utils.common import VegaError
+from vega_utils.runs import checkpoint, run_folder
+from vega_utils.runs.config import load_preset, resolve
 
 
 def small_model(seed=0):

@@ -11,12 +11,12 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, interrupt_at_epoch, synthetic_files
 
 import inference
 import run
-from conftest import ROOT, interrupt_at_epoch, synthetic_files
-from vega_utils import checkpoint
 from vega_utils.common import VegaError, atomic_write_text
+from vega_utils.runs import checkpoint
 
 TINY = ["--hidden_dim", "32", "--clip_dim", "512", "--batch-size", "4", "--no_progress", "--device", "cpu"]
 
@@ -101,7 +101,8 @@ def test_missing_data_and_anchors_point_to_their_sources(files, tmp_path, capsys
 
 def test_clip_folder_without_its_processor_says_how_to_save_it(tmp_path):
     from anchor_fixtures import make_tiny_clip
-    from vega_utils.anchor_images import load_clip
+
+    from vega_utils.anchors.images import load_clip
     folder = make_tiny_clip(tmp_path / "clip")
     os.remove(os.path.join(folder, "preprocessor_config.json"))
     with pytest.raises(VegaError, match=r"preprocessor_config.json too.*save_pretrained"):

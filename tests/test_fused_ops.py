@@ -1,4 +1,5 @@
-"""bf16 CPU products and kernels of the fast package: oneDNN's linear, the fused multimodal gate (fast/cpu_kernels.py)."""
+"""bf16 CPU products and kernels of the fast package: oneDNN's linear, the fused multimodal gate
+(fast/cpu_kernels.py)."""
 import os
 import shutil
 
@@ -94,7 +95,7 @@ def nan_filled_training_step(amp):
     """One training forward and backward of a small model through every kernel (dropout, activation + dropout,
     the gate, the row scatter) with the kernels' buffers NaN-filled; its outputs and gradients."""
     from dataloader import Batch
-    from vega_utils.config import load_preset, resolve
+    from vega_utils.runs.config import load_preset, resolve
     cfg = resolve(load_preset("IEMOCAP").replace(hidden_dim=64, n_head=4, clip_dim=16))
     torch.manual_seed(0)
     net = accelerate(VEGA(cfg)).train()

@@ -9,17 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, reference_file
 
 import inference
 import train
-from conftest import ROOT, reference_file
 from dataloader import load_dialogues, make_loaders
 from model import VEGA
-from vega_utils.checkpoint import backbone_state_dict, is_backbone_key
-from vega_utils import checkpoint, report
-from vega_utils.common import dataset_info
-from vega_utils.config import load_preset, resolve
-from vega_utils.synthetic import make_synthetic_dataset
+from vega_utils.data.datasets import dataset_info
+from vega_utils.data.synthetic import make_synthetic_dataset
+from vega_utils.insight import report
+from vega_utils.runs import checkpoint
+from vega_utils.runs.checkpoint import backbone_state_dict, is_backbone_key
+from vega_utils.runs.config import load_preset, resolve
 
 CLASSES = list(dataset_info("IEMOCAP").class_names)
 SMALL = {"hidden_dim": 32}

@@ -9,17 +9,17 @@ import pytest
 import scipy.stats
 import torch
 import torch.nn.functional as F
+from conftest import interrupt_at_epoch
 from PIL import Image
 from sklearn.metrics import f1_score
 
 import main
 import run
-from conftest import interrupt_at_epoch
 from dataloader import load_dialogues, make_loaders
-from vega_utils import alignment, analyze, breakdown, compare, live, stats
-from vega_utils.anchor_utils import load_anchor_cache
-from vega_utils.config import load_preset, resolve
-from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.anchors.bank import load_anchor_cache
+from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.insight import alignment, analyze, breakdown, compare, live, stats
+from vega_utils.runs.config import load_preset, resolve
 
 TINY = dict(hidden_dim=32, n_head=4, lr=3e-3, dropout=0.1, outlayer_drop=0.1, clip_dim=512, epochs=3,
             patience=31, batch_size=3, device="cpu", amp="off")
@@ -162,7 +162,7 @@ def test_alignment_equals_recomputation_from_saved_weights(runs):
 
 
 def test_branch_file_is_the_best_epoch(runs):
-    from vega_utils import checkpoint
+    from vega_utils.runs import checkpoint
     obj = checkpoint.read_checkpoint(os.path.join(runs["vega"], checkpoint.BRANCH_FILE))
     summary = json.load(open(os.path.join(runs["vega"], "summary.json")))
     assert obj["epoch"] == summary["best_epoch"]
@@ -338,7 +338,7 @@ def test_analyze_and_compare_without_vega(runs, tmp_path, capsys):
 
 
 def test_compare_with_a_seed_aggregate(runs, tmp_path, capsys):
-    from vega_utils import report
+    from vega_utils.insight import report
     per_seed = [{"seed": i, "run_dir": runs[k], "metrics": json.load(open(os.path.join(runs[k], "summary.json")))
                  ["best"]["test"]} for i, k in enumerate(("vega", "vega"))]
     folder = tmp_path / "aggregate-1"

@@ -9,7 +9,7 @@ import torch
 from fast import accelerate, layers
 from fast.layout import KEY_BUCKET, ROW_BUCKET, group_by_length, make_layout, round_up
 from model import VEGA, PaddedLayout
-from vega_utils.config import load_preset, resolve
+from vega_utils.runs.config import load_preset, resolve
 
 
 def grid_cost(groups, lengths, fixed):

@@ -10,10 +10,10 @@ import main
 import train
 from dataloader import load_dialogues, make_loaders
 from model import compute_losses, distill_kl, pick_anchors
-from vega_utils import step_guard
-from vega_utils.common import dataset_info
-from vega_utils.config import load_preset, resolve
-from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.data.datasets import dataset_info
+from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.runs import step_guard
+from vega_utils.runs.config import load_preset, resolve
 
 
 def spec_kl(student, teacher, temperature):

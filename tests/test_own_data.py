@@ -10,18 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from anchor_fixtures import draw_face, make_tiny_clip
+from conftest import ROOT
 
 import inference
 import run
-from anchor_fixtures import draw_face, make_tiny_clip
-from conftest import ROOT
 from dataloader import load_dialogues
-from vega_utils import convert
-from vega_utils.anchor_images import assign_images
-from vega_utils.anchor_utils import main as anchor_main
+from vega_utils.anchors.build import main as anchor_main
+from vega_utils.anchors.images import assign_images
 from vega_utils.common import VegaError
-from vega_utils.openformat import write_npz
-from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.data import convert
+from vega_utils.data.openformat import write_npz
+from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
 
 IEMOCAP4 = os.path.join(ROOT, "configs", "datasets", "IEMOCAP-4.json")
 TINY = ["--hidden_dim", "32", "--epochs", "2", "--batch-size", "4", "--no_progress", "--device", "cpu",
@@ -130,7 +130,8 @@ def test_default_predictions_file_is_never_replaced(own, tmp_path, capsys, monke
 # ---------------------------------------------------------------- IEMOCAP-4
 def test_iemocap4_mapping_dropped_count_and_balanced_weights(tmp_path):
     from sklearn.utils.class_weight import compute_class_weight
-    from vega_utils.datasets import class_weights_of, dataset_info
+
+    from vega_utils.data.datasets import class_weights_of, dataset_info
     path = tmp_path / "iemocap.pkl"
     make_synthetic_dataset(path, n_train=10, n_test=4, max_len=14, seed=2)
     raw = pickle.load(open(path, "rb"))
@@ -152,7 +153,7 @@ def test_iemocap4_mapping_dropped_count_and_balanced_weights(tmp_path):
 
 
 def test_iemocap4_uses_an_iemocap_anchor_cache(tmp_path):
-    from vega_utils.anchor_utils import load_anchor_cache
+    from vega_utils.anchors.bank import load_anchor_cache
     path = tmp_path / "a.pt"
     cache = make_synthetic_anchor_cache(path, clip_dim=8)
     bank = load_anchor_cache(path, ["happy", "anger", "sad", "neutral"])

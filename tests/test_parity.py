@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
-
 from conftest import reference_file, rel_err
+
 from dataloader import batch_from_reference
 from fast import accelerate, is_accelerated
 from model import VEGA, compute_losses, pick_anchors
-from vega_utils.anchor_utils import AnchorBank
-from vega_utils.checkpoint import backbone_state_dict, is_backbone_key
-from vega_utils.common import dataset_info
-from vega_utils.config import Config, load_preset, resolve
+from vega_utils.anchors.bank import AnchorBank
+from vega_utils.data.datasets import dataset_info
+from vega_utils.runs.checkpoint import backbone_state_dict, is_backbone_key
+from vega_utils.runs.config import Config, load_preset, resolve
 
 OUT_TOL, LOSS_TOL, GRAD_TOL, TINY_NORM, TINY_ABS = 1e-6, 1e-5, 1e-4, 1e-5, 1e-6
 

@@ -7,10 +7,19 @@ import pytest
 from PIL import Image
 
 from vega_utils.common import VegaError
-from vega_utils.report import (aggregate_markdown, aggregate_runs, classification_metrics,
-                               format_epoch_line, head_f1s, metrics_from_predictions_csv,
-                               plot_confusion, plot_curves, plot_per_class_f1, read_predictions_csv,
-                               write_predictions_csv)
+from vega_utils.insight.report import (
+    aggregate_markdown,
+    aggregate_runs,
+    classification_metrics,
+    format_epoch_line,
+    head_f1s,
+    metrics_from_predictions_csv,
+    plot_confusion,
+    plot_curves,
+    plot_per_class_f1,
+    read_predictions_csv,
+    write_predictions_csv,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 THREE = ["a", "b", "c"]

@@ -10,7 +10,7 @@ import main
 from fast import cpu_kernels
 from fast.layers import FastLinear as Linear
 from fast.shadow_weights import ShadowAdam, product_weight
-from vega_utils.config import load_preset, resolve
+from vega_utils.runs.config import load_preset, resolve
 
 pytestmark = pytest.mark.skipif(os.environ.get("VEGA_CPU_KERNELS") == "0" or
                                 (shutil.which("gcc") is None and shutil.which("cc") is None),

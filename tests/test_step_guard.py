@@ -1,4 +1,5 @@
-"""vega_utils/step_guard.py: a step with a non-finite loss or gradient is skipped, counted, and ends the run only when
+"""vega_utils/runs/step_guard.py:
+a step with a non-finite loss or gradient is skipped, counted, and ends the run only when
 --max_bad_steps of them come in a row."""
 import copy
 import json
@@ -7,15 +8,16 @@ import random
 
 import pytest
 import torch
+from conftest import synthetic_files
 
 import main
 import train
 from dataloader import load_dialogues, make_loaders
 from fast.shadow_weights import ShadowAdam
-from vega_utils import step_guard
-from vega_utils.common import VegaError, dataset_info
-from vega_utils.config import load_preset, resolve
-from conftest import synthetic_files
+from vega_utils.common import VegaError
+from vega_utils.data.datasets import dataset_info
+from vega_utils.runs import step_guard
+from vega_utils.runs.config import load_preset, resolve
 
 SMALL = dict(hidden_dim=32, n_head=4, lr=3e-3, dropout=0.1, outlayer_drop=0.1, clip_dim=512, batch_size=3)
 kernels_off = os.environ.get("VEGA_CPU_KERNELS") == "0"
@@ -126,7 +128,8 @@ def test_all_finite_sees_every_dtype_and_position():
                 assert not step_guard.all_finite(broken), (i, pos, bad)
     assert step_guard.all_finite([torch.full((1000,), 1e17)])   # a sum of squares of 1e37 fits float32
     # an element whose square overflows float32 (as it would in Adam's second moment) counts as non-finite
-    assert not step_guard.all_finite([torch.full((4,), 3e19)]) and not step_guard.all_finite([torch.full((4,), 3e19).bfloat16()])
+    assert not step_guard.all_finite([torch.full((4,), 3e19)])
+    assert not step_guard.all_finite([torch.full((4,), 3e19).bfloat16()])
 
 
 def test_consecutive_bad_steps_stop_the_run(files, tmp_path, capsys):

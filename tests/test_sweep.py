@@ -10,13 +10,13 @@ import time
 import optuna
 import pytest
 import torch
+from conftest import ROOT
 from optuna.trial import TrialState
+from pg_server import postgres_server
 
 import run
 import sweep
-from conftest import ROOT
-from pg_server import postgres_server
-from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
 
 SPACE = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
          "dropout": {"type": "float", "low": 0.0, "high": 0.5}}
@@ -149,7 +149,7 @@ def test_report_and_best_preset_reproduce_the_best_trial(files, tmp_path, capsys
 
 
 def sweep_storage(url):
-    from vega_utils.sweep_study import open_storage
+    from vega_utils.sweep.sweep_study import open_storage
     return open_storage(url)
 
 
@@ -209,8 +209,8 @@ def test_config_file_overrides_defaults_and_flags_win(files, tmp_path, capsys):
 
 
 def test_worker_slots_spread_devices_and_divide_cores():
-    from vega_utils import parallel
     from vega_utils.common import VegaError
+    from vega_utils.sweep import parallel
     cores = len(os.sched_getaffinity(0))
     assert parallel.worker_slots(2, ["cpu"]) == [("cpu", max(1, cores // 2))] * 2
     assert parallel.worker_slots(3, ["cpu"], thread_count=5) == [("cpu", 5)] * 3

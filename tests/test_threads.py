@@ -1,4 +1,4 @@
-"""vega_utils/threads.py and --threads: one OpenMP runtime, the thread count applied everywhere, and fewer threads
+"""vega_utils/runs/threads.py and --threads: one OpenMP runtime, the thread count applied everywhere, and fewer threads
 while other processes keep cores busy."""
 import json
 import os
@@ -11,15 +11,15 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT
 
 import inference
 import main
 import run
-from conftest import ROOT
 from fast import cpu_kernels
-from vega_utils import threads
-from vega_utils.config import Config, load_preset, resolve
-from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.runs import threads
+from vega_utils.runs.config import Config, load_preset, resolve
 
 needs_kernels = pytest.mark.skipif(os.environ.get("VEGA_CPU_KERNELS") == "0" or
                                    (shutil.which("gcc") is None and shutil.which("cc") is None),
@@ -201,7 +201,7 @@ def test_sleeping_waits_stop_the_spinning_and_give_it_back():
     out = python("""
         import os, time
         import torch
-        from vega_utils.threads import SleepingWaits
+        from vega_utils.runs.threads import SleepingWaits
 
         def worker_seconds():
             me, total = os.getpid(), 0

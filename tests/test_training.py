@@ -7,16 +7,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import interrupt_at_epoch
 from PIL import Image
 
-from conftest import interrupt_at_epoch, synthetic_files
 import main
 import run
 import train
-from vega_utils import report, run_folder
-from vega_utils.common import dataset_info
-from vega_utils.config import load_preset, resolve
-from vega_utils.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.data.datasets import dataset_info
+from vega_utils.data.synthetic import make_synthetic_anchor_cache, make_synthetic_dataset
+from vega_utils.insight import report
+from vega_utils.runs import run_folder
+from vega_utils.runs.config import load_preset, resolve
 
 # Small and quick to learn (the paper's dropout and rate need hundreds of epochs).
 # device named: on a GPU machine `auto` would test CUDA fp16 instead (CUDA tests are in test_cuda.py).
@@ -24,12 +25,6 @@ SMALL = dict(hidden_dim=64, n_head=4, lr=3e-3, dropout=0.1, outlayer_drop=0.1, c
              patience=31, batch_size=3, device="cpu")
 RUN_FILES = ["config.json", "metrics.jsonl", "summary.json", "predictions.csv", "curves.png",
              "confusion.png", "last.pth"]
-
-
-@pytest.fixture(scope="module")
-def iemocap_files(tmp_path_factory):
-    return synthetic_files(tmp_path_factory.mktemp("iemocap"),
-                           {"IEMOCAP.pkl": dict(n_train=36, n_test=10, max_len=20, signal=2.5)}, seed=3, anchor_seed=3)
 
 
 def small_cfg(files, out, dataset="IEMOCAP", **kw):
@@ -235,7 +230,7 @@ def test_run_builds_missing_anchor_cache_from_images_then_trains(tmp_path, monke
 def test_eval_set_matches_per_batch_evaluation(iemocap_files, tmp_path):
     """Merged evaluation (EvalSet, reused every epoch) gives the per-batch predictions and loss means."""
     from dataloader import load_dialogues, make_loaders
-    from vega_utils.anchor_utils import load_anchor_cache
+    from vega_utils.anchors.bank import load_anchor_cache
     cfg = small_cfg(iemocap_files, tmp_path)
     info = dataset_info(cfg.Dataset)
     data = load_dialogues(cfg.data_path, cfg.Dataset)

@@ -1,4 +1,7 @@
-"""Things every module needs: the user-facing error type, devices, atomic writes (dataset facts: datasets.py)."""
+"""Things every module needs: the user-facing error type and its exit, one-line argument errors, devices, seeds,
+atomic writes."""
+import argparse
+import difflib
 import json
 import os
 import random
@@ -112,6 +115,24 @@ def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text), "w")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags end in one `error: ...` line and exit status 2 (argparse would print the usage too).
 
-# The dataset facts live in datasets.py; imported here too, where callers have always found them.
-from .datasets import DATASETS, DatasetInfo, dataset_info  # noqa: E402,F401
+    No abbreviations (argparse's default took `--epoch 1` as `--epochs 1` silently); an unknown flag gets the
+    closest known ones as suggestions."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            known = [f for f in self._option_string_actions if f.startswith("--")]
+            guesses = []
+            for flag in (w for w in message.split(":", 1)[1].split() if w.startswith("--")):
+                name = flag.split("=", 1)[0]
+                guesses += [g for g in difflib.get_close_matches(name, known, n=1, cutoff=0.6) if g not in guesses]
+            if guesses:
+                hint = f"; did you mean {' or '.join(guesses)}?"
+        self.exit(2, f"error: {message}{hint} (see --help)\n")

@@ -7,8 +7,8 @@ never ask for more threads than there are cores.
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-from . import threads
-from .common import VegaError
+from vega_utils.common import VegaError
+from vega_utils.runs import threads
 
 
 def parse_devices(text, default):
@@ -37,7 +37,7 @@ def worker_slots(jobs, devices, thread_count=None):
 def _train_seed(cfg_dict, thread_count):
     """One seed's run in a worker process; returns its run folder or the one-line error."""
     import main
-    from .config import Config
+    from vega_utils.runs.config import Config
     threads.apply_threads(thread_count)
     try:
         summary = main.train_run(Config.from_dict(cfg_dict), progress=False)

@@ -8,15 +8,15 @@ One row per utterance (README, "Your own data", documents every column):
     split        (U,) str            train, valid, test or predict (one per dialogue)
     text, audio, visual  (U, D)      the feature matrices
 The reader turns the columns into the same per-dialogue tables as the pickle, so every check of the pickle
-loader (vega_utils/datacheck.py) holds with the same messages.
+loader (vega_utils/data/datacheck.py) holds with the same messages.
 """
 import os
 import zipfile
 
 import numpy as np
 
-from .common import _atomic_write
-from .datacheck import MODALITIES, first_line, missing_file, plain
+from vega_utils.common import _atomic_write
+from vega_utils.data.files import MODALITIES, first_line, missing_file, plain
 
 COLUMNS = {"dialogue_id": 1, "position": 1, "speaker": 1, "label": 1, "split": 1, "text": 2, "audio": 2,
            "visual": 2}

@@ -7,7 +7,7 @@ L2-normalised centre anchor of class c. Per head, overall and per class:
 - `nearest`: share of utterances whose nearest anchor (largest cosine) is their own class's.
 
 During evaluation these come free from the VEGA logits: the model computes `{m}_clip_logit = 100 * cos` against
-the normalised centres (model.py), so cos = logit / 100, with no second pass. `python -m vega_utils.analyze`
+the normalised centres (model.py), so cos = logit / 100, with no second pass. `python -m vega_utils.insight.analyze`
 recomputes them from the saved weights and the anchors.
 """
 import numpy as np

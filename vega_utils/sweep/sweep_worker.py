@@ -12,9 +12,9 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from .common import VegaError
-from .config import resolve
-from .sweep_space import suggest
+from vega_utils.common import VegaError
+from vega_utils.runs.config import resolve
+from vega_utils.sweep.sweep_space import suggest
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 2.0      # how often a worker with nothing to start looks at the study again

@@ -6,15 +6,14 @@ helpers (console line, markdown, plot axes) turn them into percent.
 """
 import os
 
+import matplotlib
 import numpy as np
 import pandas as pd
-import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: the runs are headless and must never try to open a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score,  # noqa: E402
-                             precision_recall_fscore_support, precision_score)
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, precision_score  # noqa: E402
 
 from vega_utils.common import VegaError, _atomic_write, atomic_write_text  # noqa: E402
 

@@ -1,8 +1,9 @@
-"""Figures of `python -m vega_utils.analyze`: 2-D maps of projected features with the anchors, head agreement."""
+"""Figures of `python -m vega_utils.insight.analyze`:
+2-D maps of projected features with the anchors, head agreement."""
 import numpy as np
 
-from .alignment import unit_rows
-from .report import _save_figure, plt
+from vega_utils.insight.alignment import unit_rows
+from vega_utils.insight.report import _save_figure, plt
 
 CLASS_COLOURS = plt.get_cmap("tab10").colors
 

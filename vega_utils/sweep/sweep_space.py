@@ -7,7 +7,7 @@ Types: float (low, high, optional log or step), int (low, high, optional log or 
 A key fixed by a flag on the sweep's command line is not drawn (the flag's value holds for every trial).
 """
 
-from .common import VegaError, read_json
+from vega_utils.common import VegaError, read_json
 
 TYPES = {"float": ("low", "high"), "int": ("low", "high"), "categorical": ("choices",)}
 OPTIONAL = {"float": ("log", "step"), "int": ("log", "step"), "categorical": ()}
@@ -15,7 +15,7 @@ OPTIONAL = {"float": ("log", "step"), "int": ("log", "step"), "categorical": ()}
 
 def load_space(path):
     """The space as {key: spec}, checked against the config's keys; one-line errors naming the file."""
-    from .config import DERIVED, Config
+    from vega_utils.runs.config import DERIVED, Config
     space = read_json(path, "search space")
     if not isinstance(space, dict) or not space:
         raise VegaError(f"search space {path} must be a non-empty JSON object of config keys")

@@ -8,7 +8,7 @@ utterance that is not a shift (no shift + speaker's first).
 import numpy as np
 import pandas as pd
 
-from .report import classification_metrics
+from vega_utils.insight.report import classification_metrics
 
 EDGES = (1, 6, 11, 21, 41, 81)   # first value of each bin, 1-based: 1-5, 6-10, 11-20, 21-40, 41-80, 81+
 SHIFT, SAME, FIRST = 1, 0, -1
@@ -82,7 +82,7 @@ def markdown(result, title):
 
 def plot(result, path, title, overall_f1=None):
     """Four bar panels (weighted F1 per group, utterance count on each bar), the run's overall F1 dashed."""
-    from .report import _save_figure, plt
+    from vega_utils.insight.report import _save_figure, plt
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.8), gridspec_kw={"width_ratios": [6, 6, 3, 4], "wspace": 0.3})
     for ax, (facet, xlabel) in zip(axes, FACETS):
         rows = result.get(facet, [])

@@ -7,8 +7,8 @@ import os
 import pandas as pd
 from optuna.trial import TrialState
 
-from .common import atomic_write_text
-from .config import read_config_file
+from vega_utils.common import atomic_write_text
+from vega_utils.runs.config import read_config_file
 
 # The preset leaves out what belongs to the machine a run is on, not to the experiment.
 NOT_IN_PRESET = ("threads",)
@@ -69,7 +69,7 @@ def write_plots(study, folder):
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    from .report import _save_figure   # the project's atomic PNG write (report sets the Agg backend)
+    from vega_utils.insight.report import _save_figure  # the project's atomic PNG write (report sets the Agg backend)
     plots = {"history": ovm.plot_optimization_history, "intermediate": ovm.plot_intermediate_values,
              "importances": ovm.plot_param_importances, "parallel": ovm.plot_parallel_coordinate}
     written, skipped = [], []

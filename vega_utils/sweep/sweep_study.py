@@ -15,7 +15,7 @@ import optuna
 import sqlalchemy
 from optuna.samplers import BaseSampler, RandomSampler, TPESampler
 
-from .common import VegaError
+from vega_utils.common import VegaError
 
 # fail_stale_trials and the heartbeat arguments are marked experimental by Optuna; the warnings say only that
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -1,21 +1,14 @@
-"""VEGA's visual anchors: per-class banks of L2-normalised CLIP image features and their centres.
-
-Also loads and checks the anchor cache file, and builds it from face images, as a library call
-(build_anchor_cache / ensure_anchor_cache) or a command:
-    python -m vega_utils.anchor_utils --image_dir anchor/35 --Dataset IEMOCAP \
-        --CLIP_Model openai/clip-vit-base-patch32 --out anchor/35_anchor.pt [--batch_size 32] [--device auto]
-(--Dataset a dataset JSON: its classes; --label_map FILE: other words for them in image paths.)
+"""VEGA's visual anchors: per-class banks of L2-normalised CLIP image features and their centres, and the
+anchor cache file that stores them (read and checked here; built from images in images.py and build.py).
 """
 import os
 import pickle
 import re
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from .common import VegaError, exit_on_error
-from .datasets import dataset_info, info_of, read_label_map
+from vega_utils.common import VegaError
 
 
 @dataclass
@@ -43,7 +36,7 @@ class AnchorBank:
 
 # =====================================================================================================
 # Everything below loads and checks the anchor cache (spec section 4); building one from images is
-# anchor_images.py, whose imports (transformers, Pillow) happen only when a cache is built.
+# images.py, whose imports (transformers, Pillow) happen only when a cache is built.
 #
 # Cache file, the reference's layout, so the published anchor/35_anchor.pt and caches built here are
 # interchangeable:  {"anchor_center": Tensor[C, K],
@@ -59,7 +52,7 @@ def load_anchor_cache(path, class_names, expected_dim=None):
     if expected_dim is not None and bank.clip_dim != expected_dim:
         raise VegaError(f"anchor cache {path} has CLIP width {bank.clip_dim} but --CLIP_Model/clip_dim "
                         f"expects {expected_dim}: use the CLIP model the cache was built with, or rebuild "
-                        f"the cache with this one (python -m vega_utils.anchor_utils)")
+                        f"the cache with this one (python -m vega_utils.anchors.build)")
     return bank
 
 
@@ -81,7 +74,7 @@ def _read_cache_file(path):
                             f"{f' ({detail.group(1).strip()})' if detail else ''}") from e
         raise VegaError(f"anchor cache {path} needs arbitrary unpickling to load (it refers to "
                         f"{culprit.group(1)}); refusing it, since a cache should hold only tensors in "
-                        f"dicts: rebuild it from the images with python -m vega_utils.anchor_utils") from e
+                        f"dicts: rebuild it from the images with python -m vega_utils.anchors.build") from e
     except Exception as e:  # torch raises RuntimeError, KeyError, EOFError... for damaged files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VegaError(f"cannot read anchor cache {path}: damaged or not a torch file "
@@ -134,78 +127,3 @@ def _is_float_matrix(t):
     return isinstance(t, torch.Tensor) and t.dim() == 2 and t.is_floating_point()
 
 
-# -------------------------------------------------------------------------- which image is which class
-def find_image_folder(cfg):
-    """anchor/<expr_img_folder>/ or, as the reference also accepts, anchor/<expr_img_folder>_anchor/."""
-    for folder in _image_folder_candidates(cfg):
-        if os.path.isdir(folder):
-            return folder
-    return None
-
-
-def _image_folder_candidates(cfg):
-    return [os.path.join("anchor", str(cfg.expr_img_folder)),
-            os.path.join("anchor", f"{cfg.expr_img_folder}_anchor")]
-
-
-def ensure_anchor_cache(cfg, device="auto"):
-    """The run's anchors: load cfg.anchor_path, or first build it from the image folder (as the reference)."""
-    info = info_of(cfg)
-    class_names = info.class_names
-    path = cfg.anchor_path or os.path.join("anchor", f"{cfg.expr_img_folder}_anchor.pt")
-    if os.path.exists(path):
-        return load_anchor_cache(path, class_names, expected_dim=cfg.clip_dim)
-    folder = find_image_folder(cfg)
-    if folder is None:
-        first, second = _image_folder_candidates(cfg)
-        raise VegaError(f"no anchor cache at {path} and no image folder {first}/ or {second}/ to build it "
-                        f"from: download the published cache ({cfg.expr_img_folder}_anchor.pt) to {path}, or "
-                        f"unzip the images ({cfg.expr_img_folder}_anchor.zip) into {first}/, or build a "
-                        f"cache with python -m vega_utils.anchor_utils --image_dir DIR --out {path} (README.md, "
-                        f"'Getting the data', has the links); or train the backbone alone without anchors: "
-                        f"--ablation no_vega")
-    from .anchor_images import build_anchor_cache
-    print(f"no anchor cache at {path}: building it from {folder} with {cfg.CLIP_Model}")
-    return build_anchor_cache(folder, class_names, cfg.CLIP_Model, path, device=device,
-                              expected_dim=cfg.clip_dim, label_map=info.anchor_words)
-
-
-# ----------------------------------------------------------------------------------------- command line
-def _parser():
-    import argparse
-
-    from .config import dataset_arg
-    p = argparse.ArgumentParser(
-        prog="python -m vega_utils.anchor_utils",
-        description="Build a VEGA anchor cache (the reference's anchor/<name>_anchor.pt format) from "
-                    "emotion face images: one subfolder per class, or the class word in each file name.")
-    p.add_argument("--image_dir", required=True, help="folder of images (class = path below it)")
-    p.add_argument("--Dataset", "--dataset", dest="Dataset", default="IEMOCAP", type=dataset_arg,
-                   help="IEMOCAP, MELD or a dataset JSON: decides the class labels")
-    p.add_argument("--label_map", metavar="JSON", help="{word: class} for image words that are not class names "
-                   "(default: the dataset JSON's anchor_label_map)")
-    p.add_argument("--CLIP_Model", default=DEFAULT_CLIP_MODEL, help="hub name or save_pretrained folder")
-    p.add_argument("--out", required=True, help="cache file to write, e.g. anchor/35_anchor.pt")
-    p.add_argument("--batch_size", type=int, default=32, help="images per CLIP forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--skip_bad_images", action="store_true",
-                   help="skip unreadable images with a warning instead of stopping")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv=None):
-    args = _parser().parse_args(argv)
-
-    def build():
-        from .anchor_images import build_anchor_cache
-        info = dataset_info(args.Dataset)
-        words = read_label_map(args.label_map, info.class_names) if args.label_map else info.anchor_words
-        build_anchor_cache(args.image_dir, info.class_names, args.CLIP_Model,
-                           args.out, batch_size=args.batch_size, device=args.device,
-                           skip_bad_images=args.skip_bad_images, progress=not args.no_progress, label_map=words)
-    return exit_on_error(build)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

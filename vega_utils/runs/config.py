@@ -5,15 +5,14 @@ run folder and checkpoint, so a model can be rebuilt from a checkpoint alone.
 """
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .common import PROJECT_ROOT, VegaError, read_json
-from .datasets import DATASETS, dataset_of, is_spec_path
+from vega_utils.common import PROJECT_ROOT, VegaError, read_json
+from vega_utils.data.datasets import dataset_arg, dataset_of
 
 # The paper's ablations: each only sets flags (explicit flags still win); run.py --ablation NAME.
 ABLATIONS = {
@@ -92,7 +91,8 @@ class Config:
     ablation: Optional[str] = None
     # Run folders are named like the reference's `[MMDD-HHMM]`; False drops the brackets (no shell quoting).
     folder_brackets: bool = True
-    # stop after this many consecutive skipped training steps (non-finite loss or gradient; vega_utils/step_guard.py).
+    # stop after this many consecutive skipped training steps (non-finite loss or gradient;
+    # vega_utils/runs/step_guard.py).
     # The default is for configs saved before the key existed; the presets set it too.
     max_bad_steps: int = 10
     # The fast package (fast/) swaps its modules and packed layout into model.py's plain VEGA; False runs the
@@ -101,8 +101,8 @@ class Config:
     # Capture the training step's forward + losses (and backward) with torch.compile (fast/capture.py): for
     # GPUs, where a step waits on kernel launches; slower than the default on the CPU.
     compile: bool = False
-    threads: Optional[int] = None      # CPU threads; None: the cores this process may use (vega_utils/threads.py)
-    # each epoch's metrics as TensorBoard event files in the run folder (vega_utils/live.py), when installed
+    threads: Optional[int] = None      # CPU threads; None: the cores this process may use (vega_utils/runs/threads.py)
+    # each epoch's metrics as TensorBoard event files in the run folder (vega_utils/insight/live.py), when installed
     tensorboard: bool = True
     # Filled by resolve() from the dataset table; part of every saved config.
     text_dim: Optional[int] = None
@@ -145,14 +145,6 @@ def load_preset(dataset, spec=None):
     return cfg if info.builtin else cfg.replace(Dataset=dataset, name=info.name, dataset_spec=spec)
 
 
-def dataset_arg(value):
-    """--Dataset: IEMOCAP, MELD or the path of a dataset JSON (a bad value is argparse's one-line error)."""
-    if value in DATASETS or is_spec_path(value):
-        return value
-    raise argparse.ArgumentTypeError(f"unknown dataset {value!r}: choose one of {', '.join(DATASETS)} or give "
-                                     f"the path of a dataset JSON")
-
-
 def read_config_file(path):
     """A preset file (run.py --config; sweep.py writes the best trial's as one): {key: value} of config keys.
     Keys a run folder's config.json adds (git_commit, command, ...) are ignored; an unknown key is an error."""
@@ -192,7 +184,7 @@ def resolve(cfg):
     if None in (info.text_dim, info.audio_dim, info.visual_dim, info.n_speakers):   # left to the data by a JSON
         if data_path is None:
             raise VegaError(f"dataset {cfg.Dataset} names no data file: give --data_path or 'data_path' in it")
-        from dataloader import settle_from_data
+        from vega_utils.data.dialogues import settle_from_data
         info = settle_from_data(info, data_path)
     cfg = cfg.replace(
         text_dim=info.text_dim, audio_dim=info.audio_dim, visual_dim=info.visual_dim,
@@ -247,29 +239,6 @@ def check(cfg):
 FLAG_ALIASES = {"batch_size": ["--batch-size", "--batch_size"], "Dataset": ["--Dataset", "--dataset"],
                 "lr": ["--lr", "--learning_rate"], "l2": ["--l2", "--weight_decay"]}
 DERIVED = {"text_dim", "audio_dim", "visual_dim", "n_speakers", "n_classes", "dataset_spec"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags end in one `error: ...` line and exit status 2 (argparse would print the usage too).
-
-    No abbreviations (argparse's default took `--epoch 1` as `--epochs 1` silently); an unknown flag gets the
-    closest known ones as suggestions."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        hint = ""
-        if message.startswith("unrecognized arguments:"):
-            known = [f for f in self._option_string_actions if f.startswith("--")]
-            guesses = []
-            for flag in (w for w in message.split(":", 1)[1].split() if w.startswith("--")):
-                name = flag.split("=", 1)[0]
-                guesses += [g for g in difflib.get_close_matches(name, known, n=1, cutoff=0.6) if g not in guesses]
-            if guesses:
-                hint = f"; did you mean {' or '.join(guesses)}?"
-        self.exit(2, f"error: {message}{hint} (see --help)\n")
 
 
 def add_config_flags(parser, skip=()):

@@ -13,10 +13,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .common import VegaError
-from .datasets import DATASETS, DROPPED, MISSING, label_reader, source_label_name
+from vega_utils.common import VegaError
+from vega_utils.data.datasets import DATASETS, DROPPED, MISSING, label_reader, source_label_name
+from vega_utils.data.files import MODALITIES, first_line, missing_file, plain
+from vega_utils.data.openformat import read_npz
 
-MODALITIES = ("text", "audio", "visual")
 TUPLE_FIELDS = ("speakers", "labels", "text", "audio", "visual", "train ids", "test ids")
 
 
@@ -32,21 +33,6 @@ class Dialogue:
 
     def __len__(self):
         return self.labels.shape[0]
-
-
-def missing_file(path):
-    return VegaError(f"{path}: data file not found (give its location with --data_path; README.md, 'Getting the "
-                     f"data', says where the feature pickles come from; `python run.py --demo` needs none)")
-
-
-def first_line(e):
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else "no details"
-
-
-def plain(x):
-    """numpy scalars -> Python scalars, so ids print and compare like the ones in the dicts."""
-    return x.item() if isinstance(x, np.generic) else x
 
 
 def stored_matrix(raw):
@@ -255,7 +241,6 @@ def open_checked(path, info):
 def read_tables(path, check):
     """The file's per-dialogue tables (speakers, labels, text, audio, visual) and {split: dialogue ids}."""
     if str(path).lower().endswith(".npz"):
-        from .openformat import read_npz   # here: openformat imports this module
         return read_npz(path, check)
     speakers, labels, text, audio, visual, train_raw, test_raw = check.seven_tuple(read_pickle(path))
     tables = {"speakers": speakers, "labels": labels, "text": text, "audio": audio, "visual": visual}

@@ -1,5 +1,5 @@
 """Building an anchor cache from emotion face images with CLIP (spec section 4): which image is which class's,
-the CLIP features, the cache file (its layout: anchor_utils.py). transformers, Pillow and tqdm are imported
+the CLIP features, the cache file (its layout: bank.py). transformers, Pillow and tqdm are imported
 inside the functions that need them.
 
 Which image belongs to which class (the reference searched the label word anywhere in the *absolute*
@@ -23,8 +23,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .anchor_utils import AnchorBank
-from .common import VegaError, atomic_torch_save, resolve_device
+from vega_utils.anchors.bank import AnchorBank
+from vega_utils.common import VegaError, atomic_torch_save, resolve_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff")
 _LIST_LIMIT = 20  # files named in one message; the rest are counted

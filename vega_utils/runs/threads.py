@@ -48,7 +48,7 @@ def default_threads(jobs=1):
 def resolve_threads(threads=None, jobs=1):
     """The thread count a process uses: `threads` when given, else its share of the cores."""
     if threads is not None and threads < 1:
-        from .common import VegaError
+        from vega_utils.common import VegaError
         raise VegaError(f"--threads {threads} must be at least 1")
     return threads if threads else default_threads(jobs)
 

@@ -12,7 +12,8 @@ import pickle
 import numpy as np
 import torch
 
-from .common import _atomic_write, atomic_torch_save, dataset_info
+from vega_utils.common import _atomic_write, atomic_torch_save
+from vega_utils.data.datasets import dataset_info
 
 # Label counts of the real files (whole dataset), in class-id order: the class prior of the generator.
 REAL_CLASS_COUNTS = {

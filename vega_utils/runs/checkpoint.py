@@ -11,7 +11,7 @@ import zipfile
 
 import torch
 
-from .common import VegaError, atomic_torch_save
+from vega_utils.common import VegaError, atomic_torch_save
 
 FORMAT = "vega-checkpoint-v1"
 
@@ -33,7 +33,7 @@ def save_best(path, model, cfg, epoch, metrics):
 
 
 # The best epoch's VEGA branch (the projections and their temperatures), kept beside the backbone-only best
-# checkpoint so that the anchor analysis can be redone from the run folder (python -m vega_utils.analyze).
+# checkpoint so that the anchor analysis can be redone from the run folder (python -m vega_utils.insight.analyze).
 BRANCH_FILE = "best_vega_branch.pth"
 
 
@@ -209,7 +209,7 @@ def fitting_settings(state):
     """Config values a state_dict's shapes reveal: Dataset, hidden_dim, outlayer_num and whether the heads
     have dropout modules (`outlayer_dropout`). n_head, activations and dropout rates leave no trace in
     the shapes, so they cannot be recovered."""
-    from .common import DATASETS
+    from vega_utils.data.datasets import DATASETS
     found = {}
     speakers, audio = state.get("speaker_embeddings.weight"), state.get("acouf_input.weight")
     if torch.is_tensor(speakers) and speakers.dim() == 2:

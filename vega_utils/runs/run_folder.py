@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import torch
 
-from . import checkpoint
-from .common import VegaError, atomic_torch_save, atomic_write_text, git_commit, read_json
-from .config import Config, resolve
+from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text, git_commit, read_json
+from vega_utils.runs import checkpoint
+from vega_utils.runs.config import Config, resolve
 
 LAST = "last.pth"
 

@@ -5,13 +5,14 @@ own data"), passed as `--Dataset path/to/dataset.json`. Both give a DatasetInfo.
 description of a JSON dataset in its config (`dataset_spec`), so a checkpoint is scored with the classes,
 speakers and sizes it was trained with even where the JSON file is not.
 """
+import argparse
 import os
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
 
-from .common import VegaError, read_json
+from vega_utils.common import VegaError, read_json
 
 MISSING = -1        # an utterance without a label (e.g. the predict split)
 DROPPED = None      # a source label the dataset's label_map leaves out: the utterance is removed
@@ -264,3 +265,11 @@ def read_label_map(path, class_names):
         raise VegaError(f"label map {path}: {problem}")
     raw = read_json(path, "label map")
     return _label_map(raw, list(class_names), "label map", bad)
+
+
+def dataset_arg(value):
+    """--Dataset: IEMOCAP, MELD or the path of a dataset JSON (a bad value is argparse's one-line error)."""
+    if value in DATASETS or is_spec_path(value):
+        return value
+    raise argparse.ArgumentTypeError(f"unknown dataset {value!r}: choose one of {', '.join(DATASETS)} or give "
+                                     f"the path of a dataset JSON")

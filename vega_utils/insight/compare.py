@@ -1,12 +1,12 @@
 """Runs side by side, and whether their difference is more than noise:
 
-    python -m vega_utils.compare RUN_OR_AGGREGATE [RUN_OR_AGGREGATE ...] [--alpha 0.05] [--n_boot 10000]
+    python -m vega_utils.insight.compare RUN_OR_AGGREGATE [RUN_OR_AGGREGATE ...] [--alpha 0.05] [--n_boot 10000]
 
 Each argument is a run folder (run.py) or a seed-aggregate folder (run.py --seeds: aggregate.json). Prints and
 writes (into --out, default output/comparisons/<time>) a table of weighted F1, accuracy, macro F1, weighted
 precision, per-class F1 and the best epoch's anchor alignment (mean +- std over seeds for an aggregate), and, for
 every later run scored on the same test utterances as the first one, the paired bootstrap interval of the
-weighted-F1 difference and McNemar's exact test on the two prediction files (vega_utils/stats.py), each saying
+weighted-F1 difference and McNemar's exact test on the two prediction files (vega_utils/insight/stats.py), each saying
 whether the difference is significant at --alpha. Files: compare.md, compare.json, compare.png.
 """
 import argparse
@@ -17,11 +17,11 @@ import sys
 
 import numpy as np
 
-from . import report, stats
-from .analyze import run_config, run_name
-from .common import VegaError, atomic_write_text, dataset_info, exit_on_error, read_json
-from .run_folder import fresh_folder
-from .config import OneLineParser
+from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error, read_json
+from vega_utils.data.datasets import dataset_info
+from vega_utils.insight import report, stats
+from vega_utils.insight.analyze import run_config, run_name
+from vega_utils.runs.run_folder import fresh_folder
 
 HEADLINE = (("weighted_f1", "weighted F1"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
             ("weighted_precision", 'weighted precision (reference "ACC")'))
@@ -122,7 +122,8 @@ def paired(a, b, args):
     keys = ["dialogue_id", "utterance_index"]
     fa, fb = a["frame"], b["frame"]
     if len(fa) != len(fb) or fa.duplicated(keys).any():
-        return None, f"{b['name']} and {a['name']} were scored on different test sets ({len(fb)} vs {len(fa)} utterances)"
+        return None, (f"{b['name']} and {a['name']} were scored on different test sets "
+                      f"({len(fb)} vs {len(fa)} utterances)")
     merged = fa.merge(fb, on=keys, suffixes=("_a", "_b"))
     if len(merged) != len(fa) or (merged["label_a"] != merged["label_b"]).any():
         return None, f"{b['name']} and {a['name']} were scored on different test utterances or labels"
@@ -153,11 +154,12 @@ def describe(result, alpha):
 def plot(entries, rows, results, path, alpha):
     """Grouped bars of every percentage row (std bars for aggregates); beside them, each paired bootstrap's
     distribution of the weighted-F1 difference with its interval."""
-    from .report import _save_figure, plt
+    from vega_utils.insight.report import _save_figure, plt
     bars = [(title, values) for title, values, pct in rows if pct]
     ncols = 2 if results else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(max(9.0, 0.9 * len(bars) * max(1, len(entries) / 2) + 3) + 6 * (ncols - 1),
-                                                5.2), squeeze=False, gridspec_kw={"width_ratios": [3, 1.4][:ncols]})
+    fig_width = max(9.0, 0.9 * len(bars) * max(1, len(entries) / 2) + 3) + 6 * (ncols - 1)
+    fig, axes = plt.subplots(1, ncols, figsize=(fig_width, 5.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1.4][:ncols]})
     ax = axes[0, 0]
     width = 0.8 / len(entries)
     x = np.arange(len(bars))

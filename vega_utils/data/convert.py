@@ -1,10 +1,10 @@
 """Turn a reference feature pickle into the open .npz format and back; every number is kept as stored.
 
-    python -m vega_utils.convert data/IEMOCAP.pkl data/IEMOCAP.npz
-    python -m vega_utils.convert data/meld.npz data/meld.pkl --Dataset MELD
+    python -m vega_utils.data.convert data/IEMOCAP.pkl data/IEMOCAP.npz
+    python -m vega_utils.data.convert data/meld.npz data/meld.pkl --Dataset MELD
 
 The direction follows the file names (.pkl/.pickle <-> .npz). Both files go through the loader's checks
-(vega_utils/datacheck.py) for the dataset named by --Dataset (IEMOCAP, MELD or a dataset JSON), so a file
+(vega_utils/data/datacheck.py) for the dataset named by --Dataset (IEMOCAP, MELD or a dataset JSON), so a file
 that would not load is not converted. An existing output file is never replaced (--force replaces it).
 """
 import argparse
@@ -14,15 +14,15 @@ import sys
 
 import numpy as np
 
-from .common import VegaError, _atomic_write, exit_on_error
-from .datacheck import MODALITIES, open_checked, stored_matrix
-from .datasets import dataset_info
-from .openformat import write_npz
+from vega_utils.common import VegaError, _atomic_write, exit_on_error
+from vega_utils.data.datacheck import MODALITIES, open_checked, stored_matrix
+from vega_utils.data.datasets import dataset_info
+from vega_utils.data.openformat import write_npz
 
 
 def pickle_to_columns(path, info):
     """The open format's columns of a reference pickle, checked as the loader checks it."""
-    from dataloader import speaker_names
+    from vega_utils.data.dialogues import speaker_names
     check, tables, splits = open_checked(path, info)
     info = check.info
     both = set(splits["train"]) & set(splits["test"])
@@ -91,8 +91,9 @@ def convert(src, dst, dataset="IEMOCAP", force=False):
 
 
 def main(argv=None):
-    from .config import OneLineParser, dataset_arg
-    p = OneLineParser(prog="python -m vega_utils.convert", description=__doc__,
+    from vega_utils.common import OneLineParser
+    from vega_utils.data.datasets import dataset_arg
+    p = OneLineParser(prog="python -m vega_utils.data.convert", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a reference pickle (.pkl) or an open-format file (.npz)")
     p.add_argument("target", help="the file to write (.npz or .pkl)")

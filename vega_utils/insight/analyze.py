@@ -1,15 +1,16 @@
 """Look inside a finished run, at its best epoch:
 
-    python -m vega_utils.analyze "output/IEMOCAP/[1201-2235]_seed64" [--data_path P] [--anchor_path P]
+    python -m vega_utils.insight.analyze "output/IEMOCAP/[1201-2235]_seed64" [--data_path P] [--anchor_path P]
 
 Writes into RUN/analysis/ (analysis-2, -3, ... when it exists; nothing is overwritten):
 - map_pca.png, map_tsne.png: 2-D maps (scikit-learn PCA and t-SNE) of each head's projected test features,
   coloured by class, with the class-centre anchors and the anchor images;
-- the anchor-alignment table (vega_utils/alignment.py), recomputed from the saved weights and the anchors and
+- the anchor-alignment table (vega_utils/insight/alignment.py), recomputed from the saved weights and the anchors and
   checked against metrics.jsonl's numbers of the same epoch;
 - head_agreement.png: how often each pair of heads (the four classifiers and, with the VEGA branch, the four
   nearest-anchor predictions) predicts the same class;
-- breakdown.png: weighted F1 by position, dialogue length, speaker and on emotion shifts (vega_utils/breakdown.py);
+- breakdown.png: weighted F1 by position, dialogue length, speaker and on emotion shifts
+  (vega_utils/insight/breakdown.py);
 - analysis.md (every table) and analysis.json (every number).
 A run without the VEGA branch (--ablation no_vega) has no projections: the anchor parts are skipped.
 The best epoch's backbone comes from its BEST_*.pth, the VEGA branch from best_vega_branch.pth.
@@ -22,12 +23,13 @@ import sys
 
 import torch
 
-from model import VEGA, pick_anchors   # a command, not a helper: it rebuilds the plain model of a run
-
-from . import alignment, anchor_maps, breakdown, checkpoint, report
-from .common import VegaError, atomic_write_text, dataset_info, exit_on_error, resolve_device
-from .run_folder import config_of_run as run_config, fresh_folder
-from .config import OneLineParser
+from model import VEGA, pick_anchors  # a command, not a helper: it rebuilds the plain model of a run
+from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error, resolve_device
+from vega_utils.data.datasets import dataset_info
+from vega_utils.insight import alignment, anchor_maps, breakdown, report
+from vega_utils.runs import checkpoint
+from vega_utils.runs.run_folder import config_of_run as run_config
+from vega_utils.runs.run_folder import fresh_folder
 
 HEADS = alignment.HEADS
 
@@ -64,7 +66,8 @@ def project_test_set(model, cfg, data_path, anchors, device):
 
     model.py's plain model computes the reference's padded layout (every (dialogue, position) is a row, in order),
     so a forward hook on `{m}_clip_proj` sees (B*L, K) rows that map back to (B, L, K) positions directly."""
-    from dataloader import load_dialogues, make_loaders
+    from dataloader import make_loaders
+    from vega_utils.data.dialogues import load_dialogues
     data = load_dialogues(data_path, cfg.Dataset)
     loader = make_loaders(data, cfg)["test"]
     seen, hooks = {}, []
@@ -169,7 +172,7 @@ def analyze(args, log=print):
     model, epoch, has_branch = load_model(cfg, run_dir, device, log)
     bank = None
     if has_branch:
-        from .anchor_utils import load_anchor_cache
+        from vega_utils.anchors.bank import load_anchor_cache
         bank = load_anchor_cache(args.anchor_path or cfg.anchor_path, class_names, expected_dim=cfg.clip_dim)
     anchors = pick_anchors(bank, training=False, rand=0.0).to(device) if bank is not None else None
     ev = project_test_set(model, cfg, args.data_path or cfg.data_path, anchors, device)
@@ -209,9 +212,9 @@ def agreement_markdown(names, matrix, scores):
 
 
 def main(argv=None):
-    from threadpoolctl import threadpool_limits   # scikit-learn's dependency: its OpenMP and BLAS pools
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency: its OpenMP and BLAS pools
 
-    from .threads import apply_threads, resolve_threads
+    from vega_utils.runs.threads import apply_threads, resolve_threads
     args = parser().parse_args(argv)
 
     def command():

@@ -2,7 +2,8 @@
 
     tensorboard --logdir output/
 
-The event files sit in the run folder itself, so TensorBoard names each run by its folder (`IEMOCAP/[1201-2235]_seed64`).
+The event files sit in the run folder itself, so TensorBoard names each run by its folder
+(`IEMOCAP/[1201-2235]_seed64`).
 Tags group the scalars into TensorBoard's sections (`loss/`, `f1/`, `metrics/`, `alignment/`, ...), see `tag()`.
 The step is the epoch number. A resumed run purges the steps after its last saved epoch, so an epoch that was
 logged but not saved in last.pth (a crash between the two writes) is not shown twice.

@@ -1,0 +1,3 @@
+"""Insight into runs: metrics, prediction files, plots and multi-seed summaries (report.py), live TensorBoard curves
+(live.py), anchor alignment (alignment.py), a finished run's analysis (analyze.py, with its maps in anchor_maps.py and
+breakdowns in breakdown.py) and runs compared with paired significance tests (compare.py, stats.py)."""
