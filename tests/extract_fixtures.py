@@ -8,7 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-
 from anchor_fixtures import make_tiny_clip  # noqa: E402
 
 SENTENCES = ["excuse me", "do you have your forms", "yeah", "let me see them", "is there a problem",

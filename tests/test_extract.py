@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from extract_fixtures import make_iemocap_tree, make_manifest, make_meld_tree, make_models, write_mp4, write_wav
+from extract_fixtures import make_iemocap_tree, make_manifest, make_meld_tree, make_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -87,6 +87,7 @@ def test_text_context_mean_pooling_reads_only_the_utterance(setup, tmp_path):
 
 def test_is10_audio_equals_opensmile_on_the_decoded_samples(setup, meld_out):
     import opensmile
+
     from vega_utils.features.audio import smile_config
     z = load(meld_out)
     clip = os.path.join(setup["meld"], "train_splits", "dia0_utt1.mp4")
@@ -151,8 +152,9 @@ def test_meld_run_like_and_inference_end_to_end(setup, meld_out, tmp_path):
 
 def test_killed_extraction_resumes_to_the_same_file(setup, tmp_path):
     clips = os.path.join(setup["meld"], "train_splits")
-    rows = [{"dialogue_id": f"d{k // 3}", "speaker": "a", "text": t, "video": os.path.join(clips, f"dia0_utt{k % 4}.mp4"),
-             "label": "x", "split": "train"} for k, t in enumerate(["excuse me", "yeah", "you did", "oh god no", "okay"])]
+    texts = ["excuse me", "yeah", "you did", "oh god no", "okay"]
+    rows = [{"dialogue_id": f"d{k // 3}", "speaker": "a", "text": t, "label": "x", "split": "train",
+             "video": os.path.join(clips, f"dia0_utt{k % 4}.mp4")} for k, t in enumerate(texts)]
     manifest = make_manifest(str(tmp_path), rows)
     whole, resumed = str(tmp_path / "whole.npz"), str(tmp_path / "resumed.npz")
     args = flags(setup, "--manifest", manifest, "--shard_size", "2", "--audio", "egemaps")

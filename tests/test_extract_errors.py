@@ -5,10 +5,10 @@ import pickle
 
 import numpy as np
 import pytest
+from anchor_fixtures import make_tiny_clip
 from extract_fixtures import make_manifest, make_tiny_text_model, write_mp4, write_wav
 
 import extract
-from anchor_fixtures import make_tiny_clip
 
 
 @pytest.fixture(scope="module")

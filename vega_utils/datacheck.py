@@ -99,7 +99,7 @@ class FileChecker:
         else:
             keys = ("utterance_ids", "speakers", "labels", *MODALITIES, "sentences")
             train_raw, test_raw = raw[7], raw[8]
-        for k, key in enumerate(keys):
+        for k in range(len(keys)):
             if not isinstance(raw[k], Mapping):
                 self.fail(f"element {k} ({fields[k]}) is a {type(raw[k]).__name__}, "
                           "expected a dict keyed by dialogue id")

@@ -26,7 +26,8 @@ COLUMNS = {"dialogue_id": 1, "position": 1, "speaker": 1, "label": 1, "split": 1
            "visual": 2}
 OPTIONAL = {"utterance_id": 1, "sentence": 1, "extraction": 0}
 SPLITS = ("train", "valid", "test", "predict")
-KINDS = {"utterance_id": "iuU", "sentence": "U", "extraction": "U", "dialogue_id": "iuU", "position": "iu", "speaker": "iuU", "label": "iuU", "split": "U",
+KINDS = {"utterance_id": "iuU", "sentence": "U", "extraction": "U",
+         "dialogue_id": "iuU", "position": "iu", "speaker": "iuU", "label": "iuU", "split": "U",
          "text": "fiu", "audio": "fiu", "visual": "fiu"}
 
 

@@ -133,8 +133,9 @@ def extract(utterances, settings, work, out, source, dropped_labels, expected=No
     extractors = build_extractors(settings, work)
     described = {m: e.describe() for m, e in extractors.items()}
     if expected is not None and expected[1] != described:
-        raise VegaError(f"--like {expected[0]}: the models found here differ from the recorded ones (weights or "
-                        f"settings), so the extraction cannot be repeated: {sorted(describe_change(expected[1], described))}")
+        raise VegaError(f"--like {expected[0]}: the {', '.join(describe_change(expected[1], described))} model(s) "
+                        f"found here differ from the recorded ones (weights or settings), so the extraction "
+                        f"cannot be repeated")
     keys = [(u.row, u.dialogue_id, u.position, u.text, u.audio, u.video, u.start, u.end) for u in utts]
     plan = {"extractors": described, "shard_size": work.shard_size,
             "utterances": hashlib.sha256(json.dumps(keys).encode()).hexdigest()}
