@@ -10,7 +10,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from vega_utils.common import VegaError
 from vega_utils.data.datacheck import MODALITIES
-from vega_utils.data.dialogues import DialogueData, load_dialogues, settle_from_data, speaker_names  # noqa: F401
+from vega_utils.data.dialogues import (  # noqa: F401  (where callers have always found them)
+    DialogueData,
+    load_dialogues,
+    settle_from_data,
+    speaker_names,
+    utterance_names,
+)
 
 
 @dataclass

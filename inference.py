@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import train
-from dataloader import DialogueDataset, collate, load_dialogues, speaker_names
+from dataloader import DialogueDataset, collate, load_dialogues, speaker_names, utterance_names
 from main import build_model
 from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error, resolve_device
 from vega_utils.data.datasets import dataset_arg, info_of
+from vega_utils.data.openformat import read_extraction
 from vega_utils.insight import report
 from vega_utils.runs import checkpoint, threads
 from vega_utils.runs.config import ACTIVATIONS, AMP_CHOICES, Config, load_preset, resolve
@@ -185,12 +186,22 @@ def split_loader(data, cfg, split, pin_memory):
 
 def evaluate(model, cfg, args, device, amp_dtype):
     data = load_dialogues(cfg.data_path, info_of(cfg))
+    check_extraction(cfg)
     if data.describe_dropped():
         print(data.describe_dropped())
     loader = split_loader(data, cfg, args.split, pin_memory=device.type == "cuda")
     progress = not args.no_progress and sys.stderr.isatty()
-    return train.eval_epoch(model, loader, cfg, None, None, device, amp_dtype, with_losses=False,
-                            desc=f"scoring {args.split}", progress=progress)
+    ev = train.eval_epoch(model, loader, cfg, None, None, device, amp_dtype, with_losses=False,
+                          desc=f"scoring {args.split}", progress=progress)
+    return {**ev, "named": utterance_names(data, ev["dialogue_ids"], ev["utterance_index"])}
+
+
+def check_extraction(cfg):
+    """Features made by extract.py must come from the extraction the checkpoint was trained on."""
+    trained = (cfg.dataset_spec or {}).get("extraction")
+    if trained and str(cfg.data_path).lower().endswith(".npz"):
+        from vega_utils.features.record import require_same_extraction
+        require_same_extraction(trained, read_extraction(cfg.data_path), cfg.data_path)
 
 
 # ---------------------------------------------------------------- report
@@ -229,7 +240,7 @@ def write_outputs(args, cfg, ev, context, class_names, numbers):
         names = speaker_names(info_of(cfg))
         report.write_predictions_csv(args.predictions_out, ev["dialogue_ids"], ev["utterance_index"],
                                      [names[s] for s in ev["speakers"]], ev["labels"], ev["preds"]["all"],
-                                     ev["probs"], class_names)
+                                     ev["probs"], class_names, ev["named"])
         print(f"predictions: {args.predictions_out}")
     if args.json:
         body = {**context, "class_names": class_names, **numbers}

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 import train
-from dataloader import load_dialogues, make_loaders, speaker_names, split_validation
+from dataloader import load_dialogues, make_loaders, speaker_names, split_validation, utterance_names
 from fast import ShadowAdam, accelerate, cpu_kernels, is_accelerated
 from fast.capture import capture
 from model import VEGA
@@ -95,7 +95,7 @@ def eval_metrics(prefix, ev, class_names):
     return row, m
 
 
-def save_best_outputs(run_dir, cfg, ev, metrics, epoch, class_names, model, best_path):
+def save_best_outputs(run_dir, cfg, ev, metrics, epoch, class_names, model, best_path, data=None):
     f1 = metrics["weighted_f1"]
     path = os.path.join(run_dir, f"BEST_cls_f1_[{100 * f1:.2f}]_epoch{epoch}.pth")
     checkpoint.save_best(path, model, cfg, epoch, metrics)
@@ -106,7 +106,8 @@ def save_best_outputs(run_dir, cfg, ev, metrics, epoch, class_names, model, best
     names = speaker_names(info_of(cfg))
     report.write_predictions_csv(os.path.join(run_dir, "predictions.csv"), ev["dialogue_ids"],
                                  ev["utterance_index"], [names[s] for s in ev["speakers"]], ev["labels"],
-                                 ev["preds"]["all"], ev["probs"], class_names)
+                                 ev["preds"]["all"], ev["probs"], class_names,
+                                 utterance_names(data, ev["dialogue_ids"], ev["utterance_index"]) if data else None)
     report.plot_confusion(metrics["confusion"], class_names, os.path.join(run_dir, "confusion.png"),
                           title=f"{cfg.Dataset} test, epoch {epoch}, weighted F1 {100 * f1:.2f}")
     return path
@@ -238,7 +239,7 @@ def keep_epoch(cfg, run, run_dir, state, row, evals, curves):
         state["best_metrics"] = {"test": test_metrics, "selected_f1": selected_f1,
                                  **({"valid": evals["valid"][1]} if run.valid_ids else {})}
         state["best_path"] = save_best_outputs(run_dir, cfg, ev, test_metrics, row["epoch"], run.info.class_names,
-                                               run.model, state["best_path"])
+                                               run.model, state["best_path"], run.data)
     else:
         state["bad_epochs"] += 1
     state["epoch"] = row["epoch"]

@@ -5,10 +5,11 @@ import importlib
 import os
 import pkgutil
 
-import vega_utils
 from conftest import ROOT
 
-ROOMS = ("data", "anchors", "runs", "insight", "sweep")
+import vega_utils
+
+ROOMS = ("data", "features", "anchors", "runs", "insight", "sweep")
 
 
 def project_modules():

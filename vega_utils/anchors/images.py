@@ -157,7 +157,9 @@ def _pixels_of(path, processor):
     return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
-def _embed(model, pixels, device):
+def image_features(model, pixels, device):
+    """L2-normalised CLIP image features [n, K] of n pixel tensors [3, S, S]: the one image-feature function of
+    the anchor builder and of extract.py's visual features."""
     with torch.no_grad():
         out = model.get_image_features(pixel_values=torch.stack(pixels).to(device))
     return F.normalize(feature_tensor(out).float(), dim=-1).cpu()
@@ -176,10 +178,10 @@ def class_features(paths, model, processor, device, batch_size, skip_bad_images,
             _warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
         bar.update(1)
         if len(batch) == batch_size:
-            chunks.append(_embed(model, batch, device))
+            chunks.append(image_features(model, batch, device))
             batch = []
     if batch:
-        chunks.append(_embed(model, batch, device))
+        chunks.append(image_features(model, batch, device))
     return torch.cat(chunks) if chunks else torch.empty(0, model.config.projection_dim)
 
 

@@ -31,6 +31,9 @@ def pickle_to_columns(path, info):
                    f"format gives each dialogue one split")
     names = speaker_names(info)
     cols = {k: [] for k in ("dialogue_id", "position", "speaker", "label", "split", *MODALITIES)}
+    named = {"utterance_id": "utterance_ids", "sentence": "sentences"}   # column -> table, where the file has it
+    named = {col: table for col, table in named.items() if table in tables}
+    cols.update({col: [] for col in named})
     for split in ("train", "test"):
         for vid in splits[split]:
             check.dialogue(vid, split, tables)      # every check of the loader, before converting
@@ -42,6 +45,8 @@ def pickle_to_columns(path, info):
             cols["split"] += [split] * n
             for m in MODALITIES:
                 cols[m].append(stored_matrix(tables[m][vid]))
+            for col, table in named.items():
+                cols[col] += [str(v) for v in tables[table][vid]]
     out = {k: np.asarray(v) for k, v in cols.items() if k not in MODALITIES}
     out.update({m: np.concatenate(cols[m]) for m in MODALITIES})   # (U, D), the stored dtype
     out["position"] = out["position"].astype(np.int64)

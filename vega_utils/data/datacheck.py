@@ -9,6 +9,7 @@ import pickle
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,7 +19,15 @@ from vega_utils.data.datasets import DATASETS, DROPPED, MISSING, label_reader, s
 from vega_utils.data.files import MODALITIES, first_line, missing_file, plain
 from vega_utils.data.openformat import read_npz
 
+UTTERANCE_TEXT = ("utterance_ids", "sentences")   # optional per-utterance tables (strings), kept for reports
 TUPLE_FIELDS = ("speakers", "labels", "text", "audio", "visual", "train ids", "test ids")
+# The pickle layouts the field circulates, by length: (name, field names). The 9- and 10-tuples lead with
+# per-dialogue utterance ids and carry the sentences; MELD's adds the sentiment labels last.
+CIRCULATED = ("videoIDs", "videoSpeakers", "videoLabels", "videoText", "videoAudio", "videoVisual",
+              "videoSentence", "trainVid", "testVid")
+LAYOUTS = {7: ("the 7-tuple reference layout", TUPLE_FIELDS),
+           9: ("the 9-tuple IEMOCAP layout", CIRCULATED),
+           10: ("the 10-tuple MELD layout", CIRCULATED + ("videoSentiment",))}
 
 
 @dataclass
@@ -30,6 +39,8 @@ class Dialogue:
     visual: torch.Tensor       # (n, D_visual) float32
     speakers: torch.Tensor     # (n,) long
     labels: torch.Tensor       # (n,) long: class id, -1 where the utterance has no label
+    utterance_ids: Optional[list] = None   # n str, where the file names its utterances
+    sentences: Optional[list] = None       # n str, where the file carries the spoken text
 
     def __len__(self):
         return self.labels.shape[0]
@@ -61,16 +72,24 @@ class FileChecker:
         raise VegaError(f"{self.path}: {problem}")
 
     def seven_tuple(self, raw):
-        expected = "a 7-tuple (" + ", ".join(TUPLE_FIELDS) + ")"
+        """(layout name, per-dialogue tables, train ids, test ids) of a pickle in one of the LAYOUTS."""
+        known = "; ".join(f"{name} ({', '.join(fields)})" for name, fields in LAYOUTS.values())
+        expected = f"a 7-tuple or one of the layouts it knows: {known}"
         if not isinstance(raw, (tuple, list)):
             self.fail(f"expected {expected}, found a {type(raw).__name__}")
-        if len(raw) != 7:
+        if len(raw) not in LAYOUTS:
             self.fail(f"expected {expected}, found a {type(raw).__name__} of length {len(raw)}")
-        for k, name in enumerate(TUPLE_FIELDS[:5]):
+        name, fields = LAYOUTS[len(raw)]
+        if len(raw) == 7:
+            keys, train_raw, test_raw = ("speakers", "labels", *MODALITIES), raw[5], raw[6]
+        else:
+            keys = ("utterance_ids", "speakers", "labels", *MODALITIES, "sentences")
+            train_raw, test_raw = raw[7], raw[8]
+        for k in range(len(keys)):
             if not isinstance(raw[k], Mapping):
-                self.fail(f"element {k} ({name}) is a {type(raw[k]).__name__}, "
+                self.fail(f"element {k} ({fields[k]}) is a {type(raw[k]).__name__}, "
                           "expected a dict keyed by dialogue id")
-        return raw
+        return name, dict(zip(keys, raw)), train_raw, test_raw
 
     def id_list(self, raw, split, allow_empty=False):
         if isinstance(raw, (str, bytes, Mapping)) or not hasattr(raw, "__iter__"):
@@ -97,8 +116,10 @@ class FileChecker:
         feats = {m: self.features(vid, m, tables[m][vid]) for m in MODALITIES}
         labels = self.as_list(vid, "labels", tables["labels"][vid])
         speakers = self.as_list(vid, "speakers", tables["speakers"][vid])
-        self.lengths(vid, {**{m: x.shape[0] for m, x in feats.items()},
-                           "labels": len(labels), "speakers": len(speakers)})
+        named = {k: [str(plain(v)) for v in self.as_list(vid, k, tables[k][vid])] for k in UTTERANCE_TEXT
+                 if k in tables}
+        self.lengths(vid, {**{m: x.shape[0] for m, x in feats.items()}, "labels": len(labels),
+                           "speakers": len(speakers), **{k: len(v) for k, v in named.items()}})
         for m, x in feats.items():
             self.feature_values(vid, m, x)
         speaker_ids = self.speaker_ids(vid, speakers)
@@ -114,6 +135,7 @@ class FileChecker:
             **{m: torch.from_numpy(np.ascontiguousarray(x)) for m, x in feats.items()},
             speakers=torch.tensor([speaker_ids[i] for i in keep], dtype=torch.long),
             labels=torch.tensor([label_ids[i] for i in keep], dtype=torch.long),
+            **{k: [v[i] for i in keep] for k, v in named.items()},
         )
 
     def features(self, vid, modality, raw):
@@ -242,8 +264,9 @@ def read_tables(path, check):
     """The file's per-dialogue tables (speakers, labels, text, audio, visual) and {split: dialogue ids}."""
     if str(path).lower().endswith(".npz"):
         return read_npz(path, check)
-    speakers, labels, text, audio, visual, train_raw, test_raw = check.seven_tuple(read_pickle(path))
-    tables = {"speakers": speakers, "labels": labels, "text": text, "audio": audio, "visual": visual}
+    layout, tables, train_raw, test_raw = check.seven_tuple(read_pickle(path))
+    if layout != LAYOUTS[7][0]:
+        print(f"{path}: {layout}")
     return tables, {"train": check.id_list(train_raw, "train"), "test": check.id_list(test_raw, "test")}
 
 

@@ -36,6 +36,7 @@ class DatasetInfo:
     anchor_words: Optional[dict] = None      # image folder / file-name word -> class name (anchor builder)
     preset: str = "IEMOCAP"            # configs/<preset>.json gives the hyper-parameters
     builtin: bool = False
+    extraction: Optional[dict] = None  # how extract.py made the features (its record), kept with the run
 
     def to_dict(self):
         return asdict(self)
@@ -59,7 +60,7 @@ DATASETS = {
     ),
 }
 SPEC_KEYS = ("name", "classes", "source", "source_classes", "label_map", "speakers", "class_weights",
-             "data_path", "preset", "text_dim", "audio_dim", "visual_dim", "anchor_label_map")
+             "data_path", "preset", "text_dim", "audio_dim", "visual_dim", "anchor_label_map", "extraction")
 
 
 def is_spec_path(name):
@@ -141,6 +142,7 @@ def read_spec(path):
         source_classes=tuple(source_classes) if source_classes is not None else None,
         anchor_words=_label_map(raw.get("anchor_label_map"), classes, "anchor_label_map", bad),
         preset=raw.get("preset", base.preset if base else "IEMOCAP"),
+        extraction=raw.get("extraction") if isinstance(raw.get("extraction"), dict) else None,
     )
     if info.preset not in DATASETS:
         bad(f"preset {info.preset!r} is not one of {', '.join(DATASETS)}")

@@ -52,6 +52,15 @@ def speaker_names(dataset):
     return list(info.speakers) if info.speakers else [str(i) for i in range(info.n_speakers)]
 
 
+def utterance_names(data, dialogue_ids, utterance_index):
+    """{utterance_id, text: one value per scored utterance} where the data file names its utterances, else {}."""
+    out = {}
+    for column, attr in (("utterance_id", "utterance_ids"), ("text", "sentences")):
+        if all(getattr(data.records[v], attr) is not None for v in set(dialogue_ids)):
+            out[column] = [getattr(data.records[v], attr)[int(i)] for v, i in zip(dialogue_ids, utterance_index)]
+    return out if dialogue_ids is not None and len(dialogue_ids) else {}
+
+
 def load_dialogues(path, dataset):
     """Read a data file (the 7-tuple pickle of spec section 1, or the open .npz format) and check all of it;
     a problem raises a one-line VegaError. `dataset`: a name, a dataset JSON path or a DatasetInfo.

@@ -7,6 +7,10 @@ One row per utterance (README, "Your own data", documents every column):
     label        (U,) int or str     class id / name, or the source file's label for a label_map; -1 or "" = none
     split        (U,) str            train, valid, test or predict (one per dialogue)
     text, audio, visual  (U, D)      the feature matrices
+Optional entries:
+    utterance_id (U,) str or int     the source's name of each utterance (reports carry it)
+    sentence     (U,) str            what was said (reports carry it as `text`; `text` holds the features)
+    extraction   ()   str            the extraction record (JSON text) of features made by extract.py
 The reader turns the columns into the same per-dialogue tables as the pickle, so every check of the pickle
 loader (vega_utils/data/datacheck.py) holds with the same messages.
 """
@@ -20,8 +24,10 @@ from vega_utils.data.files import MODALITIES, first_line, missing_file, plain
 
 COLUMNS = {"dialogue_id": 1, "position": 1, "speaker": 1, "label": 1, "split": 1, "text": 2, "audio": 2,
            "visual": 2}
+OPTIONAL = {"utterance_id": 1, "sentence": 1, "extraction": 0}
 SPLITS = ("train", "valid", "test", "predict")
-KINDS = {"dialogue_id": "iuU", "position": "iu", "speaker": "iuU", "label": "iuU", "split": "U",
+KINDS = {"utterance_id": "iuU", "sentence": "U", "extraction": "U",
+         "dialogue_id": "iuU", "position": "iu", "speaker": "iuU", "label": "iuU", "split": "U",
          "text": "fiu", "audio": "fiu", "visual": "fiu"}
 
 
@@ -42,15 +48,21 @@ def read_columns(path, check):
         missing = [c for c in COLUMNS if c not in found]
         if missing:
             check.fail(f"lacks column(s) {', '.join(missing)} (the open format has {', '.join(COLUMNS)})")
-        unknown = sorted(found - set(COLUMNS))
+        unknown = sorted(found - set(COLUMNS) - set(OPTIONAL))
         if unknown:
-            check.fail(f"has unknown column(s) {', '.join(unknown)} (the open format has {', '.join(COLUMNS)})")
-        cols = {name: _column(archive, name, check) for name in COLUMNS}
+            check.fail(f"has unknown column(s) {', '.join(unknown)} (the open format has {', '.join(COLUMNS)}, "
+                       f"optionally {', '.join(OPTIONAL)})")
+        cols = {name: _column(archive, name, check) for name in [*COLUMNS, *OPTIONAL] if name in found}
     rows = len(cols["dialogue_id"])
+    shapes = {**COLUMNS, **OPTIONAL}
     for name, x in cols.items():
-        if x.ndim != COLUMNS[name]:
+        if name == "extraction":
+            if x.ndim != 0 or x.dtype.kind != "U":
+                check.fail("entry 'extraction' must be one text (the extraction record as JSON)")
+            continue
+        if x.ndim != shapes[name]:
             check.fail(f"column {name!r} has shape {list(x.shape)}, expected "
-                       f"{'[rows]' if COLUMNS[name] == 1 else '[rows, dim]'}")
+                       f"{'[rows]' if shapes[name] == 1 else '[rows, dim]'}")
         if x.dtype.kind not in KINDS[name]:
             check.fail(f"column {name!r} holds {x.dtype}, expected {_kind_words(KINDS[name])}")
         if x.shape[0] != rows:
@@ -106,6 +118,9 @@ def read_npz(path, check):
         tables["labels"][vid] = [plain(v) for v in cols["label"][rows]]
         for m in MODALITIES:
             tables[m][vid] = cols[m][rows]                     # (n, D), the stored dtype
+        for table, name in (("utterance_ids", "utterance_id"), ("sentences", "sentence")):
+            if name in cols:
+                tables.setdefault(table, {})[vid] = [plain(v) for v in cols[name][rows]]
         splits[split_values[0]].append(vid)
     return tables, splits
 
@@ -114,9 +129,16 @@ def _short(values, limit=8):
     return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...]"
 
 
+def read_extraction(path):
+    """The extraction record (a dict) an .npz carries, or None (features not made by extract.py)."""
+    import json
+    with np.load(path, allow_pickle=False) as archive:
+        return json.loads(str(archive["extraction"])) if "extraction" in archive.files else None
+
+
 def write_npz(path, columns):
-    """Write the columns (a dict of numpy arrays, COLUMNS' names) atomically, compressed."""
-    arrays = {name: np.asarray(columns[name]) for name in COLUMNS}
+    """Write the columns (a dict of numpy arrays, COLUMNS' names and any of OPTIONAL's) atomically, compressed."""
+    arrays = {name: np.asarray(columns[name]) for name in [*COLUMNS, *OPTIONAL] if name in columns}
     for name, x in arrays.items():
         if x.dtype.kind == "O":
             raise ValueError(f"column {name!r} is an object array; give numbers or text")

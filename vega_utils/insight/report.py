@@ -99,9 +99,11 @@ def _prob_columns(class_names):
     return [f"p_{name}" for name in class_names]
 
 
-def write_predictions_csv(path, dialogue_ids, utterance_index, speakers, labels, preds, probs, class_names):
+def write_predictions_csv(path, dialogue_ids, utterance_index, speakers, labels, preds, probs, class_names,
+                          named=None):
     """One row per scored utterance; label and prediction as class names, then one probability per class.
-    An utterance without a label (id -1, the predict split) gets an empty label."""
+    An utterance without a label (id -1, the predict split) gets an empty label. named: {column: values} of
+    what the data file says of each utterance (utterance_id, text), placed after utterance_index."""
     n_classes = len(class_names)
     y_true = np.asarray(labels).reshape(-1)
     y_true = np.where(y_true == -1, n_classes, _as_label_array(np.where(y_true == -1, 0, y_true), n_classes,
@@ -120,6 +122,7 @@ def write_predictions_csv(path, dialogue_ids, utterance_index, speakers, labels,
     frame = pd.DataFrame({
         "dialogue_id": columns[0],
         "utterance_index": np.asarray(columns[1], dtype=np.int64),
+        **{k: list(v) for k, v in (named or {}).items()},
         "speaker": columns[2],
         "label": names[y_true],
         "prediction": names[y_pred],

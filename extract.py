@@ -1,0 +1,118 @@
+"""Features from raw conversations: text, audio and visual features of every utterance, written in the open
+.npz format with a dataset JSON beside it, so that `python run.py --Dataset OUT.json` trains on them.
+
+    python extract.py --layout meld --root MELD.Raw --out data/meld_own.npz
+    python extract.py --manifest talks.csv --out data/talks.npz --audio egemaps --frames 4
+    python extract.py --like data/meld_own.json --manifest new.csv --out data/new.npz
+
+docs/extract.md describes every extractor, the manifest, resuming and the errors.
+"""
+import argparse
+import sys
+
+from vega_utils.common import OneLineParser, VegaError, exit_on_error, read_json
+from vega_utils.features.pipeline import Settings, Work, extract
+from vega_utils.features.text import POOLINGS
+
+DEFAULTS = Settings()
+
+
+def parser():
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_argument_group("input (one of --manifest, --layout with --root)")
+    source.add_argument("--manifest", metavar="CSV", help="one row per utterance (docs/extract.md, 'The manifest')")
+    source.add_argument("--layout", choices=["meld", "iemocap"], help="read a MELD or IEMOCAP release folder")
+    source.add_argument("--root", metavar="DIR", help="the release folder of --layout")
+    source.add_argument("--like", metavar="JSON", help="repeat the extraction that wrote this dataset JSON "
+                        "(same models, pooling, frames, audio set, classes and speakers)")
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="the features; the dataset JSON goes beside it")
+    p.add_argument("--text_model", default=DEFAULTS.text_model, help="hub name or local folder (default: %(default)s)")
+    p.add_argument("--text_pooling", choices=POOLINGS, default=DEFAULTS.text_pooling,
+                   help="cls: first token; mean: the utterance's tokens (default: %(default)s)")
+    p.add_argument("--text_context", type=int, default=DEFAULTS.text_context,
+                   help="preceding utterances of the dialogue read with each one (default: %(default)s)")
+    p.add_argument("--max_length", type=int, default=DEFAULTS.max_length,
+                   help="tokens per sequence; longer ones are truncated and counted (default: %(default)s)")
+    p.add_argument("--audio", default=DEFAULTS.audio,
+                   help="is10, egemaps, compare or hf:MODEL (default: %(default)s)")
+    p.add_argument("--sample_rate", type=int, default=DEFAULTS.sample_rate,
+                   help="audio is resampled to this rate in Hz (default: %(default)s)")
+    p.add_argument("--visual_model", default=DEFAULTS.visual_model,
+                   help="CLIP model, hub name or local folder (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=DEFAULTS.frames,
+                   help="frames taken evenly over each utterance's video segment (default: %(default)s)")
+    p.add_argument("--faces", action="store_true", help="crop frames to the largest face (default: whole frames)")
+    p.add_argument("--classes", help="comma-separated class names in id order (default: the labels found, sorted)")
+    p.add_argument("--speaker_ids", choices=["name", "dialogue"], default=None,
+                   help="speakers by name, or numbered per dialogue by first turn (default: dialogue for "
+                        "--layout meld, name otherwise)")
+    p.add_argument("--batch_size", type=int, default=32, help="utterances per forward pass (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=1, help="audio worker processes (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--shard_size", type=int, default=256,
+                   help="utterances per resumable shard (default: %(default)s)")
+    p.add_argument("--on_error", choices=["error", "skip"], default="error",
+                   help="stop at a bad utterance, or drop it and list it in the record (default: %(default)s)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars (default: shown)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (default: off)")
+    return p
+
+
+def read_source(args):
+    """(utterances, what they came from, dropped label counts, preset, speaker numbering)."""
+    from collections import Counter
+
+    from vega_utils.features.manifest import read_manifest
+    from vega_utils.features.releases import read_iemocap, read_meld
+    if bool(args.manifest) == bool(args.layout):
+        raise VegaError("give the input: --manifest CSV, or --layout meld|iemocap with --root DIR")
+    if args.manifest:
+        return read_manifest(args.manifest), args.manifest, Counter(), "IEMOCAP", "name"
+    if not args.root:
+        raise VegaError(f"--layout {args.layout} needs --root DIR, the release folder")
+    utterances, dropped = (read_meld if args.layout == "meld" else read_iemocap)(args.root)
+    return utterances, args.root, dropped, args.layout.upper(), "dialogue" if args.layout == "meld" else "name"
+
+
+def settings_of(args, preset, speaker_ids):
+    if args.like:
+        spec = read_json(args.like, "dataset file")
+        record = spec.get("extraction") if isinstance(spec, dict) else None
+        if not isinstance(record, dict) or "settings" not in record:
+            raise VegaError(f"--like {args.like}: not a dataset JSON written by extract.py (no extraction record)")
+        return Settings(**record["settings"]), record
+    from vega_utils.features.releases import IEMOCAP_CLASSES, MELD_CLASSES
+    classes = args.classes.split(",") if args.classes else None
+    if args.layout and not classes:
+        classes = list((MELD_CLASSES if args.layout == "meld" else IEMOCAP_CLASSES).values())
+    return Settings(text_model=args.text_model, text_pooling=args.text_pooling, text_context=args.text_context,
+                    max_length=args.max_length, audio=args.audio, sample_rate=args.sample_rate,
+                    visual_model=args.visual_model, frames=args.frames, faces=args.faces, classes=classes,
+                    speaker_ids=args.speaker_ids or speaker_ids, preset=preset), None
+
+
+def command(args):
+    for flag in ("batch_size", "jobs", "shard_size", "frames", "max_length", "sample_rate"):
+        if getattr(args, flag) < 1:
+            raise VegaError(f"--{flag} must be at least 1")
+    utterances, source, dropped, preset, speaker_ids = read_source(args)
+    settings, like = settings_of(args, preset, speaker_ids)
+    work = Work(batch_size=args.batch_size, jobs=args.jobs, device=args.device, on_error=args.on_error,
+                shard_size=args.shard_size, progress=not args.no_progress)
+    expected = (args.like, like["extractors"]) if like else None
+    record = extract(utterances, settings, work, args.out, source, dropped, expected)
+    c = record["counts"]
+    print(f"wrote {args.out}: {c['dialogues']} dialogues, {c['utterances']} utterances; dataset JSON beside it")
+    print("counts: " + ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("utterances", "dialogues")))
+    for line in record["skipped"]:
+        print(f"skipped: {line}")
+    return 0
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    return exit_on_error(lambda: command(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

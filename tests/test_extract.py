@@ -1,0 +1,181 @@
+"""extract.py on generated media with tiny models built from configs: the features equal direct calls of the
+libraries, the MELD layout trains and predicts end to end, resuming after kill -9 gives the same file."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from extract_fixtures import make_iemocap_tree, make_manifest, make_meld_tree, make_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import extract  # noqa: E402
+from vega_utils.features.media import load_audio, load_frames  # noqa: E402
+from vega_utils.features.utterances import Utterance  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    text_model, clip = make_models(str(root))
+    meld = make_meld_tree(str(root / "meld"))
+    return {"root": root, "text": text_model, "clip": clip, "meld": meld}
+
+
+def flags(setup, *more):
+    return ["--text_model", setup["text"], "--visual_model", setup["clip"], "--frames", "2", "--batch_size", "4",
+            "--shard_size", "4", "--no_progress", *more]
+
+
+def run_extract(setup, *args):
+    assert extract.main(flags(setup, *args)) == 0
+
+
+def load(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def meld_out(setup):
+    out = str(setup["root"] / "out" / "meld.npz")
+    run_extract(setup, "--layout", "meld", "--root", setup["meld"], "--out", out)
+    return out
+
+
+def test_meld_layout_columns_and_record(meld_out):
+    z = load(meld_out)
+    assert set(z["split"]) == {"train", "valid", "test"} and z["audio"].shape[1] == 1582
+    assert z["utterance_id"][0] == "dia0_utt0" and "café" in " ".join(z["sentence"])   # cp1252 CSV read
+    spec = json.load(open(meld_out[:-4] + ".json"))
+    assert spec["classes"] == ["neutral", "surprise", "fear", "sad", "happy", "disgust", "anger"]
+    assert json.loads(str(z["extraction"])) == spec["extraction"]
+    ex = spec["extraction"]["extractors"]
+    assert len(ex["text"]["weights_sha256"]) == 64 and ex["audio"]["set"] == "is10" and ex["visual"]["frames"] == 2
+    assert not os.path.exists(meld_out + ".parts")
+
+
+def test_text_features_equal_a_direct_call(setup, meld_out):
+    from transformers import AutoModel, AutoTokenizer
+    z = load(meld_out)
+    tok, model = AutoTokenizer.from_pretrained(setup["text"]), AutoModel.from_pretrained(setup["text"]).eval()
+    with torch.no_grad():
+        for i in (0, 5, 11):
+            direct = model(**tok(str(z["sentence"][i]), return_tensors="pt")).last_hidden_state[0, 0]
+            np.testing.assert_allclose(z["text"][i], direct.numpy(), atol=1e-5)
+
+
+def test_text_context_mean_pooling_reads_only_the_utterance(setup, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+    rows = [{"dialogue_id": "a", "speaker": "x", "text": t, "label": "", "split": "predict"}
+            for t in ("excuse me", "do you have your forms", "yeah")]
+    out = str(tmp_path / "ctx.npz")
+    run_extract(setup, "--manifest", make_manifest(str(tmp_path), rows), "--out", out, "--text_pooling", "mean",
+                "--text_context", "2", "--audio", "egemaps")
+    tok, model = AutoTokenizer.from_pretrained(setup["text"]), AutoModel.from_pretrained(setup["text"]).eval()
+    enc = tok("excuse me do you have your forms", "yeah", return_tensors="pt")
+    keep = torch.tensor([s == 1 for s in enc.sequence_ids(0)])
+    with torch.no_grad():
+        direct = model(**enc).last_hidden_state[0, keep].mean(0)
+    np.testing.assert_allclose(load(out)["text"][2], direct.numpy(), atol=1e-5)
+
+
+def test_is10_audio_equals_opensmile_on_the_decoded_samples(setup, meld_out):
+    import opensmile
+
+    from vega_utils.features.audio import smile_config
+    z = load(meld_out)
+    clip = os.path.join(setup["meld"], "train_splits", "dia0_utt1.mp4")
+    samples = load_audio(Utterance("r", "d", 0, "s", "t", video=clip), 16000)
+    smile = opensmile.Smile(feature_set=smile_config("is10"), feature_level=opensmile.FeatureLevel.Functionals)
+    direct = smile.process_signal(samples, 16000).to_numpy()[0]
+    assert direct.shape == (1582,)
+    np.testing.assert_array_equal(z["audio"][list(z["utterance_id"]).index("dia0_utt1")], direct.astype(np.float32))
+
+
+def test_visual_features_equal_clip_on_the_decoded_frames(setup, meld_out):
+    from vega_utils.anchors.images import feature_tensor, load_clip
+    z = load(meld_out)
+    clip = os.path.join(setup["meld"], "train_splits", "dia1_utt2.mp4")
+    frames = load_frames(Utterance("r", "d", 0, "s", "t", video=clip), 2)
+    model, processor = load_clip(setup["clip"], "cpu")
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=processor(images=frames, return_tensors="pt")["pixel_values"])
+    direct = F.normalize(feature_tensor(out), dim=-1).mean(0)
+    i = [k for k, (d, u) in enumerate(zip(z["dialogue_id"], z["utterance_id"])) if d == "train_dia1"
+         and u == "dia1_utt2"][0]
+    np.testing.assert_allclose(z["visual"][i], direct.numpy(), atol=1e-5)
+
+
+def test_meld_run_like_and_inference_end_to_end(setup, meld_out, tmp_path):
+    import inference
+    import run
+    assert run.run(["--Dataset", meld_out[:-4] + ".json", "--epochs", "1", "--hidden_dim", "32", "--no_clip_loss",
+                     "--output_dir", str(tmp_path / "runs")]) == 0
+    run_dir = next((tmp_path / "runs" / "meld").iterdir())
+    config = json.load(open(run_dir / "config.json"))
+    assert config["dataset_spec"]["extraction"]["extractors"]["audio"]["set"] == "is10"
+    assert "utterance_id" in open(run_dir / "predictions.csv").readline()
+    clips = os.path.join(setup["meld"], "train_splits")
+    rows = [{"dialogue_id": "new", "speaker": s, "text": t, "video": os.path.join(clips, f"dia0_utt{k}.mp4")}
+            for k, (s, t) in enumerate([("Joey", "excuse me"), ("Ross", "yeah")])]
+    new = str(tmp_path / "new.npz")
+    like = ["--like", meld_out[:-4] + ".json", "--no_progress"]
+    assert extract.main([*like, "--manifest", make_manifest(str(tmp_path), rows), "--out", new]) == 0
+    best = next(run_dir.glob("BEST*.pth"))
+    preds = tmp_path / "preds.csv"
+    assert inference.main(["--checkpoint", str(best), "--data_path", new, "--split", "predict",
+                           "--predictions_out", str(preds), "--no_progress"]) == 0
+    header = open(preds).readline()
+    assert "utterance_id" in header and "text" in header and "yeah" in open(preds).read()
+    # the same utterances extracted --like the first extraction: the same features
+    again = str(tmp_path / "again.npz")
+    manifest = make_manifest(str(tmp_path), [{"dialogue_id": "x", "speaker": "Ross", "text": "excuse me",
+                                              "video": os.path.join(clips, "dia0_utt0.mp4")}], "one.csv")
+    assert extract.main([*like, "--manifest", manifest, "--out", again]) == 0
+    z, first = load(again), load(meld_out)
+    np.testing.assert_array_equal(z["audio"][0], first["audio"][0])
+    for m in ("text", "visual"):   # other batch mates: the same numbers up to float rounding
+        np.testing.assert_allclose(z[m][0], first[m][0], atol=1e-6)
+    # features of another extraction are refused by inference
+    other = str(tmp_path / "other.npz")
+    assert extract.main([*flags(setup, "--manifest", manifest, "--out", other, "--frames", "1")]) == 0
+    code = inference.main(["--checkpoint", str(best), "--data_path", other, "--split", "predict",
+                           "--predictions_out", str(tmp_path / "p2.csv"), "--no_progress"])
+    assert code == 2
+
+
+def test_killed_extraction_resumes_to_the_same_file(setup, tmp_path):
+    clips = os.path.join(setup["meld"], "train_splits")
+    texts = ["excuse me", "yeah", "you did", "oh god no", "okay"]
+    rows = [{"dialogue_id": f"d{k // 3}", "speaker": "a", "text": t, "label": "x", "split": "train",
+             "video": os.path.join(clips, f"dia0_utt{k % 4}.mp4")} for k, t in enumerate(texts)]
+    manifest = make_manifest(str(tmp_path), rows)
+    whole, resumed = str(tmp_path / "whole.npz"), str(tmp_path / "resumed.npz")
+    args = flags(setup, "--manifest", manifest, "--shard_size", "2", "--audio", "egemaps")
+    run_extract(setup, *args[len(flags(setup)):], "--out", whole)
+    command = [sys.executable, os.path.join(ROOT, "extract.py"), *args, "--out", resumed]
+    env = {**os.environ, "VEGA_EXTRACT_KILL_AFTER_SHARDS": "2"}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert killed.returncode == -9 and not os.path.exists(resumed) and os.path.isdir(resumed + ".parts")
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and "resuming" in again.stdout
+    a, b = load(whole), load(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_iemocap_layout(setup, tmp_path):
+    root = make_iemocap_tree(str(tmp_path / "iemocap"))
+    out = str(tmp_path / "iem.npz")
+    run_extract(setup, "--layout", "iemocap", "--root", root, "--out", out, "--audio", "egemaps")
+    z = load(out)
+    assert list(z["speaker"][:3]) == ["F", "M", "M"] and set(z["split"]) == {"train", "test"}
+    assert "happy" in set(z["label"]) and len(z["label"]) == 12          # xxx dropped in both sessions
+    assert json.loads(str(z["extraction"]))["counts"]["dropped_labels"] == {"xxx": 2}

@@ -1,0 +1,107 @@
+"""Audio features of an utterance's segment, decoded and resampled by media.py.
+
+    is10      the 1582 INTERSPEECH 2010 paralinguistic functionals (openSMILE's IS10_paraling_compat.conf,
+              shipped inside the opensmile wheel; the feature set of the published IEMOCAP audio features)
+    egemaps   the 88 eGeMAPS v02 functionals
+    compare   the 6373 ComParE 2016 functionals
+    hf:MODEL  a transformers speech encoder (wav2vec2, HuBERT, WavLM: a hub name or a local folder), its last
+              hidden layer averaged over time, one utterance at a time (no padding enters the average)
+openSMILE sets run in --jobs worker processes (decoding too); an hf encoder runs in this process.
+"""
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+
+from vega_utils.common import VegaError
+from vega_utils.features.media import load_audio
+from vega_utils.features.record import weights_sha256
+from vega_utils.features.utterances import BadUtterance
+
+SETS = ("is10", "egemaps", "compare")
+
+
+def smile_config(name):
+    """The opensmile feature_set argument of a set name: an enum member or a config file in the wheel."""
+    import opensmile
+    if name == "is10":
+        return os.path.join(os.path.dirname(opensmile.__file__), "core", "config", "is09-13",
+                            "IS10_paraling_compat.conf")
+    return {"egemaps": opensmile.FeatureSet.eGeMAPSv02, "compare": opensmile.FeatureSet.ComParE_2016}[name]
+
+
+def make_smile(name):
+    import opensmile
+    return opensmile.Smile(feature_set=smile_config(name), feature_level=opensmile.FeatureLevel.Functionals)
+
+
+_WORKER = {}   # the Smile of this worker process
+
+
+def _smile_job(job):
+    """(features or None, the problem or None) of one utterance, in a worker process."""
+    u, name, rate = job
+    if name not in _WORKER:
+        _WORKER[name] = make_smile(name)
+    try:
+        x = load_audio(u, rate)
+    except BadUtterance as e:
+        return None, str(e)
+    return _WORKER[name].process_signal(x, rate).to_numpy()[0].astype(np.float32), None
+
+
+class AudioExtractor:
+    def __init__(self, kind, rate, jobs, device):
+        self.kind, self.rate, self.jobs, self.device = kind, rate, jobs, device
+        if kind.startswith("hf:"):
+            self.model_name = kind[3:]
+            self.processor, self.model = load_speech_model(self.model_name, device)
+            self.dim = int(self.model.config.hidden_size)
+        elif kind in SETS:
+            self.dim = make_smile(kind).process_signal(np.zeros(rate, dtype=np.float32), rate).shape[1]
+        else:
+            raise VegaError(f"unknown --audio {kind!r}: one of {', '.join(SETS)} or hf:MODEL")
+        self.pool = None
+
+    def describe(self):
+        if self.kind.startswith("hf:"):
+            return {"model": self.model_name, "weights_sha256": weights_sha256(self.model_name),
+                    "pooling": "mean over time", "sample_rate": self.rate, "dim": self.dim}
+        return {"set": self.kind, "config": os.path.basename(str(smile_config(self.kind))),
+                "sample_rate": self.rate, "dim": self.dim}
+
+    def features(self, utterances):
+        """[(features or None, problem or None)] per utterance."""
+        if self.kind.startswith("hf:"):
+            return [self.hf_one(u) for u in utterances]
+        jobs = [(u, self.kind, self.rate) for u in utterances]
+        if self.jobs <= 1:
+            return [_smile_job(j) for j in jobs]
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"))
+        return list(self.pool.map(_smile_job, jobs))
+
+    def hf_one(self, u):
+        try:
+            x = load_audio(u, self.rate)
+        except BadUtterance as e:
+            return None, str(e)
+        inputs = self.processor(x, sampling_rate=self.rate, return_tensors="pt")
+        with torch.no_grad():
+            hidden = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).last_hidden_state
+        return hidden[0].float().mean(0).cpu().numpy(), None          # (1, T, D) -> (D,)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def load_speech_model(name, device):
+    from transformers import AutoFeatureExtractor, AutoModel
+    try:
+        return AutoFeatureExtractor.from_pretrained(name), AutoModel.from_pretrained(name).float().to(device).eval()
+    except Exception as e:
+        raise VegaError(f"could not load speech model {name!r} ({type(e).__name__}: {str(e).strip()[:160]}); "
+                        f"give a local folder saved with save_pretrained (model and feature extractor)") from None

@@ -1,0 +1,129 @@
+"""Decoding through kept libraries: soundfile for audio files, PyAV for the streams inside video files, soxr
+for resampling. Every failure is a BadUtterance naming the utterance's row and the file."""
+import os
+
+import numpy as np
+
+from vega_utils.features.utterances import bad
+
+_PROBED = {}   # path -> (duration in seconds, has audio, has video), or the error text
+
+
+def probe(path):
+    """(duration s, has an audio stream, has a video stream) of a media file; raises OSError/ValueError."""
+    if path not in _PROBED:
+        _PROBED[path] = _probe(path)
+    return _PROBED[path]
+
+
+def _probe(path):
+    import soundfile
+    try:
+        info = soundfile.info(path)
+        return info.frames / info.samplerate, True, False
+    except Exception:   # not a file libsndfile reads: try it as a container
+        pass
+    import av
+    with av.open(path) as c:
+        audio, video = bool(c.streams.audio), bool(c.streams.video)
+        duration = c.duration / 1e6 if c.duration else None
+        if duration is None:
+            stream = (c.streams.video or c.streams.audio)[0]
+            duration = float(stream.duration * stream.time_base) if stream.duration else 0.0
+    return duration, audio, video
+
+
+def check_media(u, path, need):
+    """Check that the file exists, opens, has the stream `need` (audio or video) and holds the segment."""
+    if not os.path.isfile(path):
+        raise bad(u, "file not found", path)
+    try:
+        duration, has_audio, has_video = probe(path)
+    except Exception as e:   # libraries raise many types on damaged files
+        raise bad(u, f"cannot open the file ({type(e).__name__}: {str(e).strip()[:120]})", path) from None
+    if not (has_audio if need == "audio" else has_video):
+        raise bad(u, f"the file has no {need} stream", path)
+    start, end = u.segment(need)
+    start, end = start or 0.0, duration if end is None else end
+    if start < 0 or end > duration + 0.05:
+        raise bad(u, f"segment {start:g}-{end:g} s lies outside the file ({duration:.3f} s)", path)
+    if end <= start:
+        raise bad(u, f"segment {start:g}-{end:g} s has zero length", path)
+
+
+def load_audio(u, rate):
+    """Mono float32 samples of the utterance's segment at `rate` Hz, from its audio file or its video's track."""
+    path = u.audio or u.video
+    try:
+        samples, native = _read_wave(path) if u.audio and _is_sound_file(path) else _read_track(path)
+    except Exception as e:
+        raise bad(u, f"cannot decode the audio ({type(e).__name__}: {str(e).strip()[:120]})", path) from None
+    start, end = u.segment("audio")
+    lo = int(round((start or 0.0) * native))
+    hi = len(samples) if end is None else int(round(end * native))
+    samples = samples[lo:hi]
+    if samples.size == 0:
+        raise bad(u, "the audio segment holds no samples", path)
+    if native != rate:
+        import soxr
+        samples = soxr.resample(samples, native, rate)
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _is_sound_file(path):
+    import soundfile
+    try:
+        soundfile.info(path)
+        return True
+    except Exception:
+        return False
+
+
+def _read_wave(path):
+    import soundfile
+    x, native = soundfile.read(path, dtype="float32", always_2d=True)   # (T, channels)
+    return x.mean(axis=1), native                                        # (T,) mono
+
+
+def _read_track(path):
+    import av
+    chunks = []
+    with av.open(path) as c:
+        stream = c.streams.audio[0]
+        native = stream.codec_context.sample_rate
+        for frame in c.decode(stream):
+            x = frame.to_ndarray().astype(np.float32)      # (channels, T) planar or (1, T*channels) packed
+            if not frame.format.is_planar:
+                x = x.reshape(-1, len(frame.layout.channels)).T
+            chunks.append(x.mean(axis=0))                   # (T,) mono
+    if not chunks:
+        raise ValueError("no audio frames decoded")
+    return np.concatenate(chunks), native
+
+
+def load_frames(u, n):
+    """n RGB frames (H, W, 3) uint8 taken evenly over the utterance's segment of its video."""
+    import av
+    try:
+        times, frames = [], []
+        with av.open(u.video) as c:
+            stream = c.streams.video[0]
+            start = u.start or 0.0
+            if start > 0:
+                c.seek(int(start / stream.time_base), stream=stream, backward=True)
+            for frame in c.decode(stream):
+                t = float(frame.pts * stream.time_base) if frame.pts is not None else 0.0
+                if u.end is not None and t >= u.end:
+                    break
+                if t + 1e-6 >= start or not frames:
+                    times.append(t)
+                    frames.append(frame.to_ndarray(format="rgb24"))
+    except Exception as e:
+        raise bad(u, f"cannot decode the video ({type(e).__name__}: {str(e).strip()[:120]})", u.video) from None
+    if not frames:
+        raise bad(u, "no video frame in the segment", u.video)
+    end = u.end if u.end is not None else times[-1] + 1e-3
+    seg_start = u.start or 0.0
+    targets = seg_start + (np.arange(n) + 0.5) * (end - seg_start) / n     # the middles of n equal parts
+    times = np.asarray(times)
+    return [frames[int(np.abs(times - t).argmin())] for t in targets]

@@ -1,0 +1,200 @@
+"""One extraction: check the utterances and their files, compute each modality shard by shard (resumable,
+shards.py), then write OUT.npz (the open format, with utterance_id, sentence and the extraction record) and
+the dataset JSON beside it (OUT.json) that run.py --Dataset trains on."""
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from vega_utils.common import VegaError, atomic_write_text, resolve_device
+from vega_utils.data.openformat import write_npz
+from vega_utils.features.media import check_media, probe
+from vega_utils.features.record import library_versions, to_json
+from vega_utils.features.shards import Parts
+from vega_utils.features.utterances import BadUtterance, Problems, check_fields, renumber
+
+MODALITIES = ("text", "audio", "visual")
+
+
+@dataclass
+class Settings:
+    """What an extraction is (repeated by --like): the extractors and the dataset it builds."""
+    text_model: str = "roberta-large"
+    text_pooling: str = "cls"
+    text_context: int = 0
+    max_length: int = 512
+    audio: str = "is10"
+    sample_rate: int = 16000
+    visual_model: str = "openai/clip-vit-base-patch32"
+    frames: int = 8
+    faces: bool = False
+    classes: Optional[list] = None      # None: the labels found, sorted
+    speakers: Optional[list] = None     # None: the speakers found, sorted
+    speaker_ids: str = "name"           # name | dialogue (each dialogue's speakers 0, 1, ... by first turn)
+    preset: str = "IEMOCAP"
+
+
+@dataclass
+class Work:
+    """How to run it (not part of the record): batching, workers, device, errors, progress."""
+    batch_size: int = 32
+    jobs: int = 1
+    device: str = "auto"
+    on_error: str = "error"
+    shard_size: int = 256
+    progress: bool = True
+
+
+def speakers_per_dialogue(utterances):
+    """Each dialogue's speakers numbered by first turn (MELD's published features do the same)."""
+    seen = {}
+    for u in sorted(utterances, key=lambda u: (u.dialogue_id, u.position if u.broken is None else 0)):
+        names = seen.setdefault(u.dialogue_id, {})
+        u.speaker = str(names.setdefault(u.speaker, len(names)))
+
+
+def check_files(u, problems, missing):
+    """Check the utterance's media; count a modality it has no source for. False if it is dropped."""
+    try:
+        if u.audio:
+            check_media(u, u.audio, "audio")
+        if u.video:
+            check_media(u, u.video, "video")
+    except BadUtterance as e:
+        problems.report(e)
+        return False
+    if not (u.audio or (u.video and probe(u.video)[1])):
+        missing["audio"] += 1
+    if not u.video:
+        missing["visual"] += 1
+    return True
+
+
+def has_source(u, modality):
+    if modality == "audio":
+        return bool(u.audio or (u.video and probe(u.video)[1]))
+    return modality == "text" or bool(u.video)
+
+
+def build_extractors(settings, work):
+    from vega_utils.features.audio import AudioExtractor
+    from vega_utils.features.text import TextExtractor
+    from vega_utils.features.visual import VisualExtractor
+    device = resolve_device(work.device)
+    return {"text": TextExtractor(settings.text_model, settings.text_pooling, settings.text_context,
+                                  settings.max_length, work.batch_size, device),
+            "audio": AudioExtractor(settings.audio, settings.sample_rate, work.jobs, device),
+            "visual": VisualExtractor(settings.visual_model, settings.frames, settings.faces, work.batch_size, device)}
+
+
+def run_shard(modality, extractor, chunk, contexts, problems):
+    """(features (n, D), problem per utterance, count) of one shard; in error mode a problem stops here."""
+    dim = extractor.dim if modality != "text" else extractor.model.config.hidden_size
+    feats = np.zeros((len(chunk), dim), dtype=np.float32)
+    lines = [""] * len(chunk)
+    if modality == "text":
+        before = extractor.truncated
+        return extractor.features([u.text for u in chunk], contexts), lines, extractor.truncated - before
+    idx = [i for i, u in enumerate(chunk) if has_source(u, modality)]
+    before = extractor.faces.fallbacks if modality == "visual" and extractor.faces else 0
+    for i, (x, problem) in zip(idx, extractor.features([chunk[i] for i in idx])):
+        if problem:
+            if not problems.skip:
+                raise VegaError(problem)
+            lines[i] = problem
+        else:
+            feats[i] = x
+    after = extractor.faces.fallbacks if modality == "visual" and extractor.faces else 0
+    return feats, lines, after - before
+
+
+def extract(utterances, settings, work, out, source, dropped_labels, expected=None):
+    """Write out (.npz) and its dataset JSON; returns the extraction record. expected: (the --like JSON, its
+    extractors' record), which the models found here must match."""
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from vega_utils.features.text import contexts_of
+    if not out.lower().endswith(".npz"):
+        raise VegaError(f"--out {out}: the output is an .npz file")
+    problems = Problems(work.on_error)
+    if settings.speaker_ids == "dialogue":
+        speakers_per_dialogue(utterances)
+    known_speakers = settings.speakers if settings.classes is not None else None   # --like: fixed ones
+    utts = check_fields(utterances, settings.classes, known_speakers, problems)
+    missing = Counter()
+    utts = renumber([u for u in utts if check_files(u, problems, missing)])
+    if not utts:
+        raise VegaError(f"{source}: no utterance left to extract")
+    extractors = build_extractors(settings, work)
+    described = {m: e.describe() for m, e in extractors.items()}
+    if expected is not None and expected[1] != described:
+        raise VegaError(f"--like {expected[0]}: the {', '.join(describe_change(expected[1], described))} model(s) "
+                        f"found here differ from the recorded ones (weights or settings), so the extraction "
+                        f"cannot be repeated")
+    keys = [(u.row, u.dialogue_id, u.position, u.text, u.audio, u.video, u.start, u.end) for u in utts]
+    plan = {"extractors": described, "shard_size": work.shard_size,
+            "utterances": hashlib.sha256(json.dumps(keys).encode()).hexdigest()}
+    parts = Parts(out, plan)
+    contexts = contexts_of(utts, settings.text_context)
+    columns, counts = {}, Counter()
+    failed = [""] * len(utts)
+    try:
+        for m in MODALITIES:
+            shards = []
+            with tqdm(total=len(utts), desc=f"{m} features", unit="utt", disable=not work.progress) as bar:
+                for k, lo in enumerate(range(0, len(utts), work.shard_size)):
+                    chunk = utts[lo:lo + work.shard_size]
+                    if not parts.done(m, k):
+                        parts.save(m, k, *run_shard(m, extractors[m], chunk, contexts[lo:lo + len(chunk)], problems))
+                    shards.append(parts.load(m, k))
+                    bar.update(len(chunk))
+            columns[m] = np.concatenate([s[0] for s in shards])             # (U, D)
+            counts["truncated_text" if m == "text" else f"{m}_fallbacks"] += sum(s[2] for s in shards)
+            failed = [a or b for a, b in zip(failed, [p for s in shards for p in s[1]])]
+    finally:
+        extractors["audio"].close()
+    keep = [i for i, f in enumerate(failed) if not f]
+    problems.lines += [f for f in failed if f]
+    utts = renumber([utts[i] for i in keep])
+    columns = {m: x[keep] for m, x in columns.items()}
+    record = make_record(settings, described, utts, counts, missing, dropped_labels, problems.lines)
+    write_outputs(out, utts, columns, record)
+    parts.remove()
+    return record
+
+
+def describe_change(old, new):
+    return [m for m in MODALITIES if old.get(m) != new.get(m)]
+
+
+def make_record(settings, described, utts, counts, missing, dropped_labels, skipped):
+    classes = settings.classes or sorted({u.label for u in utts if u.label})
+    speakers = settings.speakers or sorted({u.speaker for u in utts})
+    settings = Settings(**{**asdict(settings), "classes": list(classes), "speakers": list(speakers)})
+    return {"extractors": described, "settings": asdict(settings), "versions": library_versions(),
+            "counts": {"utterances": len(utts), "dialogues": len({u.dialogue_id for u in utts}),
+                       **dict(counts), **{f"missing_{m}": n for m, n in missing.items()},
+                       "dropped_labels": dict(dropped_labels), "skipped": len(skipped)},
+            "skipped": skipped}
+
+
+def write_outputs(out, utts, columns, record):
+    settings = record["settings"]
+    cols = {"dialogue_id": np.asarray([u.dialogue_id for u in utts], dtype=str),
+            "position": np.asarray([u.position for u in utts], dtype=np.int64),
+            "speaker": np.asarray([u.speaker for u in utts], dtype=str),
+            "label": np.asarray([u.label for u in utts], dtype=str),
+            "split": np.asarray([u.split for u in utts], dtype=str),
+            "utterance_id": np.asarray([u.utterance_id or f"{u.dialogue_id}#{u.position}" for u in utts], dtype=str),
+            "sentence": np.asarray([u.text for u in utts], dtype=str),
+            "extraction": np.asarray(to_json(record)), **columns}
+    write_npz(out, cols)
+    spec = {"name": os.path.splitext(os.path.basename(out))[0], "classes": settings["classes"],
+            "speakers": settings["speakers"], "data_path": os.path.basename(out), "preset": settings["preset"],
+            **{f"{m}_dim": int(columns[m].shape[1]) for m in MODALITIES}, "extraction": record}
+    atomic_write_text(os.path.splitext(out)[0] + ".json", json.dumps(spec, indent=1) + "\n")

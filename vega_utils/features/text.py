@@ -1,0 +1,93 @@
+"""Text features: a transformers encoder (AutoTokenizer + AutoModel), one vector per utterance.
+
+Pooling (--text_pooling) over the last hidden layer:
+    cls   the first token's vector (RoBERTa's <s>, BERT's [CLS]);
+    mean  the average over the target utterance's own tokens (special tokens and context left out).
+Context (--text_context N): the N preceding utterances of the same dialogue, joined by spaces, go in as the
+first segment of a sequence pair and the utterance as the second (tokenizer(context, utterance)); the model
+reads both, and mean pooling averages only the utterance's tokens. cls pooling reads the first token, which
+attends to the context too. With N = 0 the utterance is encoded alone.
+Batches are formed by token length (longest first), so little padding is computed; a sequence longer than
+--max_length tokens is truncated (the context first) and counted.
+"""
+import numpy as np
+import torch
+
+from vega_utils.common import VegaError
+from vega_utils.features.record import weights_sha256
+
+POOLINGS = ("cls", "mean")
+
+
+def load_text_model(name, device):
+    from transformers import AutoModel, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModel.from_pretrained(name)
+    except Exception as e:   # offline and not cached, not a model folder, ...
+        raise VegaError(f"could not load text model {name!r} ({type(e).__name__}: {str(e).strip()[:160]}); give "
+                        f"a local folder saved with save_pretrained or a hub name in the local cache") from None
+    if not tokenizer.is_fast:
+        raise VegaError(f"text model {name!r}: its tokenizer is not a fast tokenizer (needed to tell the "
+                        f"utterance's tokens from the context's)")
+    return tokenizer, model.float().to(device).eval()
+
+
+class TextExtractor:
+    def __init__(self, name, pooling, context, max_length, batch_size, device):
+        if pooling not in POOLINGS:
+            raise VegaError(f"unknown text pooling {pooling!r}: one of {', '.join(POOLINGS)}")
+        self.name, self.pooling, self.context = name, pooling, context
+        self.batch_size, self.device = batch_size, device
+        self.tokenizer, self.model = load_text_model(name, device)
+        self.max_length = max_length
+        self.truncated = 0
+
+    def describe(self):
+        return {"model": self.name, "weights_sha256": weights_sha256(self.name), "pooling": self.pooling,
+                "context": self.context, "max_length": self.max_length,
+                "dim": int(self.model.config.hidden_size)}
+
+    def encode(self, targets, contexts):
+        kw = dict(truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        if self.context:
+            return self.tokenizer(contexts, targets, **kw)
+        return self.tokenizer(targets, **kw)
+
+    def lengths(self, targets, contexts):
+        enc = self.tokenizer(contexts, targets) if self.context else self.tokenizer(targets)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def features(self, targets, contexts):
+        """(n, D) float32 features of n utterances (contexts: their context texts, used when context > 0)."""
+        lengths = self.lengths(targets, contexts)
+        self.truncated += sum(n > self.max_length for n in lengths)
+        order = np.argsort(-np.asarray(lengths), kind="stable")      # longest first
+        out = np.zeros((len(targets), self.model.config.hidden_size), dtype=np.float32)
+        for lo in range(0, len(order), self.batch_size):
+            idx = order[lo:lo + self.batch_size]
+            enc = self.encode([targets[i] for i in idx], [contexts[i] for i in idx])
+            out[idx] = self.pool(enc)
+        return out
+
+    def pool(self, enc):
+        target = 1 if self.context else 0
+        mask = torch.tensor([[s == target for s in enc.sequence_ids(b)] for b in range(len(enc["input_ids"]))])
+        with torch.no_grad():
+            hidden = self.model(**{k: v.to(self.device) for k, v in enc.items()}).last_hidden_state.float().cpu()
+        if self.pooling == "cls":
+            return hidden[:, 0].numpy()                                   # (B, L, D) -> (B, D)
+        mask = mask | ~mask.any(dim=1, keepdim=True)                      # no token left: every position
+        mask = mask & enc["attention_mask"].bool()
+        weights = mask.float().unsqueeze(-1)                              # (B, L, 1)
+        return ((hidden * weights).sum(1) / weights.sum(1)).numpy()       # (B, L, D) -> (B, D)
+
+
+def contexts_of(utterances, n):
+    """Each utterance's context: the texts of the n utterances before it in its dialogue, joined by spaces."""
+    out, previous = [], {}
+    for u in utterances:
+        seen = previous.setdefault(u.dialogue_id, [])
+        out.append(" ".join(seen[-n:]) if n else "")
+        seen.append(u.text)
+    return out
