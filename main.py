@@ -170,8 +170,13 @@ def fresh_state():
 
 
 def resume_state(run_dir, cfg, run):
-    """Load last.pth into the run; its state, or None when the run has ended already."""
+    """Load last.pth into the run; its state, or None when the run has ended already. A run stopped before its
+    first epoch finished has no last.pth: it starts again from epoch 1 in its folder, with its settings."""
     path = os.path.join(run_dir, run_folder.LAST)
+    if not os.path.exists(path) and not run_folder.finished_epochs(run_dir):
+        log(f"no epoch of {run_dir} had finished: starting it again from epoch 1 in the same folder")
+        run_folder.record_resume(run_dir, cfg, run.device, run.precision)
+        return fresh_state(), None
     last = checkpoint.read_checkpoint(path)
     run.model.load_state_dict(last["model"], strict=True)
     checkpoint.load_optimizer_state(run.optimizer, last["optimizer"], path)
@@ -281,7 +286,8 @@ def train_run(cfg, resume_dir=None, progress=True, run_dir=None, on_epoch=None, 
         while state["epoch"] < cfg.epochs:
             train.check_stop()
             row, evals = run_epoch(cfg, run, state["epoch"] + 1, eval_sets, guard, share, progress)
-            selected_f1 = keep_epoch(cfg, run, run_dir, state, row, evals, curves)
+            with train.ctrl_c_waits():   # an epoch is saved whole or not at all
+                selected_f1 = keep_epoch(cfg, run, run_dir, state, row, evals, curves)
             stop = on_epoch(state["epoch"], selected_f1) if on_epoch else None
             if stop or state["bad_epochs"] >= cfg.patience:
                 summary["stopped"] = stop or f"early stop: {cfg.patience} epochs without a better {run.select_on} F1"

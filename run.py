@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 
-from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error
+from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error, python_cmd
 from vega_utils.runs import run_folder, threads
 from vega_utils.runs.config import ABLATIONS, add_config_flags, config_from_args, resolve
 
@@ -84,7 +84,7 @@ def print_demo_end(summary):
     print(f"demo: test weighted F1 {100 * summary['best']['test']['weighted_f1']:.2f} against "
           f"{100 * base:.2f} for always predicting the most frequent class")
     print(f"demo: wrote {', '.join(sorted(os.listdir(run_dir)))} in {run_dir}")
-    print(f"next: python inference.py --checkpoint {shlex.quote(summary['best_checkpoint'])}")
+    print(f"next: {python_cmd()} inference.py --checkpoint {shlex.quote(summary['best_checkpoint'])}")
 
 
 def run_seeds(cfg, seeds, progress, jobs=1, devices=None):
@@ -169,9 +169,13 @@ def run(argv=None):
                              args.debug)
     except KeyboardInterrupt as e:
         how = e.how if isinstance(e, main.Interrupted) else str(e) or "interrupted"
-        if isinstance(e, main.Interrupted):
+        resume = f"{python_cmd()} run.py --resume {shlex.quote(e.run_dir)}" if isinstance(e, main.Interrupted) else ""
+        if isinstance(e, main.Interrupted) and e.epoch == 0:
+            print(f"{how} during epoch 1: no epoch finished, so {e.run_dir} holds only its settings; {resume} "
+                  f"starts the run again from epoch 1 in that folder", file=sys.stderr)
+        elif isinstance(e, main.Interrupted):
             print(f"{how} after epoch {e.epoch}: {e.run_dir} keeps last.pth, the best checkpoint and the "
-                  f"metrics; continue with: python run.py --resume {shlex.quote(e.run_dir)}", file=sys.stderr)
+                  f"metrics; continue with: {resume}", file=sys.stderr)
         else:
             print(how, file=sys.stderr)
         return 143 if how.startswith("terminated") else 130   # the shell's codes for SIGTERM and SIGINT

@@ -1,5 +1,7 @@
 """One training epoch and one evaluation epoch (spec section 3); the losses are model.py's (spec 2.3)."""
+import contextlib
 import random
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -64,6 +66,24 @@ STOP = threading.Event()
 def check_stop():
     if STOP.is_set():
         raise Terminated("terminated (SIGTERM)")
+
+
+@contextlib.contextmanager
+def ctrl_c_waits():
+    """A Ctrl-C while an epoch is being saved waits until the epoch's files and last.pth are all written, then
+    stops the run: a run folder never holds half an epoch (a summary naming a best epoch that last.pth lacks).
+    Signal handlers belong to the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- epochs

@@ -3,6 +3,7 @@ readable files, run folders that say what they hold."""
 import glob
 import json
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -177,6 +178,46 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(files, tmp_path, monkeyp
     run_dir = glob.glob(str(tmp_path / "IEMOCAP" / "*"))[0]
     assert len(err) == 1 and err[0].startswith("interrupted after epoch 1")
     assert err[0].endswith(f"python run.py --resume '{run_dir}'")
+
+
+def test_ctrl_c_in_the_first_epoch_tells_the_truth_and_its_hint_works(files, tmp_path, monkeypatch, capsys):
+    flags = data_flags(files, tmp_path / "a") + ["--epochs", "2"]
+    restore = interrupt_at_epoch(monkeypatch, 1)
+    assert run.run(flags) == 130
+    restore()
+    err = capsys.readouterr().err.strip().splitlines()
+    (run_dir,) = glob.glob(str(tmp_path / "a" / "IEMOCAP" / "*"))
+    assert len(err) == 1 and err[0].startswith("interrupted during epoch 1: no epoch finished"), err
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["stopped"] == "interrupted" and summary["epochs_run"] == 0 and summary["best_epoch"] == 0
+    assert summary["best"] is None and summary["best_checkpoint"] is None
+    assert not os.path.exists(os.path.join(run_dir, "last.pth"))
+
+    hint = err[0].split("; ")[-1]                                  # "<python> run.py --resume '<dir>' starts ..."
+    argv = shlex.split(hint.split(" starts the run again")[0])
+    assert argv[1:3] == ["run.py", "--resume"] and argv[3] == run_dir
+    assert run.run(argv[2:] + ["--no_progress"]) == 0              # the hint, as printed
+    assert run.run(data_flags(files, tmp_path / "b") + ["--epochs", "2"]) == 0
+    (fresh,) = glob.glob(str(tmp_path / "b" / "IEMOCAP" / "*"))
+    timing = {"train_seconds", "eval_seconds", "cpu_shared"}
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(os.path.join(d,
+             "metrics.jsonl"))] for d in (run_dir, fresh)]
+    assert len(rows[0]) == 2 and rows[0] == rows[1]                # the same epochs as a run never stopped
+
+
+def test_ctrl_c_while_an_epoch_is_saved_waits_for_the_whole_epoch(files, tmp_path, monkeypatch, capsys):
+    real = checkpoint.save_best
+
+    def pressed_during_save(*args, **kw):
+        os.kill(os.getpid(), signal.SIGINT)                        # a real Ctrl-C, mid-save
+        return real(*args, **kw)
+    monkeypatch.setattr(checkpoint, "save_best", pressed_during_save)
+    assert run.run(data_flags(files, tmp_path) + ["--epochs", "3"]) == 130
+    (run_dir,) = glob.glob(str(tmp_path / "IEMOCAP" / "*"))
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["epochs_run"] == 1 and summary["best_epoch"] == 1 and os.path.exists(summary["best_checkpoint"])
+    assert torch.load(os.path.join(run_dir, "last.pth"), weights_only=False)["state"]["epoch"] == 1
+    assert "interrupted after epoch 1" in capsys.readouterr().err
 
 
 def test_sigterm_writes_the_summary(files, tmp_path):

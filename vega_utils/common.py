@@ -33,6 +33,19 @@ def exit_on_error(command, debug=False):
         return 2
 
 
+def python_cmd():
+    """How to call this interpreter in a printed command: `python` when that is what the shell finds first, else the
+    path (relative inside the project, e.g. `.venv/bin/python` after `make demo`, which does not activate it)."""
+    import shutil
+    found = shutil.which("python")
+    if found and os.path.realpath(found) == os.path.realpath(sys.executable) and \
+            os.path.dirname(os.path.abspath(found)) == os.path.dirname(os.path.abspath(sys.executable)):
+        return "python"
+    exe = os.path.abspath(sys.executable)
+    inside = os.path.commonpath([exe, PROJECT_ROOT]) == PROJECT_ROOT and os.path.abspath(os.getcwd()) == PROJECT_ROOT
+    return os.path.relpath(exe, PROJECT_ROOT) if inside else exe
+
+
 def read_json(path, what):
     """A JSON file's content; a missing or unreadable file is one line naming `what` and the path."""
     try:

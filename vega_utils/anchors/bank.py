@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vega_utils.common import VegaError
+from vega_utils.common import VegaError, python_cmd
 
 
 @dataclass
@@ -52,7 +52,7 @@ def load_anchor_cache(path, class_names, expected_dim=None):
     if expected_dim is not None and bank.clip_dim != expected_dim:
         raise VegaError(f"anchor cache {path} has CLIP width {bank.clip_dim} but --CLIP_Model/clip_dim "
                         f"expects {expected_dim}: use the CLIP model the cache was built with, or rebuild "
-                        f"the cache with this one (python -m vega_utils.anchors.build)")
+                        f"the cache with this one ({python_cmd()} -m vega_utils.anchors.build)")
     return bank
 
 
@@ -74,7 +74,7 @@ def _read_cache_file(path):
                             f"{f' ({detail.group(1).strip()})' if detail else ''}") from e
         raise VegaError(f"anchor cache {path} needs arbitrary unpickling to load (it refers to "
                         f"{culprit.group(1)}); refusing it, since a cache should hold only tensors in "
-                        f"dicts: rebuild it from the images with python -m vega_utils.anchors.build") from e
+                        f"dicts: rebuild it from the images with {python_cmd()} -m vega_utils.anchors.build") from e
     except Exception as e:  # torch raises RuntimeError, KeyError, EOFError... for damaged files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VegaError(f"cannot read anchor cache {path}: damaged or not a torch file "

@@ -9,7 +9,7 @@ import sys
 
 from vega_utils.anchors import images
 from vega_utils.anchors.bank import DEFAULT_CLIP_MODEL, load_anchor_cache
-from vega_utils.common import OneLineParser, VegaError, exit_on_error
+from vega_utils.common import OneLineParser, VegaError, exit_on_error, python_cmd
 from vega_utils.data.datasets import dataset_arg, dataset_info, info_of, read_label_map
 
 
@@ -40,7 +40,8 @@ def ensure_anchor_cache(cfg, device="auto"):
         raise VegaError(f"no anchor cache at {path} and no image folder {first}/ or {second}/ to build it "
                         f"from: download the published cache ({cfg.expr_img_folder}_anchor.pt) to {path}, or "
                         f"unzip the images ({cfg.expr_img_folder}_anchor.zip) into {first}/, or build a "
-                        f"cache with python -m vega_utils.anchors.build --image_dir DIR --out {path} (README.md, "
+                        f"cache with {python_cmd()} -m vega_utils.anchors.build --image_dir DIR --out {path} "
+                        f"(README.md, "
                         f"'Getting the data', has the links); or train the backbone alone without anchors: "
                         f"--ablation no_vega")
     print(f"no anchor cache at {path}: building it from {folder} with {cfg.CLIP_Model}")

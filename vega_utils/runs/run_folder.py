@@ -105,6 +105,15 @@ def config_of_run(run_dir, what="the run settings"):
         raise VegaError(f"{run_dir}/config.json is not a run config: {e}") from None
 
 
+def finished_epochs(run_dir):
+    """How many epochs of the run are in its metrics.jsonl (0 when it has none)."""
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
 def rewrite_metrics(run_dir, history):
     """metrics.jsonl as last.pth knows it: rows of an epoch that finished after the last save (a crash between
     the two writes) are dropped."""

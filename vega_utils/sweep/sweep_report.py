@@ -7,7 +7,7 @@ import os
 import pandas as pd
 from optuna.trial import TrialState
 
-from vega_utils.common import atomic_write_text
+from vega_utils.common import atomic_write_text, python_cmd
 from vega_utils.runs.config import read_config_file
 
 # The preset leaves out what belongs to the machine a run is on, not to the experiment.
@@ -107,7 +107,7 @@ def write_report(study, folder, log=print):
         best = write_preset(study, preset)
         text += [f"Best: trial {best.number}, validation F1 {100 * best.value:.2f}, test F1 "
                  f"{100 * (best.user_attrs.get('test_f1') or 0):.2f}; its settings: {preset} "
-                 f"(python run.py --config {preset})", ""]
+                 f"({python_cmd()} run.py --config {preset})", ""]
     written, skipped = write_plots(study, folder)
     text += [f"Plots: {', '.join(os.path.basename(p) for p in written) or 'none'}"
              + (f"; not drawn: {'; '.join(skipped)}" if skipped else ""), ""]
