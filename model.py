@@ -341,7 +341,8 @@ def distill_kl(student, teacher, temperature):
     Computed as F.kl_div(log q, p) does, p log p - p log q with p log p = xlogy(p, p), except that the log's
     argument has 1 where p is 0. Same values (xlogy(0, y) = 0), but kl_div's gradient of xlogy(p, p) in its
     second p is p / p: NaN where p underflows to 0, as it does once a teacher logit gap exceeds ~104 T
-    (confident late training; issue 19). With 1 there, those entries pass gradient 0, the true limit.
+    (confident late training: a MELD-like run died of it at epoch 60). With 1 there, those entries pass
+    gradient 0, the true limit.
     """
     log_q = F.log_softmax(student.float() / temperature, dim=-1)
     p = F.softmax(teacher.float() / temperature, dim=-1)

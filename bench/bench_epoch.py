@@ -15,7 +15,7 @@
     threads (vega_utils/runs/threads.py: --threads' default; idle OpenMP threads sleep while other processes keep the
     cores busy).
 (b0) for reference only (--variants a,b,b0): (b) with torch's default threads and no CoreShare, as before
-    issue 17: on an idle machine (b) and (b0) should not differ.
+    the shared-machine thread handling: on an idle machine (b) and (b0) should not differ.
 (c) for reference only (--variants a,b,c): (b) with --compile (fast/capture.py: the step captured by
     torch.compile, torch's own ops, fused AdamW); its compilation happens in the untimed warm-up epoch.
 (a) keeps torch's defaults, as the reference runs.
@@ -226,7 +226,7 @@ def summarise(r):
 
 def print_table(results, device):
     names = {"a": "(a) straightforward", "b": "(b) default fast path",
-             "b0": "(b0) (b) before issue 17", "c": "(c) (b) with --compile"}
+             "b0": "(b0) (b) before the shared-machine thread handling", "c": "(c) (b) with --compile"}
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
     print(f"| variant | train s/epoch (median) | train utt/s | eval s/pass (median) | eval utt/s | {mem} |")
     print("|---|---|---|---|---|---|")
@@ -250,7 +250,7 @@ def print_table(results, device):
               f"evaluation {c['eval_median_s'] / b['eval_median_s']:.2f}x")
     if "b0" in results and "b" in results:
         b0, b = results["b0"], results["b"]
-        print(f"ratio (b0)/(b) (above 1: issue 17's thread handling is faster): training "
+        print(f"ratio (b0)/(b) (above 1: the shared-machine thread handling is faster): training "
               f"{b0['train_median_s'] / b['train_median_s']:.3f}x, "
               f"evaluation {b0['eval_median_s'] / b['eval_median_s']:.3f}x")
 

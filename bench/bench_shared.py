@@ -1,4 +1,4 @@
-"""Training epochs on a shared machine (issue 17): alone, next to a busy process, and two side by side.
+"""Training epochs on a shared machine : alone, next to a busy process, and two side by side.
 
     python bench/bench_shared.py                          # demo-sized epochs, variants new and old, 3 rounds
     python bench/bench_shared.py --size iemocap --reps 2  # the bench_epoch.py workload (hidden 768)
@@ -10,7 +10,8 @@ Scenarios, each timed per variant:
          every core, torch's default settings: another researcher's job);
   pair   two training processes of the variant started on the same epoch at once (two of us).
 Variants: `new` is what run.py does now (vega_utils/runs/threads.py: a thread per core, idle OpenMP threads sleep while
-other processes keep the cores busy); `old` is the behaviour before issue 17 (torch's defaults: a thread per core,
+other processes keep the cores busy); `old` is the behaviour before the shared-machine thread handling
+(torch's defaults: a thread per core,
 spinning). A variant may carry modifiers after slashes: `new/threads=1` (as --threads 1),
 `old/OMP_WAIT_POLICY=PASSIVE` (an upper-case name is an environment variable of the process, set before torch is
 imported).
@@ -137,7 +138,7 @@ class FirstBatches:
 
 
 def runtime_facts():
-    """Threads and OpenMP runtimes of this process (the diagnosis of issue 17)."""
+    """Threads and OpenMP runtimes of this process (the diagnosis of the shared-machine slowdown)."""
     import torch
     with open("/proc/self/maps") as f:
         gomp = sorted({line.split()[-1] for line in f if "libgomp" in line})

@@ -2,7 +2,7 @@
 
     python bench/compile_vs_kernels.py            # a few minutes: each compiled function is compiled first
 
-Issue 14 asks whether a well-kept compiler can replace our own kernels. Each kernel is timed against the same
+The question here: whether a well-kept compiler can replace our own kernels. Each kernel is timed against the same
 computation in eager torch and under torch.compile (inductor, the default mode), on the shapes of a default
 IEMOCAP training step: rows (2048, 768) for dropout and activation + dropout, (2048, 3, 768) for the gate.
 Not a test: it prints a table; bench/README.md has the figures.

@@ -1,4 +1,4 @@
-"""Long default runs: issue 19's repro command for 60 epochs in three precision paths, one after the other.
+"""Long default runs: the MELD-like NaN repro command for 60 epochs in three precision paths, one after the other.
 
     python bench/long_run.py                      # 3 x 60 epochs of the MELD-like repro set: ~16 min on 2 idle cores
     python bench/long_run.py --epochs 2 --json r.json   # a check of the script

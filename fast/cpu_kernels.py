@@ -99,7 +99,7 @@ def kernel():
 
 
 # VEGA_DEBUG_NAN_FILL=1: the buffers the kernels are to write start as NaN, not as whatever the memory held, so a
-# position left unwritten and read later turns into a NaN loss or gradient. A debugging aid (issue 19's
+# position left unwritten and read later turns into a NaN loss or gradient. A debugging aid (the MELD-like NaN repro's
 # measurements used it); off by default, it costs a pass over every buffer.
 DEBUG_NAN_FILL = os.environ.get("VEGA_DEBUG_NAN_FILL") == "1"
 

@@ -9,8 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")        # before huggingface_hub is 
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from vega_utils.data.toy_models import save_tiny_clip  # noqa: E402
 
 # One format per image in turn, so every test folder mixes all the accepted kinds.
 FORMATS = ("jpg", "png", "bmp", "gif", "tiff", "jpeg", "tif")
@@ -18,22 +19,7 @@ FORMATS = ("jpg", "png", "bmp", "gif", "tiff", "jpeg", "tif")
 
 def make_tiny_clip(folder, projection_dim=16, image_size=32, seed=0):
     """Save a randomly initialised, very small CLIP (features of width projection_dim) in folder."""
-    import transformers
-    from transformers import CLIPConfig, CLIPModel
-    config = CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
-                         eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=image_size, patch_size=8),
-        projection_dim=projection_dim)
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(folder)
-    # Small resize/crop so preprocessing is cheap; mean/std stay the OpenAI CLIP defaults.
-    processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    processor_cls(size={"shortest_edge": image_size},
-                  crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_clip(folder, projection_dim, image_size, seed)
 
 
 def draw_face(path, seed, size=(40, 36)):

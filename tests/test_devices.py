@@ -1,4 +1,4 @@
-"""What a reading of the CUDA path found (issue 11), each checked where it can be: on the CPU."""
+"""What a reading of the CUDA path found, each checked where it can be: on the CPU."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""A newcomer's first hour (issue 18): messages that point the way, flags that forgive, a resume that talks,
+"""A newcomer's first hour: messages that point the way, flags that forgive, a resume that talks,
 readable files, run folders that say what they hold."""
 import glob
 import json

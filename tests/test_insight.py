@@ -1,4 +1,4 @@
-"""Seeing inside a run (issue 16): TensorBoard curves, anchor alignment, analyze, compare, the statistics."""
+"""Seeing inside a run: TensorBoard curves, anchor alignment, analyze, compare, the statistics."""
 import glob
 import json
 import os

@@ -1,5 +1,5 @@
-"""model.distill_kl when the teacher is confident enough that its softmax underflows to exact zeros (issue 19:
-a default bf16 MELD run that died at epoch 60 with NaN gradients from a finite loss)."""
+"""model.distill_kl when the teacher is confident enough that its softmax underflows to exact zeros (a default bf16
+MELD run died of it at epoch 60: NaN gradients from a finite loss)."""
 import math
 
 import pytest

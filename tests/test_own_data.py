@@ -1,4 +1,4 @@
-"""Your own data (issue 15): a dataset JSON, the open .npz format and its converter, IEMOCAP-4, predictions for
+"""Your own data: a dataset JSON, the open .npz format and its converter, IEMOCAP-4, predictions for
 unlabelled dialogues, anchors for any label set."""
 import glob
 import json

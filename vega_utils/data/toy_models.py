@@ -1,0 +1,57 @@
+"""Tiny random models saved with save_pretrained, for examples and tests that must run offline.
+
+Nothing here reaches a model hub: a model is built from its config with random weights. Its features mean
+nothing, but every code path that loads a model folder (the anchor builder, extract.py) runs on it as on a
+real one, in seconds:
+
+    python -m vega_utils.data.toy_models clip mydata/clip       # a CLIP folder: model + image processor
+"""
+import argparse
+import sys
+
+from vega_utils.common import OneLineParser, exit_on_error
+
+
+def save_tiny_clip(folder, projection_dim=16, image_size=32, seed=0):
+    """A randomly initialised, very small CLIP (features of width projection_dim) and its image processor."""
+    import torch
+    import transformers
+    from transformers import CLIPConfig, CLIPModel
+    config = CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=image_size, patch_size=8),
+        projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    # A small resize and crop keep preprocessing cheap; mean and std stay the OpenAI CLIP defaults. transformers
+    # 5 names the Pillow-based processor apart (its default one needs torchvision).
+    processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    processor_cls(size={"shortest_edge": image_size},
+                  crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return str(folder)
+
+
+def parser():
+    p = OneLineParser(prog="python -m vega_utils.data.toy_models", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=["clip"], help="which model: clip (a CLIP model and its image processor)")
+    p.add_argument("folder", help="where to save it (created)")
+    p.add_argument("--dim", type=int, default=16, help="width of the image features (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+
+    def make():
+        save_tiny_clip(args.folder, projection_dim=args.dim, seed=args.seed)
+        print(f"a tiny random CLIP (features of width {args.dim}) in {args.folder}")
+    return exit_on_error(make)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
