@@ -48,6 +48,16 @@ def test_html_page_given_as_checkpoint_is_called_what_it_is(tmp_path, capsys):
     assert "HTML page" in err and "download" in err.lower() and "arbitrary Python objects" not in err
 
 
+def test_html_page_saved_as_the_data_file_is_called_what_it_is(files, tmp_path, capsys):
+    page = tmp_path / "IEMOCAP.pkl"
+    page.write_text("\n  <!DOCTYPE html>\n<html><head><title>Google Drive - Virus scan warning</title></html>")
+    flags = data_flags(files, tmp_path)
+    flags[1] = str(page)
+    assert run.run(flags + ["--epochs", "1"]) == 2
+    err = one_error_line(capsys)
+    assert "HTML page" in err and "download" in err.lower() and "load key" not in err
+
+
 def test_truncated_checkpoint_message_ends_in_whole_words(tmp_path):
     full = tmp_path / "full.pth"
     torch.save({"a": torch.zeros(1000)}, full)   # cut in half: torch says "failed finding central directory ... If you

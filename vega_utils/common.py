@@ -44,6 +44,21 @@ def read_json(path, what):
         raise VegaError(f"{what} {path}: cannot read it as JSON ({e})") from None
 
 
+# What a failed or interrupted download (Google Drive's virus-scan warning, a login page) saves under the file's
+# name; the checkpoint and data readers both say so instead of an unpickling error.
+HTML_PAGE = "an HTML page (a failed or interrupted download saves the web page instead of the file)"
+
+
+def is_html_page(path):
+    """Whether the file at `path` starts as an HTML page (False for an unreadable one: its reader reports that)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    except OSError:
+        return False
+    return text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:200]
+
+
 def resolve_device(name="auto"):
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,7 @@ import zipfile
 
 import torch
 
-from vega_utils.common import VegaError, atomic_torch_save
+from vega_utils.common import HTML_PAGE, VegaError, atomic_torch_save, is_html_page
 
 FORMAT = "vega-checkpoint-v1"
 
@@ -72,9 +72,8 @@ def _what_file_is_this(path):
         return None
     if not head:
         return "an empty file"
-    text = head.lstrip().lower()
-    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:200]:
-        return "an HTML page (a failed or interrupted download saves the web page instead of the file)"
+    if is_html_page(path):
+        return HTML_PAGE
     try:
         head.decode("utf-8")
         return "a text file"
