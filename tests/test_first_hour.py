@@ -3,6 +3,7 @@ readable files, run folders that say what they hold."""
 import glob
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -130,6 +131,12 @@ def test_run_folder_names_seed_and_ablation_and_files_are_readable(files, tmp_pa
     (run_dir,) = glob.glob(str(tmp_path / "IEMOCAP" / "*"))
     name = os.path.basename(run_dir)
     assert name.endswith("_seed5_no_vega") and "[" not in name
+    (best,) = checkpoint.best_files(run_dir)   # the checkpoint's name too, and its readers find it
+    assert "[" not in os.path.basename(best) and re.fullmatch(r"BEST_cls_f1_\d+\.\d\d_epoch1\.pth",
+                                                              os.path.basename(best))
+    from vega_utils.insight.analyze import best_checkpoint
+    assert best_checkpoint(run_dir) == best
+    assert inference.main(["--checkpoint", best, "--no_progress", "--device", "cpu"]) == 0
     saved = json.load(open(os.path.join(run_dir, "config.json")))
     assert saved["ablation"] == "no_vega" and saved["seed"] == 5 and saved["clip_loss"] is False
     for f in ("config.json", "summary.json", "last.pth", "predictions.csv", "metrics.jsonl"):
@@ -178,6 +185,14 @@ def test_resume_with_more_epochs_extends_the_run(two_epoch_run):
 def test_resume_refuses_flags_it_would_ignore(two_epoch_run, capsys):
     assert run.run(["--resume", two_epoch_run, "--lr", "0.1"]) == 2
     assert "--lr cannot change there" in one_error_line(capsys)
+
+
+def test_best_checkpoint_names_with_and_without_brackets(tmp_path):
+    for f1, epoch, brackets in ((0.7966, 10, True), (0.8012, 12, False)):
+        (tmp_path / checkpoint.best_file_name(f1, epoch, brackets)).write_bytes(b"")
+    (tmp_path / "BEST_cls_f1_notes_epoch.pth").write_bytes(b"")   # matches the glob, not the name
+    names = [os.path.basename(p) for p in checkpoint.best_files(str(tmp_path))]
+    assert names == ["BEST_cls_f1_[79.66]_epoch10.pth", "BEST_cls_f1_80.12_epoch12.pth"]
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(files, tmp_path, monkeypatch, capsys):

@@ -16,7 +16,6 @@ A run without the VEGA branch (--ablation no_vega) has no projections: the ancho
 The best epoch's backbone comes from its BEST_*.pth, the VEGA branch from best_vega_branch.pth.
 """
 import argparse
-import glob
 import json
 import os
 import sys
@@ -54,9 +53,9 @@ def run_name(cfg, run_dir):
 
 
 def best_checkpoint(run_dir):
-    found = sorted(glob.glob(os.path.join(glob.escape(run_dir), "BEST_cls_f1_*_epoch*.pth")))
+    found = checkpoint.best_files(run_dir)
     if not found:
-        raise VegaError(f"{run_dir} holds no BEST_cls_f1_*.pth: no epoch of this run finished")
+        raise VegaError(f"{run_dir} holds no {checkpoint.BEST_GLOB}: no epoch of this run finished")
     return found[-1]
 
 

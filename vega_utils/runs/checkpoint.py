@@ -5,8 +5,10 @@ Formats read:
 - a dict whose `state_dict` entry is one (the reference's other form, and this project's files, which also
   carry `config` (plain dict), `metrics` and `epoch`).
 """
+import glob
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -24,6 +26,25 @@ def is_backbone_key(name):
 
 def backbone_state_dict(model):
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if is_backbone_key(k)}
+
+
+# The best epoch's file: `BEST_cls_f1_[<f1>]_epoch<n>.pth` as the reference names it, `BEST_cls_f1_<f1>_epoch<n>.pth`
+# with --no_folder_brackets (no shell quoting). Readers take both.
+BEST_GLOB = "BEST_cls_f1_*_epoch*.pth"
+BEST_NAME = re.compile(r"^BEST_cls_f1_\[?(\d+(?:\.\d+)?)\]?_epoch(\d+)\.pth$")
+
+
+def best_file_name(f1, epoch, brackets=True):
+    score = f"{100 * f1:.2f}"
+    return f"BEST_cls_f1_{f'[{score}]' if brackets else score}_epoch{epoch}.pth"
+
+
+def best_files(folder):
+    """The best-epoch checkpoints in a run folder (either naming), oldest epoch first: one, unless a run was
+    stopped between writing a new best and removing the old one."""
+    found = [p for p in glob.glob(os.path.join(glob.escape(folder), BEST_GLOB))
+             if BEST_NAME.match(os.path.basename(p))]
+    return sorted(found, key=lambda p: int(BEST_NAME.match(os.path.basename(p)).group(2)))
 
 
 def save_best(path, model, cfg, epoch, metrics):
