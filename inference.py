@@ -129,17 +129,14 @@ def model_config(args, saved, path):
 
 
 def load_weights(model, state, cfg, path, has_config):
-    """Strict backbone load; for a file without a config, the error also says which flags would fit."""
-    try:
-        checkpoint.load_backbone(model, state, path, log=print)
-    except VegaError as e:
-        if "does not fit this model" not in str(e):   # e.g. non-finite values: nothing to suggest
-            raise
+    """Strict backbone load; a file that does not fit says first what would fit: for a file without a config
+    the flags that build its shapes, for one with a config that it does not match its own config."""
+    def advice(found):
         if has_config:
-            raise VegaError(f"{e}. The file's weights do not match its own config: it is damaged or "
-                            "was edited") from None
-        fix = fitting_flags(checkpoint.fitting_settings(state), cfg)
-        raise VegaError(f"{e}" + (f". To score it, try: {fix}" if fix else "")) from None
+            return "its weights do not match its own config: the file is damaged or was edited"
+        fix = fitting_flags(found, cfg)
+        return f"try: {fix}" if fix else ""
+    checkpoint.load_backbone(model, state, path, log=print, advice=advice)
 
 
 def fitting_flags(found, cfg):
@@ -149,7 +146,8 @@ def fitting_flags(found, cfg):
     if found.get("outlayer_dropout") is False and cfg.outlayer_drop > 0:
         flags.append("--outlayer_drop 0")
     if found.get("outlayer_dropout") and cfg.outlayer_drop == 0:
-        flags.append("--outlayer_drop <any value above 0>")
+        # any rate above 0 builds the dropout modules (their rate leaves no trace, and scoring never drops)
+        flags.append(f"--outlayer_drop {load_preset(cfg.Dataset).outlayer_drop or 0.1}")
     return " ".join(flags)
 
 
