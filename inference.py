@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 import train
 from dataloader import DialogueDataset, collate, load_dialogues, speaker_names, utterance_names
 from main import build_model
-from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error, resolve_device
+from vega_utils.common import OneLineParser, VegaError, as_typed, atomic_write_text, exit_on_error, resolve_device
 from vega_utils.data.datasets import dataset_arg, info_of
 from vega_utils.data.openformat import read_extraction
 from vega_utils.insight import report
@@ -117,7 +117,7 @@ def model_config(args, saved, path):
             cfg = Config.from_dict(saved)
         except (VegaError, TypeError) as e:
             raise VegaError(f"checkpoint {path} carries a config this version cannot read: {e}") from None
-        clash = [f"--{FLAG_OF[k]} {v} (the checkpoint's config has {k}={getattr(cfg, k)})"
+        clash = [f"{as_typed(args, FLAG_OF[k])} {v} (the checkpoint's config has {k}={getattr(cfg, k)})"
                  for k, v in given.items() if not same(getattr(cfg, k), v)]
         if clash:
             raise VegaError(f"checkpoint {path} carries its config, and flags contradict it: " + "; ".join(clash)

@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 
-from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error
+from vega_utils.common import OneLineParser, VegaError, as_typed, atomic_write_text, exit_on_error
 from vega_utils.runs import run_folder, threads
 from vega_utils.runs.config import ABLATIONS, add_config_flags, config_from_args, resolve
 
@@ -138,8 +138,9 @@ def resume_config(args):
     given = sorted(k for k in Config.__dataclass_fields__ if k != "ablation" and hasattr(args, k))
     fixed = [k for k in given if k not in RESUME_FLAGS]
     if fixed or args.demo or args.seeds or args.ablation or args.config:
-        names = fixed + [n for n in ("demo", "seeds", "ablation", "config") if getattr(args, n)]
-        raise VegaError(f"--resume continues {args.resume} with its own settings; --{', --'.join(names)} "
+        names = [as_typed(args, n) for n in fixed + [n for n in ("demo", "seeds", "ablation", "config")
+                                                     if getattr(args, n)]]
+        raise VegaError(f"--resume continues {args.resume} with its own settings; {', '.join(names)} "
                         f"cannot change there (only --{', --'.join(RESUME_FLAGS)} can)")
     cfg = run_folder.config_of_run(args.resume, f"cannot resume from {args.resume}: its settings")
     return resolve(cfg.replace(**{k: getattr(args, k) for k in given}))

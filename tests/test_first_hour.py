@@ -185,6 +185,9 @@ def test_resume_with_more_epochs_extends_the_run(two_epoch_run):
 def test_resume_refuses_flags_it_would_ignore(two_epoch_run, capsys):
     assert run.run(["--resume", two_epoch_run, "--lr", "0.1"]) == 2
     assert "--lr cannot change there" in one_error_line(capsys)
+    # named as typed (the other spellings of --batch_size, --lr, --Dataset)
+    assert run.run(["--resume", two_epoch_run, "--batch-size", "2", "--learning_rate=0.1", "--dataset", "MELD"]) == 2
+    assert "--dataset, --batch-size, --learning_rate cannot change there" in one_error_line(capsys)
 
 
 def test_best_checkpoint_names_with_and_without_brackets(tmp_path):

@@ -243,6 +243,9 @@ def test_flags_contradicting_the_checkpoint_config(tmp_path, data_path, capsys):
     err = error_of(capsys, path, data_path, "--hidden_dim", "64", "--dataset", "MELD")
     assert "--hidden_dim 64 (the checkpoint's config has hidden_dim=32)" in err
     assert "--dataset MELD (the checkpoint's config has Dataset=IEMOCAP)" in err
+    # named as typed: --Dataset is the other spelling of --dataset
+    err = error_of(capsys, path, data_path, "--Dataset=MELD")
+    assert "--Dataset MELD (the checkpoint's config has Dataset=IEMOCAP)" in err and "--dataset" not in err
     # agreeing model flags and the run-time ones are fine
     assert run(path, data_path, "--hidden_dim", "32", "--batch_size", "2") == 0
 

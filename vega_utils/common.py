@@ -130,6 +130,11 @@ def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text), "w")
 
 
+def as_typed(args, dest):
+    """The flag of `dest` as the user typed it (`--Dataset` or `--dataset`); `--<dest>` when not known."""
+    return getattr(args, "flags_as_typed", {}).get(dest, f"--{dest}")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags end in one `error: ...` line and exit status 2 (argparse would print the usage too).
 
@@ -139,6 +144,21 @@ class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, plus `flags_as_typed` in the result: {dest: the option string the user typed last for it},
+        so that an error names `--batch-size` or `--learning_rate` as given, not the config key (see as_typed)."""
+        argv = sys.argv[1:] if args is None else list(args)
+        parsed, extras = super().parse_known_args(argv, namespace)
+        typed = {}
+        for word in argv:
+            if word == "--":
+                break
+            action = self._option_string_actions.get(str(word).split("=", 1)[0])
+            if action is not None:
+                typed[action.dest] = str(word).split("=", 1)[0]
+        parsed.flags_as_typed = typed
+        return parsed, extras
 
     def error(self, message):
         hint = ""
