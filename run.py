@@ -30,17 +30,22 @@ DEMO_DATA = dict(n_train=100, n_test=25, min_len=8, max_len=30, signal=2.5, seed
 def parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p, skip=("ablation",))   # --ablation below: it sets other flags too
-    p.add_argument("--demo", action="store_true", help="generate a small synthetic IEMOCAP-layout set and train on it")
-    p.add_argument("--seeds", type=int, nargs="+", help="one complete run per seed, then aggregate statistics")
+    p.add_argument("--demo", action="store_true",
+                   help="generate a small synthetic IEMOCAP-layout set and train on it (default: off)")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="one complete run per seed, then aggregate statistics (default: one run with --seed)")
     p.add_argument("--config", metavar="FILE", help="a preset JSON (e.g. a sweep's best trial): its keys override "
-                   "the dataset's defaults, explicit flags still win")
+                   "the dataset's defaults, explicit flags still win (default: none)")
     p.add_argument("--jobs", type=int, default=1, help="--seeds: run this many seeds at a time, each in its own "
-                   "process (CPU threads divided between them unless --threads is given)")
+                   "process (CPU threads divided between them unless --threads is given; default: %(default)s)")
     p.add_argument("--devices", metavar="DEV,DEV", help="--jobs: devices given to the worker processes in turn, "
                    "e.g. cuda:0,cuda:1 (default: --device)")
-    p.add_argument("--ablation", choices=sorted(ABLATIONS), help="set the flags of one of the paper's ablations")
-    p.add_argument("--resume", metavar="RUN_FOLDER", help="continue an interrupted run from its last.pth")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars (epoch lines still print)")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS),
+                   help="set the flags of one of the paper's ablations (default: none, the full method)")
+    p.add_argument("--resume", metavar="RUN_FOLDER",
+                   help="continue an interrupted run from its last.pth (default: start a new run)")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bars (epoch lines still print; default: bars on a terminal)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 

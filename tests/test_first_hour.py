@@ -72,6 +72,45 @@ def test_truncated_checkpoint_message_ends_in_whole_words(tmp_path):
 
 
 # ---------------------------------------------------------------- flags
+COMMANDS = ["run", "inference", "sweep", "extract", "vega_utils.anchors.build", "vega_utils.data.convert",
+            "vega_utils.insight.analyze", "vega_utils.insight.compare"]
+HIDDEN = {("sweep", "--worker_index")}   # set by sweep.py --jobs for its workers, not by a user
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_says_what_it_does_and_its_default(command):
+    """--help lists no flag without a help text, and each flag that takes a value says its default."""
+    import argparse
+    import importlib
+    p = importlib.import_module(command).parser()
+    assert "--" in p.format_help()   # renders (a stray % in a help text would raise here)
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = action.option_strings[0] if action.option_strings else action.dest
+        if (command, name) in HIDDEN:
+            assert action.help == argparse.SUPPRESS
+            continue
+        assert action.help and action.help != argparse.SUPPRESS, f"{command} {name} has no help"
+        if action.option_strings and action.nargs != 0:   # a flag taking a value
+            assert "default" in action.help or "required" in action.help, f"{command} {name}: {action.help}"
+
+
+def test_config_flags_show_the_preset_defaults():
+    import dataclasses
+
+    from vega_utils.runs.config import DERIVED, Config
+    from vega_utils.runs.config_help import CONFIG_HELP, preset_default
+    assert set(CONFIG_HELP) == {f.name for f in dataclasses.fields(Config)} - DERIVED
+    text = " ".join(run.parser().format_help().split())
+    assert "dialogues per batch (preset default: 9)" in text and "(preset default: 0.53)" in text
+    assert "--no_folder_brackets turn --folder_brackets off" in text
+    # a key whose presets differ shows both
+    presets = {"IEMOCAP": {"lr": 0.0001, "fast": True}, "MELD": {"lr": 0.00005, "fast": True}}
+    assert preset_default("lr", presets) == "0.0001 (IEMOCAP), 5e-05 (MELD)"
+    assert preset_default("fast", presets) == "on"
+
+
 def test_abbreviated_flag_is_refused_with_a_suggestion(capsys):
     with pytest.raises(SystemExit) as e:
         run.parser().parse_args(["--epoch", "1"])

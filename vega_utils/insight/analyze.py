@@ -39,9 +39,10 @@ def parser():
     p.add_argument("--data_path", help="the feature pickle (default: the run's own data_path)")
     p.add_argument("--anchor_path", help="the anchor cache (default: the run's own anchor_path)")
     p.add_argument("--out", help="output folder (default: RUN_FOLDER/analysis, numbered when taken)")
-    p.add_argument("--maps", nargs="*", default=["pca", "tsne"], choices=["pca", "tsne"], help="which 2-D maps")
-    p.add_argument("--device", default="cpu", help="auto, cpu or cuda (scores in float32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the t-SNE map")
+    p.add_argument("--maps", nargs="*", default=["pca", "tsne"], choices=["pca", "tsne"],
+                   help="which 2-D maps (default: pca tsne)")
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda; scores in float32 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the t-SNE map (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use); scikit-learn's "
                    "own OpenMP threads spin while they wait, so on a busy machine --threads 1 makes t-SNE much faster")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
