@@ -20,12 +20,15 @@ DEFAULTS = Settings()
 def parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_argument_group("input (one of --manifest, --layout with --root)")
-    source.add_argument("--manifest", metavar="CSV", help="one row per utterance (docs/extract.md, 'The manifest')")
-    source.add_argument("--layout", choices=["meld", "iemocap"], help="read a MELD or IEMOCAP release folder")
-    source.add_argument("--root", metavar="DIR", help="the release folder of --layout")
+    source.add_argument("--manifest", metavar="CSV",
+                        help="one row per utterance (docs/extract.md, 'The manifest'; default: none)")
+    source.add_argument("--layout", choices=["meld", "iemocap"],
+                        help="read a MELD or IEMOCAP release folder (default: none)")
+    source.add_argument("--root", metavar="DIR", help="the release folder of --layout (default: none)")
     source.add_argument("--like", metavar="JSON", help="repeat the extraction that wrote this dataset JSON "
-                        "(same models, pooling, frames, audio set, classes and speakers)")
-    p.add_argument("--out", required=True, metavar="FILE.npz", help="the features; the dataset JSON goes beside it")
+                        "(same models, pooling, frames, audio set, classes and speakers; default: the flags below)")
+    p.add_argument("--out", required=True, metavar="FILE.npz",
+                   help="the features; the dataset JSON goes beside it (required)")
     p.add_argument("--text_model", default=DEFAULTS.text_model, help="hub name or local folder (default: %(default)s)")
     p.add_argument("--text_pooling", choices=POOLINGS, default=DEFAULTS.text_pooling,
                    help="cls: first token; mean: the utterance's tokens (default: %(default)s)")

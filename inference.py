@@ -24,12 +24,13 @@ from torch.utils.data import DataLoader
 import train
 from dataloader import DialogueDataset, collate, load_dialogues, speaker_names, utterance_names
 from main import build_model
-from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error, resolve_device
+from vega_utils.common import OneLineParser, VegaError, as_typed, atomic_write_text, exit_on_error, resolve_device
 from vega_utils.data.datasets import dataset_arg, info_of
 from vega_utils.data.openformat import read_extraction
 from vega_utils.insight import report
 from vega_utils.runs import checkpoint, threads
 from vega_utils.runs.config import ACTIVATIONS, AMP_CHOICES, Config, load_preset, resolve
+from vega_utils.runs.config_help import config_help, preset_default
 
 # The reference's model flags: (flag, config key, type, choices). They build the model of a file without
 # a config; with a config, a flag that contradicts it is an error.
@@ -49,30 +50,46 @@ DEFAULT_CLIP_DIM = 512  # the VEGA branch is built but never loaded, so its widt
 
 def parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoint/IEMOCAP.pth")
+    p.add_argument("--checkpoint", default="checkpoint/IEMOCAP.pth",
+                   help="the file to score: a BEST_*.pth, a last.pth or a bare state_dict (default: %(default)s)")
+    model = p.add_argument_group("model settings (a file with its config needs none; a flag that contradicts it "
+                                 "is an error)")
     # default=SUPPRESS: only flags actually given appear in args, so they can be checked against a config
-    for flag, _, kind, choices in MODEL_FLAGS:   # --dataset is the reference's spelling, --Dataset run.py's
+    for flag, key, kind, choices in MODEL_FLAGS:   # --dataset is the reference's spelling, --Dataset run.py's
         names = [f"--{flag}", "--Dataset"] if flag == "dataset" else [f"--{flag}"]
-        p.add_argument(*names, dest=flag, type=kind, choices=choices, default=argparse.SUPPRESS)
-    p.add_argument("--clip_loss", dest="clip_loss", action="store_true", default=argparse.SUPPRESS)
-    p.add_argument("--no_clip_loss", dest="clip_loss", action="store_false", default=argparse.SUPPRESS)
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=argparse.SUPPRESS)
-    p.add_argument("--num_workers", type=int, default=argparse.SUPPRESS)
+        model.add_argument(*names, dest=flag, type=kind, choices=choices, default=argparse.SUPPRESS,
+                           help=from_the_file(key))
+    model.add_argument("--clip_loss", dest="clip_loss", action="store_true", default=argparse.SUPPRESS,
+                       help="build the VEGA branch too (never used for predictions; default: the file's "
+                            "config, else on)")
+    model.add_argument("--no_clip_loss", dest="clip_loss", action="store_false", default=argparse.SUPPRESS,
+                       help="build the model without its VEGA branch")
+    for names, key in ((["--batch_size", "--batch-size"], "batch_size"), (["--num_workers"], "num_workers")):
+        p.add_argument(*names, dest=key, type=int, default=argparse.SUPPRESS, help=from_the_file(key))
     p.add_argument("--data_path", help="dataset pickle (default: the checkpoint's, else the dataset's)")
     p.add_argument("--split", choices=["test", "train", "valid", "predict"], default="test",
-                   help="dialogues to score; a split without labels (predict) gets predictions only")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+                   help="dialogues to score; a split without labels (predict) gets predictions only "
+                        "(default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--cpu", action="store_true", help="the reference's flag: same as --device cpu")
     p.add_argument("--eval_amp", "--amp", dest="eval_amp", choices=list(AMP_CHOICES), default=None,
                    help="precision: auto = float32 on the CPU, fp16 autocast on CUDA (the reference's); off = "
                         "float32 everywhere (default: the checkpoint's eval_amp, else auto)")
     p.add_argument("--threads", type=int,
                    help="CPU threads (default: the cores this process may use)")
-    p.add_argument("--predictions_out", metavar="CSV", help="per-utterance labels, predictions, probabilities")
-    p.add_argument("--json", metavar="PATH", help="the reported numbers as JSON (fractions, not percent)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--predictions_out", metavar="CSV",
+                   help="per-utterance labels, predictions, probabilities (default: not written)")
+    p.add_argument("--json", metavar="PATH",
+                   help="the reported numbers as JSON, fractions, not percent (default: not written)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (default: one on a terminal)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def from_the_file(key):
+    """Help of a model or loader flag: a checkpoint with its config brings its own value."""
+    default = preset_default(key) if key != "clip_dim" else DEFAULT_CLIP_DIM
+    return config_help(key, f"default: the checkpoint's config; for a file without one, {default}")
 
 
 # ---------------------------------------------------------------- checkpoint and config
@@ -117,7 +134,7 @@ def model_config(args, saved, path):
             cfg = Config.from_dict(saved)
         except (VegaError, TypeError) as e:
             raise VegaError(f"checkpoint {path} carries a config this version cannot read: {e}") from None
-        clash = [f"--{FLAG_OF[k]} {v} (the checkpoint's config has {k}={getattr(cfg, k)})"
+        clash = [f"{as_typed(args, FLAG_OF[k])} {v} (the checkpoint's config has {k}={getattr(cfg, k)})"
                  for k, v in given.items() if not same(getattr(cfg, k), v)]
         if clash:
             raise VegaError(f"checkpoint {path} carries its config, and flags contradict it: " + "; ".join(clash)
@@ -129,17 +146,14 @@ def model_config(args, saved, path):
 
 
 def load_weights(model, state, cfg, path, has_config):
-    """Strict backbone load; for a file without a config, the error also says which flags would fit."""
-    try:
-        checkpoint.load_backbone(model, state, path, log=print)
-    except VegaError as e:
-        if "does not fit this model" not in str(e):   # e.g. non-finite values: nothing to suggest
-            raise
+    """Strict backbone load; a file that does not fit says first what would fit: for a file without a config
+    the flags that build its shapes, for one with a config that it does not match its own config."""
+    def advice(found):
         if has_config:
-            raise VegaError(f"{e}. The file's weights do not match its own config: it is damaged or "
-                            "was edited") from None
-        fix = fitting_flags(checkpoint.fitting_settings(state), cfg)
-        raise VegaError(f"{e}" + (f". To score it, try: {fix}" if fix else "")) from None
+            return "its weights do not match its own config: the file is damaged or was edited"
+        fix = fitting_flags(found, cfg)
+        return f"try: {fix}" if fix else ""
+    checkpoint.load_backbone(model, state, path, log=print, advice=advice)
 
 
 def fitting_flags(found, cfg):
@@ -149,7 +163,8 @@ def fitting_flags(found, cfg):
     if found.get("outlayer_dropout") is False and cfg.outlayer_drop > 0:
         flags.append("--outlayer_drop 0")
     if found.get("outlayer_dropout") and cfg.outlayer_drop == 0:
-        flags.append("--outlayer_drop <any value above 0>")
+        # any rate above 0 builds the dropout modules (their rate leaves no trace, and scoring never drops)
+        flags.append(f"--outlayer_drop {load_preset(cfg.Dataset).outlayer_drop or 0.1}")
     return " ".join(flags)
 
 

@@ -97,7 +97,7 @@ def eval_metrics(prefix, ev, class_names):
 
 def save_best_outputs(run_dir, cfg, ev, metrics, epoch, class_names, model, best_path, data=None):
     f1 = metrics["weighted_f1"]
-    path = os.path.join(run_dir, f"BEST_cls_f1_[{100 * f1:.2f}]_epoch{epoch}.pth")
+    path = os.path.join(run_dir, checkpoint.best_file_name(f1, epoch, cfg.folder_brackets))
     checkpoint.save_best(path, model, cfg, epoch, metrics)
     if cfg.clip_loss:   # the VEGA branch of the same epoch, beside it (for python -m vega_utils.insight.analyze)
         checkpoint.save_branch(os.path.join(run_dir, checkpoint.BRANCH_FILE), model, cfg, epoch)

@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 
-from vega_utils.common import OneLineParser, VegaError, atomic_write_text, exit_on_error, python_cmd
+from vega_utils.common import OneLineParser, VegaError, as_typed, atomic_write_text, exit_on_error, python_cmd
 from vega_utils.runs import run_folder, threads
 from vega_utils.runs.config import ABLATIONS, add_config_flags, config_from_args, resolve
 
@@ -30,17 +30,22 @@ DEMO_DATA = dict(n_train=100, n_test=25, min_len=8, max_len=30, signal=2.5, seed
 def parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p, skip=("ablation",))   # --ablation below: it sets other flags too
-    p.add_argument("--demo", action="store_true", help="generate a small synthetic IEMOCAP-layout set and train on it")
-    p.add_argument("--seeds", type=int, nargs="+", help="one complete run per seed, then aggregate statistics")
+    p.add_argument("--demo", action="store_true",
+                   help="generate a small synthetic IEMOCAP-layout set and train on it (default: off)")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="one complete run per seed, then aggregate statistics (default: one run with --seed)")
     p.add_argument("--config", metavar="FILE", help="a preset JSON (e.g. a sweep's best trial): its keys override "
-                   "the dataset's defaults, explicit flags still win")
+                   "the dataset's defaults, explicit flags still win (default: none)")
     p.add_argument("--jobs", type=int, default=1, help="--seeds: run this many seeds at a time, each in its own "
-                   "process (CPU threads divided between them unless --threads is given)")
+                   "process (CPU threads divided between them unless --threads is given; default: %(default)s)")
     p.add_argument("--devices", metavar="DEV,DEV", help="--jobs: devices given to the worker processes in turn, "
                    "e.g. cuda:0,cuda:1 (default: --device)")
-    p.add_argument("--ablation", choices=sorted(ABLATIONS), help="set the flags of one of the paper's ablations")
-    p.add_argument("--resume", metavar="RUN_FOLDER", help="continue an interrupted run from its last.pth")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars (epoch lines still print)")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS),
+                   help="set the flags of one of the paper's ablations (default: none, the full method)")
+    p.add_argument("--resume", metavar="RUN_FOLDER",
+                   help="continue an interrupted run from its last.pth (default: start a new run)")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bars (epoch lines still print; default: bars on a terminal)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -138,8 +143,9 @@ def resume_config(args):
     given = sorted(k for k in Config.__dataclass_fields__ if k != "ablation" and hasattr(args, k))
     fixed = [k for k in given if k not in RESUME_FLAGS]
     if fixed or args.demo or args.seeds or args.ablation or args.config:
-        names = fixed + [n for n in ("demo", "seeds", "ablation", "config") if getattr(args, n)]
-        raise VegaError(f"--resume continues {args.resume} with its own settings; --{', --'.join(names)} "
+        names = [as_typed(args, n) for n in fixed + [n for n in ("demo", "seeds", "ablation", "config")
+                                                     if getattr(args, n)]]
+        raise VegaError(f"--resume continues {args.resume} with its own settings; {', '.join(names)} "
                         f"cannot change there (only --{', --'.join(RESUME_FLAGS)} can)")
     cfg = run_folder.config_of_run(args.resume, f"cannot resume from {args.resume}: its settings")
     return resolve(cfg.replace(**{k: getattr(args, k) for k in given}))

@@ -27,14 +27,18 @@ DEFAULT_SPACE = os.path.join(PROJECT_ROOT, "configs", "sweep_space.json")
 def parser():
     p = run.parser()
     p.description = __doc__
-    p.add_argument("--study", required=True, help="the study's name: workers with the same name and storage share it")
+    p.add_argument("--study", required=True,
+                   help="the study's name: workers with the same name and storage share it (required)")
     p.add_argument("--trials", type=int, help="finished (complete or pruned) trials the study must hold, all "
-                   "workers together")
+                   "workers together (required unless --report)")
     p.add_argument("--storage", help="SQLAlchemy URL or journal:PATH (default sqlite:///<output_dir>/<name>/optuna.db)")
     p.add_argument("--space", default=DEFAULT_SPACE, help="search space JSON (default configs/sweep_space.json)")
-    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
-    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="TPE is seeded by --seed")
-    p.add_argument("--heartbeat", type=int, default=60, help="seconds between a running trial's heartbeats")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                   help="stops trials that fall behind the others at the same epoch (default: %(default)s)")
+    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe",
+                   help="TPE is seeded by --seed (default: %(default)s)")
+    p.add_argument("--heartbeat", type=int, default=60,
+                   help="seconds between a running trial's heartbeats (default: %(default)s)")
     p.add_argument("--grace", type=int, help="seconds of silence after which a running trial counts as dead "
                    "(default 2 x --heartbeat)")
     p.add_argument("--report", action="store_true", help="write the report of the study as it stands, run nothing")

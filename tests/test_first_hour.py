@@ -3,6 +3,7 @@ readable files, run folders that say what they hold."""
 import glob
 import json
 import os
+import re
 import shlex
 import signal
 import stat
@@ -49,6 +50,16 @@ def test_html_page_given_as_checkpoint_is_called_what_it_is(tmp_path, capsys):
     assert "HTML page" in err and "download" in err.lower() and "arbitrary Python objects" not in err
 
 
+def test_html_page_saved_as_the_data_file_is_called_what_it_is(files, tmp_path, capsys):
+    page = tmp_path / "IEMOCAP.pkl"
+    page.write_text("\n  <!DOCTYPE html>\n<html><head><title>Google Drive - Virus scan warning</title></html>")
+    flags = data_flags(files, tmp_path)
+    flags[1] = str(page)
+    assert run.run(flags + ["--epochs", "1"]) == 2
+    err = one_error_line(capsys)
+    assert "HTML page" in err and "download" in err.lower() and "load key" not in err
+
+
 def test_truncated_checkpoint_message_ends_in_whole_words(tmp_path):
     full = tmp_path / "full.pth"
     torch.save({"a": torch.zeros(1000)}, full)   # cut in half: torch says "failed finding central directory ... If you
@@ -62,6 +73,45 @@ def test_truncated_checkpoint_message_ends_in_whole_words(tmp_path):
 
 
 # ---------------------------------------------------------------- flags
+COMMANDS = ["run", "inference", "sweep", "extract", "vega_utils.anchors.build", "vega_utils.data.convert",
+            "vega_utils.insight.analyze", "vega_utils.insight.compare"]
+HIDDEN = {("sweep", "--worker_index")}   # set by sweep.py --jobs for its workers, not by a user
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_says_what_it_does_and_its_default(command):
+    """--help lists no flag without a help text, and each flag that takes a value says its default."""
+    import argparse
+    import importlib
+    p = importlib.import_module(command).parser()
+    assert "--" in p.format_help()   # renders (a stray % in a help text would raise here)
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = action.option_strings[0] if action.option_strings else action.dest
+        if (command, name) in HIDDEN:
+            assert action.help == argparse.SUPPRESS
+            continue
+        assert action.help and action.help != argparse.SUPPRESS, f"{command} {name} has no help"
+        if action.option_strings and action.nargs != 0:   # a flag taking a value
+            assert "default" in action.help or "required" in action.help, f"{command} {name}: {action.help}"
+
+
+def test_config_flags_show_the_preset_defaults():
+    import dataclasses
+
+    from vega_utils.runs.config import DERIVED, Config
+    from vega_utils.runs.config_help import CONFIG_HELP, preset_default
+    assert set(CONFIG_HELP) == {f.name for f in dataclasses.fields(Config)} - DERIVED
+    text = " ".join(run.parser().format_help().split())
+    assert "dialogues per batch (preset default: 9)" in text and "(preset default: 0.53)" in text
+    assert "--no_folder_brackets turn --folder_brackets off" in text
+    # a key whose presets differ shows both
+    presets = {"IEMOCAP": {"lr": 0.0001, "fast": True}, "MELD": {"lr": 0.00005, "fast": True}}
+    assert preset_default("lr", presets) == "0.0001 (IEMOCAP), 5e-05 (MELD)"
+    assert preset_default("fast", presets) == "on"
+
+
 def test_abbreviated_flag_is_refused_with_a_suggestion(capsys):
     with pytest.raises(SystemExit) as e:
         run.parser().parse_args(["--epoch", "1"])
@@ -121,6 +171,12 @@ def test_run_folder_names_seed_and_ablation_and_files_are_readable(files, tmp_pa
     (run_dir,) = glob.glob(str(tmp_path / "IEMOCAP" / "*"))
     name = os.path.basename(run_dir)
     assert name.endswith("_seed5_no_vega") and "[" not in name
+    (best,) = checkpoint.best_files(run_dir)   # the checkpoint's name too, and its readers find it
+    assert "[" not in os.path.basename(best) and re.fullmatch(r"BEST_cls_f1_\d+\.\d\d_epoch1\.pth",
+                                                              os.path.basename(best))
+    from vega_utils.insight.analyze import best_checkpoint
+    assert best_checkpoint(run_dir) == best
+    assert inference.main(["--checkpoint", best, "--no_progress", "--device", "cpu"]) == 0
     saved = json.load(open(os.path.join(run_dir, "config.json")))
     assert saved["ablation"] == "no_vega" and saved["seed"] == 5 and saved["clip_loss"] is False
     for f in ("config.json", "summary.json", "last.pth", "predictions.csv", "metrics.jsonl"):
@@ -169,6 +225,17 @@ def test_resume_with_more_epochs_extends_the_run(two_epoch_run):
 def test_resume_refuses_flags_it_would_ignore(two_epoch_run, capsys):
     assert run.run(["--resume", two_epoch_run, "--lr", "0.1"]) == 2
     assert "--lr cannot change there" in one_error_line(capsys)
+    # named as typed (the other spellings of --batch_size, --lr, --Dataset)
+    assert run.run(["--resume", two_epoch_run, "--batch-size", "2", "--learning_rate=0.1", "--dataset", "MELD"]) == 2
+    assert "--dataset, --batch-size, --learning_rate cannot change there" in one_error_line(capsys)
+
+
+def test_best_checkpoint_names_with_and_without_brackets(tmp_path):
+    for f1, epoch, brackets in ((0.7966, 10, True), (0.8012, 12, False)):
+        (tmp_path / checkpoint.best_file_name(f1, epoch, brackets)).write_bytes(b"")
+    (tmp_path / "BEST_cls_f1_notes_epoch.pth").write_bytes(b"")   # matches the glob, not the name
+    names = [os.path.basename(p) for p in checkpoint.best_files(str(tmp_path))]
+    assert names == ["BEST_cls_f1_[79.66]_epoch10.pth", "BEST_cls_f1_80.12_epoch12.pth"]
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(files, tmp_path, monkeypatch, capsys):

@@ -184,6 +184,26 @@ def test_a_checkpoint_of_another_config_names_the_fix(tmp_path, data_path, capsy
     err = error_of(capsys, path, data_path, *flags)
     for text in expected:
         assert text in err, text
+    # the fix comes first, then what the file looks like, then at most three entry names of each kind
+    assert err.index("try: ") < err.index("looks like a model") < err.index("Entries: ")
+    assert "above 0" not in err and "outlayer_drop=" not in err
+    for names in re.findall(r"(?:wrong shape|missing|unexpected) \d+(?: \(e\.g\. [^)]*\)\))?: ([^;]*)", err):
+        assert names.split(" ... and ")[0].count(",") <= 2, names
+
+
+def test_the_vega_branch_file_is_named_with_the_file_to_give(tmp_path, data_path, capsys):
+    cfg, model = build(data_path, **SMALL)
+    best = tmp_path / "BEST_cls_f1_50.00_epoch3.pth"
+    checkpoint.save_best(best, model, cfg, epoch=3, metrics={})
+    branch = tmp_path / checkpoint.BRANCH_FILE
+    checkpoint.save_branch(branch, model, cfg, epoch=3)
+    err = error_of(capsys, branch, data_path)
+    assert "VEGA branch" in err and "holds no state_dict" not in err and f"give {best} instead" in err
+    os.remove(best)   # no best-epoch file beside it: its last.pth, else what to look for
+    (tmp_path / "last.pth").write_bytes(b"")
+    assert f"give {tmp_path / 'last.pth'} instead" in error_of(capsys, branch, data_path)
+    os.remove(tmp_path / "last.pth")
+    assert "BEST_cls_f1_*_epoch*.pth checkpoint (or last.pth)" in error_of(capsys, branch, data_path)
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path, data_path, capsys):
@@ -223,6 +243,9 @@ def test_flags_contradicting_the_checkpoint_config(tmp_path, data_path, capsys):
     err = error_of(capsys, path, data_path, "--hidden_dim", "64", "--dataset", "MELD")
     assert "--hidden_dim 64 (the checkpoint's config has hidden_dim=32)" in err
     assert "--dataset MELD (the checkpoint's config has Dataset=IEMOCAP)" in err
+    # named as typed: --Dataset is the other spelling of --dataset
+    err = error_of(capsys, path, data_path, "--Dataset=MELD")
+    assert "--Dataset MELD (the checkpoint's config has Dataset=IEMOCAP)" in err and "--dataset" not in err
     # agreeing model flags and the run-time ones are fine
     assert run(path, data_path, "--hidden_dim", "32", "--batch_size", "2") == 0
 

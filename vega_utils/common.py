@@ -57,6 +57,21 @@ def read_json(path, what):
         raise VegaError(f"{what} {path}: cannot read it as JSON ({e})") from None
 
 
+# What a failed or interrupted download (Google Drive's virus-scan warning, a login page) saves under the file's
+# name; the checkpoint and data readers both say so instead of an unpickling error.
+HTML_PAGE = "an HTML page (a failed or interrupted download saves the web page instead of the file)"
+
+
+def is_html_page(path):
+    """Whether the file at `path` starts as an HTML page (False for an unreadable one: its reader reports that)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    except OSError:
+        return False
+    return text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:200]
+
+
 def resolve_device(name="auto"):
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,6 +143,11 @@ def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text), "w")
 
 
+def as_typed(args, dest):
+    """The flag of `dest` as the user typed it (`--Dataset` or `--dataset`); `--<dest>` when not known."""
+    return getattr(args, "flags_as_typed", {}).get(dest, f"--{dest}")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags end in one `error: ...` line and exit status 2 (argparse would print the usage too).
 
@@ -137,6 +157,21 @@ class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, plus `flags_as_typed` in the result: {dest: the option string the user typed last for it},
+        so that an error names `--batch-size` or `--learning_rate` as given, not the config key (see as_typed)."""
+        argv = sys.argv[1:] if args is None else list(args)
+        parsed, extras = super().parse_known_args(argv, namespace)
+        typed = {}
+        for word in argv:
+            if word == "--":
+                break
+            action = self._option_string_actions.get(str(word).split("=", 1)[0])
+            if action is not None:
+                typed[action.dest] = str(word).split("=", 1)[0]
+        parsed.flags_as_typed = typed
+        return parsed, extras
 
     def error(self, message):
         hint = ""

@@ -50,28 +50,29 @@ def ensure_anchor_cache(cfg, device="auto"):
 
 
 # ----------------------------------------------------------------------------------------- command line
-def _parser():
+def parser():
     p = OneLineParser(
         prog="python -m vega_utils.anchors.build",
         description="Build a VEGA anchor cache (the reference's anchor/<name>_anchor.pt format) from "
                     "emotion face images: one subfolder per class, or the class word in each file name.")
-    p.add_argument("--image_dir", required=True, help="folder of images (class = path below it)")
+    p.add_argument("--image_dir", required=True, help="folder of images (class = path below it); required")
     p.add_argument("--Dataset", "--dataset", dest="Dataset", default="IEMOCAP", type=dataset_arg,
-                   help="IEMOCAP, MELD or a dataset JSON: decides the class labels")
+                   help="IEMOCAP, MELD or a dataset JSON: decides the class labels (default: %(default)s)")
     p.add_argument("--label_map", metavar="JSON", help="{word: class} for image words that are not class names "
                    "(default: the dataset JSON's anchor_label_map)")
-    p.add_argument("--CLIP_Model", default=DEFAULT_CLIP_MODEL, help="hub name or save_pretrained folder")
-    p.add_argument("--out", required=True, help="cache file to write, e.g. anchor/35_anchor.pt")
-    p.add_argument("--batch_size", type=int, default=32, help="images per CLIP forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--CLIP_Model", default=DEFAULT_CLIP_MODEL,
+                   help="hub name or save_pretrained folder (default: %(default)s)")
+    p.add_argument("--out", required=True, help="cache file to write, e.g. anchor/35_anchor.pt; required")
+    p.add_argument("--batch_size", type=int, default=32, help="images per CLIP forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--skip_bad_images", action="store_true",
-                   help="skip unreadable images with a warning instead of stopping")
+                   help="skip unreadable images with a warning (default: stop at the first)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
 
     def build():
         info = dataset_info(args.Dataset)

@@ -95,7 +95,7 @@ def convert(src, dst, dataset="IEMOCAP", force=False):
     raise VegaError(f"cannot tell the direction from {src} -> {dst}: convert .pkl to .npz or .npz to .pkl")
 
 
-def main(argv=None):
+def parser():
     from vega_utils.common import OneLineParser
     from vega_utils.data.datasets import dataset_arg
     p = OneLineParser(prog="python -m vega_utils.data.convert", description=__doc__,
@@ -103,9 +103,14 @@ def main(argv=None):
     p.add_argument("source", help="a reference pickle (.pkl) or an open-format file (.npz)")
     p.add_argument("target", help="the file to write (.npz or .pkl)")
     p.add_argument("--Dataset", "--dataset", dest="Dataset", type=dataset_arg, default="IEMOCAP",
-                   help="IEMOCAP, MELD or a dataset JSON: the sizes, speakers and labels to check against")
-    p.add_argument("--force", action="store_true", help="replace an existing target")
-    args = p.parse_args(argv)
+                   help="IEMOCAP, MELD or a dataset JSON: the sizes, speakers and labels to check against "
+                        "(default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing target (default: refuse)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     return exit_on_error(lambda: print(convert(args.source, args.target, args.Dataset, args.force)))
 
 

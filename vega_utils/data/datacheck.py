@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vega_utils.common import VegaError
+from vega_utils.common import HTML_PAGE, VegaError, is_html_page
 from vega_utils.data.datasets import DATASETS, DROPPED, MISSING, label_reader, source_label_name
 from vega_utils.data.files import MODALITIES, first_line, missing_file, plain
 from vega_utils.data.openformat import read_npz
@@ -262,6 +262,8 @@ def open_checked(path, info):
 
 def read_tables(path, check):
     """The file's per-dialogue tables (speakers, labels, text, audio, visual) and {split: dialogue ids}."""
+    if os.path.isfile(path) and is_html_page(path):
+        check.fail(f"not a data file: it is {HTML_PAGE}. Download it again")
     if str(path).lower().endswith(".npz"):
         return read_npz(path, check)
     layout, tables, train_raw, test_raw = check.seven_tuple(read_pickle(path))

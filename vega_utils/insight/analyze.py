@@ -16,7 +16,6 @@ A run without the VEGA branch (--ablation no_vega) has no projections: the ancho
 The best epoch's backbone comes from its BEST_*.pth, the VEGA branch from best_vega_branch.pth.
 """
 import argparse
-import glob
 import json
 import os
 import sys
@@ -40,9 +39,10 @@ def parser():
     p.add_argument("--data_path", help="the feature pickle (default: the run's own data_path)")
     p.add_argument("--anchor_path", help="the anchor cache (default: the run's own anchor_path)")
     p.add_argument("--out", help="output folder (default: RUN_FOLDER/analysis, numbered when taken)")
-    p.add_argument("--maps", nargs="*", default=["pca", "tsne"], choices=["pca", "tsne"], help="which 2-D maps")
-    p.add_argument("--device", default="cpu", help="auto, cpu or cuda (scores in float32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the t-SNE map")
+    p.add_argument("--maps", nargs="*", default=["pca", "tsne"], choices=["pca", "tsne"],
+                   help="which 2-D maps (default: pca tsne)")
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda; scores in float32 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the t-SNE map (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use); scikit-learn's "
                    "own OpenMP threads spin while they wait, so on a busy machine --threads 1 makes t-SNE much faster")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -54,9 +54,9 @@ def run_name(cfg, run_dir):
 
 
 def best_checkpoint(run_dir):
-    found = sorted(glob.glob(os.path.join(glob.escape(run_dir), "BEST_cls_f1_*_epoch*.pth")))
+    found = checkpoint.best_files(run_dir)
     if not found:
-        raise VegaError(f"{run_dir} holds no BEST_cls_f1_*.pth: no epoch of this run finished")
+        raise VegaError(f"{run_dir} holds no {checkpoint.BEST_GLOB}: no epoch of this run finished")
     return found[-1]
 
 

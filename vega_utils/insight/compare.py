@@ -31,12 +31,14 @@ ALIGN = (("own", "cos to own anchor (all head)"), ("other", "mean cos to other a
 
 def parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folders", nargs="+", metavar="RUN_OR_AGGREGATE")
+    p.add_argument("folders", nargs="+", metavar="RUN_OR_AGGREGATE",
+                   help="run folders (summary.json) or seed aggregates (aggregate.json) to compare")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     p.add_argument("--n_boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
     p.add_argument("--unit", choices=["utterance", "dialogue"], default="utterance",
-                   help="what the bootstrap resamples (dialogue: whole dialogues, keeping their correlation)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+                   help="what the bootstrap resamples (dialogue: whole dialogues, keeping their correlation; "
+                        "default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
     p.add_argument("--out", help="output folder (default output/comparisons/<MMDD-HHMMSS>)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p

@@ -5,13 +5,15 @@ Formats read:
 - a dict whose `state_dict` entry is one (the reference's other form, and this project's files, which also
   carry `config` (plain dict), `metrics` and `epoch`).
 """
+import glob
 import os
 import pickle
+import re
 import zipfile
 
 import torch
 
-from vega_utils.common import VegaError, atomic_torch_save
+from vega_utils.common import HTML_PAGE, VegaError, atomic_torch_save, is_html_page
 
 FORMAT = "vega-checkpoint-v1"
 
@@ -24,6 +26,25 @@ def is_backbone_key(name):
 
 def backbone_state_dict(model):
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if is_backbone_key(k)}
+
+
+# The best epoch's file: `BEST_cls_f1_[<f1>]_epoch<n>.pth` as the reference names it, `BEST_cls_f1_<f1>_epoch<n>.pth`
+# with --no_folder_brackets (no shell quoting). Readers take both.
+BEST_GLOB = "BEST_cls_f1_*_epoch*.pth"
+BEST_NAME = re.compile(r"^BEST_cls_f1_\[?(\d+(?:\.\d+)?)\]?_epoch(\d+)\.pth$")
+
+
+def best_file_name(f1, epoch, brackets=True):
+    score = f"{100 * f1:.2f}"
+    return f"BEST_cls_f1_{f'[{score}]' if brackets else score}_epoch{epoch}.pth"
+
+
+def best_files(folder):
+    """The best-epoch checkpoints in a run folder (either naming), oldest epoch first: one, unless a run was
+    stopped between writing a new best and removing the old one."""
+    found = [p for p in glob.glob(os.path.join(glob.escape(folder), BEST_GLOB))
+             if BEST_NAME.match(os.path.basename(p))]
+    return sorted(found, key=lambda p: int(BEST_NAME.match(os.path.basename(p)).group(2)))
 
 
 def save_best(path, model, cfg, epoch, metrics):
@@ -72,9 +93,8 @@ def _what_file_is_this(path):
         return None
     if not head:
         return "an empty file"
-    text = head.lstrip().lower()
-    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:200]:
-        return "an HTML page (a failed or interrupted download saves the web page instead of the file)"
+    if is_html_page(path):
+        return HTML_PAGE
     try:
         head.decode("utf-8")
         return "a text file"
@@ -116,6 +136,10 @@ def split_checkpoint(obj, path):
         state, config = obj["state_dict"], obj.get("config")
     elif isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         state, config = obj, None
+    elif isinstance(obj, dict) and isinstance(obj.get("branch_state_dict"), dict):
+        raise VegaError(f"checkpoint {path} is a run's {BRANCH_FILE}: the VEGA branch of its best epoch (anchor "
+                        f"projections, for python -m vega_utils.insight.analyze), not a model to score; "
+                        f"give {_model_file_beside(path)} instead")
     else:
         raise VegaError(f"checkpoint {path} holds no state_dict (expected a state_dict or a dict with "
                         "a 'state_dict' entry)")
@@ -124,22 +148,38 @@ def split_checkpoint(obj, path):
     return state, config, obj
 
 
+def _model_file_beside(path):
+    """The checkpoint to score in the run folder of `path`: its best-epoch file, else its last.pth."""
+    folder = os.path.dirname(os.path.abspath(path))
+    best = best_files(folder)
+    if best:
+        return os.path.join(os.path.dirname(path), os.path.basename(best[-1]))
+    if os.path.exists(os.path.join(folder, "last.pth")):
+        return os.path.join(os.path.dirname(path), "last.pth")
+    return f"the {BEST_GLOB} checkpoint (or last.pth) of its run folder"
+
+
 def _names(keys, limit=10):
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def guess_config(state):
-    """What the shapes say about the model that wrote a state_dict, for error messages."""
+def describe_shapes(state):
+    """What the shapes say about the model that wrote a state_dict, in words: `hidden_dim=768, outlayer_num=3,
+    dropout in the output layers`; empty when they say nothing."""
     found = fitting_settings(state)
+    words = [f"{k}={found[k]}" for k in ("Dataset", "hidden_dim", "outlayer_num") if k in found]
     if "outlayer_dropout" in found:
-        found["outlayer_drop"] = "above 0" if found.pop("outlayer_dropout") else "0"
-    return found
+        words.append(("dropout" if found["outlayer_dropout"] else "no dropout") + " in the output layers")
+    return ", ".join(words)
 
 
-def load_backbone(model, state, path, log=print):
-    """Load the backbone strictly; VEGA-branch entries in the file are ignored with a notice."""
+def load_backbone(model, state, path, log=print, advice=None):
+    """Load the backbone strictly; VEGA-branch entries in the file are ignored with a notice.
+
+    A file that does not fit: what the file looks like and `advice(fitting_settings(state))` (a caller's fix,
+    e.g. inference.py's flags) come first, then a few of the differing entries."""
     expected = {k: v for k, v in model.state_dict().items() if is_backbone_key(k)}
     given = {k: v for k, v in state.items() if is_backbone_key(k)}
     branch = [k for k in state if not is_backbone_key(k)]
@@ -148,17 +188,19 @@ def load_backbone(model, state, path, log=print):
     wrong = {k for k in set(expected) & set(given) if tuple(expected[k].shape) != tuple(given[k].shape)}
     if missing or unexpected or wrong:
         parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_names(unexpected)}")
         if wrong:
             k = sorted(wrong)[0]
-            parts.append(f"wrong shape {len(wrong)}: {_names(wrong)} (e.g. {k}: file {tuple(given[k].shape)}, "
-                         f"model {tuple(expected[k].shape)})")
-        hint = ", ".join(f"{k}={v}" for k, v in guess_config(state).items())
-        raise VegaError(f"checkpoint {path} does not fit this model: " + "; ".join(parts)
-                        + (f". The file looks like a model with {hint}" if hint else ""))
+            parts.append(f"wrong shape {len(wrong)} (e.g. {k}: file {tuple(given[k].shape)}, "
+                         f"model {tuple(expected[k].shape)}): {_names(wrong, 3)}")
+        if missing:
+            parts.append(f"missing {len(missing)}: {_names(missing, 3)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_names(unexpected, 3)}")
+        looks = describe_shapes(state)
+        fix = advice(fitting_settings(state)) if advice else ""
+        lead = "; ".join(x for x in (fix, f"the file looks like a model with {looks}" if looks else "") if x)
+        raise VegaError(f"checkpoint {path} does not fit this model: " + (f"{lead}. Entries: " if lead else "")
+                        + "; ".join(parts))
     for k, v in given.items():
         if torch.is_floating_point(v) and not torch.isfinite(v).all():
             raise VegaError(f"checkpoint {path} has non-finite values in {k}")

@@ -242,14 +242,19 @@ DERIVED = {"text_dim", "audio_dim", "visual_dim", "n_speakers", "n_classes", "da
 
 
 def add_config_flags(parser, skip=()):
-    """One flag per config key, default SUPPRESS so only flags actually given reach the config."""
+    """One flag per config key, default SUPPRESS so only flags actually given reach the config; its help says
+    what the key means and its preset default (vega_utils/runs/config_help.py)."""
+    from vega_utils.runs.config_help import config_help, preset_default
+    group = parser.add_argument_group("settings (defaults: configs/<Dataset>.json; a flag overrides only its key)")
     for f in dataclasses.fields(Config):
         if f.name in DERIVED or f.name in skip:
             continue
         flags = FLAG_ALIASES.get(f.name, [f"--{f.name}"])
+        helped = config_help(f.name, f"preset default: {preset_default(f.name)}")
         if f.type is bool:
-            parser.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS)
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS)
+            group.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=helped)
+            group.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                               help=f"turn {flags[0]} off")
             continue
         # Optional[int] and friends: the first type argument
         kind = f.type if f.type in (int, float, str) else f.type.__args__[0]
@@ -262,7 +267,7 @@ def add_config_flags(parser, skip=()):
             choices = ["AdamW", "Adam", "SGD"]
         elif f.name in ("amp", "eval_amp"):
             choices = list(AMP_CHOICES)
-        parser.add_argument(*flags, dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS)
+        group.add_argument(*flags, dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS, help=helped)
     return parser
 
 

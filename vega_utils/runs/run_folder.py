@@ -1,7 +1,8 @@
 """A run folder on disk: its name, creation, config.json, metrics.jsonl, last.pth and the generators it saves.
 
 `<output_dir>/<name>/[MMDD-HHMM]_seed<seed>[_<ablation>]/` (UK time, as the reference; `-2`, `-3` ... when
-taken): config.json, metrics.jsonl, summary.json, BEST_cls_f1_[<f1>]_epoch<n>.pth, best_vega_branch.pth,
+taken; no brackets in either name with --no_folder_brackets): config.json, metrics.jsonl, summary.json,
+BEST_cls_f1_[<f1>]_epoch<n>.pth (checkpoint.best_file_name), best_vega_branch.pth,
 last.pth, predictions.csv, curves.png, confusion.png, TensorBoard event files (and valid_ids.json with a
 validation split). Every file that matters is written to a temporary file and renamed (common._atomic_write).
 """
