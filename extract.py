@@ -107,6 +107,11 @@ def command(args):
     c = record["counts"]
     print(f"wrote {args.out}: {c['dialogues']} dialogues, {c['utterances']} utterances; dataset JSON beside it")
     print("counts: " + ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("utterances", "dialogues")))
+    absent = record["classes_without_training_utterance"]
+    if absent and len(absent) < len(record["settings"]["classes"]):     # training data, but not of every class
+        print(f"note: class(es) {', '.join(absent)} have no training "
+              f"utterance, so the dataset JSON sets class_weights 'none' (balanced weights cannot weigh an unseen "
+              f"class); edit it to give a list of weights if you want others")
     for line in record["skipped"]:
         print(f"skipped: {line}")
     return 0

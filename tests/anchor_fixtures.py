@@ -17,9 +17,10 @@ from vega_utils.data.toy_models import save_tiny_clip  # noqa: E402
 FORMATS = ("jpg", "png", "bmp", "gif", "tiff", "jpeg", "tif")
 
 
-def make_tiny_clip(folder, projection_dim=16, image_size=32, seed=0):
-    """Save a randomly initialised, very small CLIP (features of width projection_dim) in folder."""
-    return save_tiny_clip(folder, projection_dim, image_size, seed)
+def make_tiny_clip(folder, projection_dim=16, image_size=32, seed=0, hidden=16, layers=1, patch_size=8):
+    """Save a randomly initialised, very small CLIP (features of width projection_dim) in folder; hidden, layers
+    and patch_size shape its vision tower (the benchmark uses a realistic width and patch 32 at 224 px)."""
+    return save_tiny_clip(folder, projection_dim, image_size, seed, hidden, layers, patch_size)
 
 
 def draw_face(path, seed, size=(40, 36)):

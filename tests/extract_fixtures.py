@@ -144,3 +144,53 @@ def make_iemocap_tree(root, seconds=0.5):
                 f.write("\n".join(lines) + "\n")
         write_mp4(os.path.join(base, "dialog", "avi", "DivX", f"{dialog}.avi"), seconds=0.2 + len(labels) * 0.6)
     return str(root)
+
+
+def draw_face_like(size=160, shift=0):
+    """An RGB (size, size, 3) uint8 cartoon face (skin ellipse, brows, eyes, nose, mouth on grey) that OpenCV's
+    frontal-face Haar cascade finds; anchor_fixtures.draw_face draws noise, which holds no face."""
+    import cv2
+    img = np.full((size, size, 3), 90, np.uint8)
+    c, s = (size // 2 + shift, size // 2), size / 160
+
+    def at(dx, dy):
+        return c[0] + int(dx * s), c[1] + int(dy * s)
+    cv2.ellipse(img, c, (int(42 * s), int(55 * s)), 0, 0, 360, (200, 170, 150), -1)
+    for dx in (-17, 17):
+        cv2.ellipse(img, at(dx, -12), (int(9 * s), int(5 * s)), 0, 0, 360, (30, 30, 30), -1)
+        cv2.line(img, at(dx - 10, -24), at(dx + 10, -24), (60, 40, 30), 3)
+    cv2.line(img, at(0, -5), at(0, 12), (150, 120, 100), 3)
+    cv2.ellipse(img, at(0, 28), (int(16 * s), int(5 * s)), 0, 0, 360, (90, 40, 40), -1)
+    return img
+
+
+def write_frames_mp4(path, images, fps=10):
+    """An MP4 (H.264, no audio) of the given RGB images, one frame each."""
+    import av
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(path, "w") as c:
+        video = c.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        video.height, video.width = images[0].shape[:2]
+        video.pix_fmt = "yuv420p"
+        for img in images:
+            for packet in video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(packet)
+        for packet in video.encode():
+            c.mux(packet)
+    return path
+
+
+def make_tiny_speech_model(folder, attention_mask=True, seed=0):
+    """A wav2vec2 of 2 layers (width 32) with a layer-norm feature encoder, and its feature extractor (returning
+    attention masks, so extract.py batches it), saved in folder."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 8),
+                            feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
+                            num_conv_pos_embedding_groups=2)
+    torch.manual_seed(seed)
+    Wav2Vec2Model(config).eval().save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=attention_mask).save_pretrained(folder)
+    return str(folder)

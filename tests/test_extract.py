@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from extract_fixtures import make_iemocap_tree, make_manifest, make_meld_tree, make_models
+from extract_fixtures import (
+    draw_face_like,
+    make_iemocap_tree,
+    make_manifest,
+    make_meld_tree,
+    make_models,
+    make_tiny_speech_model,
+    write_frames_mp4,
+    write_wav,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -179,3 +188,115 @@ def test_iemocap_layout(setup, tmp_path):
     assert list(z["speaker"][:3]) == ["F", "M", "M"] and set(z["split"]) == {"train", "test"}
     assert "happy" in set(z["label"]) and len(z["label"]) == 12          # xxx dropped in both sessions
     assert json.loads(str(z["extraction"]))["counts"]["dropped_labels"] == {"xxx": 2}
+
+
+def test_missing_modalities_and_fallbacks_are_always_counted(meld_out):
+    counts = json.load(open(meld_out[:-4] + ".json"))["extraction"]["counts"]
+    assert counts["missing_audio"] == 0 and counts["missing_visual"] == 0 and counts["visual_fallbacks"] == 0
+
+
+def test_training_with_the_vega_branch_on_extracted_data(setup, meld_out, tmp_path):
+    """Anchors of the extracted dataset's classes built with the same tiny CLIP; run.py with the clip loss on."""
+    from anchor_fixtures import make_image_folder
+
+    import run
+    from vega_utils.anchors.images import build_anchor_cache
+    spec = json.load(open(meld_out[:-4] + ".json"))
+    images, anchor = str(tmp_path / "images"), str(tmp_path / "anchor.pt")
+    make_image_folder(images, spec["classes"], per_class=2)
+    build_anchor_cache(images, spec["classes"], setup["clip"], anchor, device="cpu", progress=False)
+    assert run.run(["--Dataset", meld_out[:-4] + ".json", "--anchor_path", anchor, "--CLIP_Model", setup["clip"],
+                    "--epochs", "1", "--hidden_dim", "32", "--device", "cpu", "--no_progress",
+                    "--output_dir", str(tmp_path / "runs")]) == 0
+    run_dir = next((tmp_path / "runs" / "meld").iterdir())
+    config = json.load(open(run_dir / "config.json"))
+    assert config["clip_loss"] is True and config["clip_dim"] == 16 and config["anchor_path"] == anchor
+    assert next(run_dir.glob("BEST*.pth"))
+
+
+@pytest.fixture(scope="module")
+def cv2_with_cascades():
+    cv2 = pytest.importorskip("cv2")
+    if not hasattr(cv2, "CascadeClassifier"):
+        pytest.skip(f"OpenCV {cv2.__version__} ships no Haar cascades (OpenCV 5); --faces needs OpenCV 4")
+    return cv2
+
+
+def test_faces_crop_to_the_face_and_fall_back_to_the_whole_frame(setup, tmp_path, cv2_with_cascades):
+    from vega_utils.anchors.images import feature_tensor, load_clip
+    from vega_utils.features.visual import CASCADE
+    cv2 = cv2_with_cascades
+    blank = np.full((160, 160, 3), 90, np.uint8)
+    blank[40:120, 40:120] = (30, 120, 200)                           # a square: no face
+    video = write_frames_mp4(str(tmp_path / "face.mp4"), [draw_face_like(160)] * 5 + [blank] * 5)
+    rows = [{"dialogue_id": "a", "speaker": "x", "text": "yeah", "video": video}]
+    out = str(tmp_path / "faces.npz")
+    run_extract(setup, "--manifest", make_manifest(str(tmp_path), rows), "--out", out, "--faces",
+                "--audio", "egemaps")
+    z = load(out)
+    counts = json.loads(str(z["extraction"]))["counts"]
+    assert counts["visual_fallbacks"] == 1 and counts["missing_audio"] == 1
+    frames = load_frames(Utterance("r", "d", 0, "s", "t", video=video), 2)       # a face, then no face
+    cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, CASCADE))
+    found = [cascade.detectMultiScale(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), scaleFactor=1.1, minNeighbors=5)
+             for f in frames]
+    assert len(found[0]) >= 1 and len(found[1]) == 0
+    x, y, w, h = max(found[0], key=lambda f: f[2] * f[3])
+    assert w < 160 and h < 160
+    model, processor = load_clip(setup["clip"], "cpu")
+    with torch.no_grad():
+        pixels = processor(images=[frames[0][y:y + h, x:x + w], frames[1]], return_tensors="pt")["pixel_values"]
+        direct = F.normalize(feature_tensor(model.get_image_features(pixel_values=pixels)), dim=-1).mean(0)
+    np.testing.assert_allclose(z["visual"][0], direct.numpy(), atol=1e-5)
+
+
+def test_hf_audio_is_batched_and_equals_a_direct_call(setup, tmp_path):
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from vega_utils.features.audio import AudioExtractor
+    speech = make_tiny_speech_model(str(tmp_path / "speech"))
+    seconds = (0.5, 1.1, 0.8)
+    rows = [{"dialogue_id": "a", "speaker": "x", "text": t, "audio": write_wav(str(tmp_path / f"u{k}.wav"), s, seed=k)}
+            for k, (t, s) in enumerate(zip(("excuse me", "yeah", "you did"), seconds))]
+    out = str(tmp_path / "hf.npz")
+    run_extract(setup, "--manifest", make_manifest(str(tmp_path), rows), "--out", out, "--audio", f"hf:{speech}")
+    z = load(out)
+    extractor = AudioExtractor(f"hf:{speech}", 16000, 1, "cpu", batch_size=4)
+    assert extractor.batches() and z["audio"].shape == (3, 32)
+    fe, model = Wav2Vec2FeatureExtractor.from_pretrained(speech), Wav2Vec2Model.from_pretrained(speech).eval()
+    for k in range(3):
+        samples = load_audio(Utterance("r", "d", 0, "s", "t", audio=rows[k]["audio"]), 16000)
+        with torch.no_grad():
+            direct = model(**fe(samples, sampling_rate=16000, return_tensors="pt")).last_hidden_state[0].mean(0)
+        np.testing.assert_allclose(z["audio"][k], direct.numpy(), atol=1e-4)
+    assert json.loads(str(z["extraction"]))["extractors"]["audio"]["pooling"] == "mean over time"
+
+
+def test_class_absent_from_train_gets_no_balanced_weights(setup, tmp_path, capsys):
+    import run
+    rows = [{"dialogue_id": f"d{k // 2}", "speaker": "x", "text": t, "label": lab, "split": split}
+            for k, (t, lab, split) in enumerate([("excuse me", "a", "train"), ("yeah", "b", "train"),
+                                                  ("you did", "a", "train"), ("oh god no", "b", "train"),
+                                                  ("okay", "c", "test"), ("is there a problem", "a", "test")])]
+    out = str(tmp_path / "absent.npz")
+    run_extract(setup, "--manifest", make_manifest(str(tmp_path), rows), "--out", out, "--audio", "egemaps",
+                "--classes", "a,b,c")
+    assert "note: class(es) c have no training utterance" in capsys.readouterr().out
+    spec = json.load(open(out[:-4] + ".json"))
+    assert spec["class_weights"] == "none" and spec["extraction"]["classes_without_training_utterance"] == ["c"]
+    assert run.run(["--Dataset", out[:-4] + ".json", "--epochs", "1", "--hidden_dim", "32", "--no_clip_loss",
+                    "--device", "cpu", "--no_progress", "--output_dir", str(tmp_path / "runs")]) == 0
+    every = str(tmp_path / "every.npz")
+    run_extract(setup, "--manifest", make_manifest(str(tmp_path), rows[:4], "every.csv"), "--out", every,
+                "--audio", "egemaps")
+    assert json.load(open(every[:-4] + ".json"))["class_weights"] == "balanced"
+
+
+def test_faces_without_haar_cascades_is_one_line(setup, tmp_path, monkeypatch, capsys):
+    cv2 = pytest.importorskip("cv2")
+    monkeypatch.delattr(cv2, "CascadeClassifier", raising=False)      # as in OpenCV 5
+    rows = [{"dialogue_id": "a", "speaker": "x", "text": "yeah", "video": os.path.join(setup["meld"], "train_splits",
+                                                                                     "dia0_utt0.mp4")}]
+    args = flags(setup, "--manifest", make_manifest(str(tmp_path), rows), "--out", str(tmp_path / "f.npz"), "--faces")
+    assert extract.main(args) == 2
+    assert "--faces needs OpenCV's Haar cascades" in capsys.readouterr().err

@@ -158,10 +158,11 @@ def _pixels_of(path, processor):
 
 
 def image_features(model, pixels, device):
-    """L2-normalised CLIP image features [n, K] of n pixel tensors [3, S, S]: the one image-feature function of
-    the anchor builder and of extract.py's visual features."""
-    with torch.no_grad():
-        out = model.get_image_features(pixel_values=torch.stack(pixels).to(device))
+    """L2-normalised CLIP image features [n, K] of n pixel tensors [3, S, S] (a list, or one [n, 3, S, S]
+    tensor): the one image-feature function of the anchor builder and of extract.py's visual features."""
+    batch = pixels if isinstance(pixels, torch.Tensor) else torch.stack(pixels)
+    with torch.no_grad():   # not inference_mode: anchor banks built here may meet autograd in a run
+        out = model.get_image_features(pixel_values=batch.to(device))
     return F.normalize(feature_tensor(out).float(), dim=-1).cpu()
 
 

@@ -12,8 +12,9 @@ import sys
 from vega_utils.common import OneLineParser, exit_on_error
 
 
-def save_tiny_clip(folder, projection_dim=16, image_size=32, seed=0):
-    """A randomly initialised, very small CLIP (features of width projection_dim) and its image processor."""
+def save_tiny_clip(folder, projection_dim=16, image_size=32, seed=0, hidden=16, layers=1, patch_size=8):
+    """A randomly initialised, very small CLIP (features of width projection_dim) and its image processor; hidden,
+    layers and patch_size shape its vision tower."""
     import torch
     import transformers
     from transformers import CLIPConfig, CLIPModel
@@ -21,8 +22,9 @@ def save_tiny_clip(folder, projection_dim=16, image_size=32, seed=0):
         text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
                          eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=image_size, patch_size=8),
+        vision_config=dict(hidden_size=hidden, intermediate_size=4 * hidden if hidden > 16 else 32,
+                           num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64),
+                           image_size=image_size, patch_size=patch_size),
         projection_dim=projection_dim)
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(folder)

@@ -5,7 +5,9 @@
     egemaps   the 88 eGeMAPS v02 functionals
     compare   the 6373 ComParE 2016 functionals
     hf:MODEL  a transformers speech encoder (wav2vec2, HuBERT, WavLM: a hub name or a local folder), its last
-              hidden layer averaged over time, one utterance at a time (no padding enters the average)
+              hidden layer averaged over the utterance's own frames (no padding enters the average). Batched
+              (--batch_size, longest first, zero-padded with an attention mask) when its feature extractor
+              returns attention masks; otherwise one utterance at a time, as padding would change the features
 openSMILE sets run in --jobs worker processes (decoding too); an hf encoder runs in this process.
 """
 import os
@@ -53,8 +55,8 @@ def _smile_job(job):
 
 
 class AudioExtractor:
-    def __init__(self, kind, rate, jobs, device):
-        self.kind, self.rate, self.jobs, self.device = kind, rate, jobs, device
+    def __init__(self, kind, rate, jobs, device, batch_size=1):
+        self.kind, self.rate, self.jobs, self.device, self.batch_size = kind, rate, jobs, device, batch_size
         if kind.startswith("hf:"):
             self.model_name = kind[3:]
             self.processor, self.model = load_speech_model(self.model_name, device)
@@ -75,7 +77,7 @@ class AudioExtractor:
     def features(self, utterances):
         """[(features or None, problem or None)] per utterance."""
         if self.kind.startswith("hf:"):
-            return [self.hf_one(u) for u in utterances]
+            return self.hf_features(utterances)
         jobs = [(u, self.kind, self.rate) for u in utterances]
         if self.jobs <= 1:
             return [_smile_job(j) for j in jobs]
@@ -83,15 +85,41 @@ class AudioExtractor:
             self.pool = ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"))
         return list(self.pool.map(_smile_job, jobs))
 
-    def hf_one(self, u):
-        try:
-            x = load_audio(u, self.rate)
-        except BadUtterance as e:
-            return None, str(e)
-        inputs = self.processor(x, sampling_rate=self.rate, return_tensors="pt")
-        with torch.no_grad():
-            hidden = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).last_hidden_state
-        return hidden[0].float().mean(0).cpu().numpy(), None          # (1, T, D) -> (D,)
+    def batches(self):
+        """True when the encoder takes zero-padded batches with an attention mask without changing the frames
+        that hold the utterance (the feature extractor returns attention masks, as for wav2vec2-lv60, HuBERT
+        and WavLM); models whose feature encoder normalises over time (wav2vec2-base) run one at a time."""
+        return (bool(getattr(self.processor, "return_attention_mask", False)) and self.batch_size > 1
+                and hasattr(self.model, "_get_feat_extract_output_lengths"))
+
+    def hf_features(self, utterances):
+        out, decoded = [None] * len(utterances), []
+        for i, u in enumerate(utterances):
+            try:
+                decoded.append((i, load_audio(u, self.rate)))
+            except BadUtterance as e:
+                out[i] = (None, str(e))
+        size = self.batch_size if self.batches() else 1
+        decoded.sort(key=lambda d: -d[1].size)                              # longest first: little padding
+        for lo in range(0, len(decoded), size):
+            chunk = decoded[lo:lo + size]
+            for (i, _), x in zip(chunk, self.hf_batch([x for _, x in chunk])):
+                out[i] = (x, None)
+        return out
+
+    def hf_batch(self, samples):
+        """Mean of the last hidden layer over each utterance's own frames, for a batch of sample arrays."""
+        if len(samples) == 1:
+            inputs = self.processor(samples[0], sampling_rate=self.rate, return_tensors="pt")
+        else:
+            inputs = self.processor(samples, sampling_rate=self.rate, padding=True, return_attention_mask=True,
+                                    return_tensors="pt")
+        with torch.inference_mode():
+            hidden = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).last_hidden_state.float().cpu()
+        if len(samples) == 1:
+            return [hidden[0].mean(0).numpy()]                                  # (1, T, D) -> (D,)
+        frames = self.model._get_feat_extract_output_lengths(torch.tensor([x.size for x in samples]))
+        return [hidden[b, :int(n)].mean(0).numpy() for b, n in enumerate(frames)]   # (B, T, D) -> B x (D,)
 
     def close(self):
         if self.pool is not None:

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from vega_utils.features.utterances import bad
+from vega_utils.features.utterances import BadUtterance, bad
 
 _PROBED = {}   # path -> (duration in seconds, has audio, has video), or the error text
 
@@ -102,12 +102,14 @@ def _read_track(path):
 
 
 def load_frames(u, n):
-    """n RGB frames (H, W, 3) uint8 taken evenly over the utterance's segment of its video."""
+    """n RGB frames (H, W, 3) uint8 taken evenly over the utterance's segment of its video. Every frame of the
+    segment is decoded (codecs need it) but only the n chosen ones are converted to RGB."""
     import av
     try:
         times, frames = [], []
         with av.open(u.video) as c:
             stream = c.streams.video[0]
+            stream.thread_type = "AUTO"                     # FFmpeg's own decoding threads
             start = u.start or 0.0
             if start > 0:
                 c.seek(int(start / stream.time_base), stream=stream, backward=True)
@@ -117,13 +119,17 @@ def load_frames(u, n):
                     break
                 if t + 1e-6 >= start or not frames:
                     times.append(t)
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    frames.append(frame)                    # still YUV: conversion is the costly part
+        if not frames:
+            raise bad(u, "no video frame in the segment", u.video)
+        end = u.end if u.end is not None else times[-1] + 1e-3
+        seg_start = u.start or 0.0
+        targets = seg_start + (np.arange(n) + 0.5) * (end - seg_start) / n     # the middles of n equal parts
+        times = np.asarray(times)
+        chosen = [int(np.abs(times - t).argmin()) for t in targets]
+        rgb = {i: frames[i].to_ndarray(format="rgb24") for i in sorted(set(chosen))}
+    except BadUtterance:
+        raise
     except Exception as e:
         raise bad(u, f"cannot decode the video ({type(e).__name__}: {str(e).strip()[:120]})", u.video) from None
-    if not frames:
-        raise bad(u, "no video frame in the segment", u.video)
-    end = u.end if u.end is not None else times[-1] + 1e-3
-    seg_start = u.start or 0.0
-    targets = seg_start + (np.arange(n) + 0.5) * (end - seg_start) / n     # the middles of n equal parts
-    times = np.asarray(times)
-    return [frames[int(np.abs(times - t).argmin())] for t in targets]
+    return [rgb[i] for i in chosen]

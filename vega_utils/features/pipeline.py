@@ -86,7 +86,7 @@ def build_extractors(settings, work):
     device = resolve_device(work.device)
     return {"text": TextExtractor(settings.text_model, settings.text_pooling, settings.text_context,
                                   settings.max_length, work.batch_size, device),
-            "audio": AudioExtractor(settings.audio, settings.sample_rate, work.jobs, device),
+            "audio": AudioExtractor(settings.audio, settings.sample_rate, work.jobs, device, work.batch_size),
             "visual": VisualExtractor(settings.visual_model, settings.frames, settings.faces, work.batch_size, device)}
 
 
@@ -176,11 +176,21 @@ def make_record(settings, described, utts, counts, missing, dropped_labels, skip
     classes = settings.classes or sorted({u.label for u in utts if u.label})
     speakers = settings.speakers or sorted({u.speaker for u in utts})
     settings = Settings(**{**asdict(settings), "classes": list(classes), "speakers": list(speakers)})
+    weights, absent = class_weight_policy(utts, classes)
     return {"extractors": described, "settings": asdict(settings), "versions": library_versions(),
+            "class_weights": weights, "classes_without_training_utterance": absent,
             "counts": {"utterances": len(utts), "dialogues": len({u.dialogue_id for u in utts}),
-                       **dict(counts), **{f"missing_{m}": n for m, n in missing.items()},
+                       **dict(counts), **{f"missing_{m}": missing[m] for m in ("audio", "visual")},
                        "dropped_labels": dict(dropped_labels), "skipped": len(skipped)},
             "skipped": skipped}
+
+
+def class_weight_policy(utts, classes):
+    """('balanced', []) when every class has a labelled training utterance; otherwise ('none', the classes
+    without one): balanced weights (n / (C * count)) cannot weigh a class never seen in training."""
+    seen = {u.label for u in utts if u.split == "train" and u.label}
+    absent = [c for c in classes if c not in seen]
+    return ("none" if absent else "balanced"), absent
 
 
 def write_outputs(out, utts, columns, record):
@@ -196,5 +206,6 @@ def write_outputs(out, utts, columns, record):
     write_npz(out, cols)
     spec = {"name": os.path.splitext(os.path.basename(out))[0], "classes": settings["classes"],
             "speakers": settings["speakers"], "data_path": os.path.basename(out), "preset": settings["preset"],
+            "class_weights": record["class_weights"],
             **{f"{m}_dim": int(columns[m].shape[1]) for m in MODALITIES}, "extraction": record}
     atomic_write_text(os.path.splitext(out)[0] + ".json", json.dumps(spec, indent=1) + "\n")

@@ -7,8 +7,9 @@ Context (--text_context N): the N preceding utterances of the same dialogue, joi
 first segment of a sequence pair and the utterance as the second (tokenizer(context, utterance)); the model
 reads both, and mean pooling averages only the utterance's tokens. cls pooling reads the first token, which
 attends to the context too. With N = 0 the utterance is encoded alone.
-Batches are formed by token length (longest first), so little padding is computed; a sequence longer than
---max_length tokens is truncated (the context first) and counted.
+The utterances are tokenised once, in one call; batches are cut from them sorted by token length (longest
+first), so little padding is computed. A sequence longer than --max_length tokens is truncated (the longer
+segment first: the context, as a rule) and counted.
 """
 import numpy as np
 import torch
@@ -48,37 +49,59 @@ class TextExtractor:
                 "context": self.context, "max_length": self.max_length,
                 "dim": int(self.model.config.hidden_size)}
 
-    def encode(self, targets, contexts):
-        kw = dict(truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        if self.context:
-            return self.tokenizer(contexts, targets, **kw)
-        return self.tokenizer(targets, **kw)
+    def tokenize(self, targets, contexts, truncation):
+        kw = dict(truncation=True, max_length=self.max_length) if truncation else {}
+        return self.tokenizer(contexts, targets, **kw) if self.context else self.tokenizer(targets, **kw)
 
-    def lengths(self, targets, contexts):
-        enc = self.tokenizer(contexts, targets) if self.context else self.tokenizer(targets)
-        return [len(ids) for ids in enc["input_ids"]]
+    def encode_all(self, targets, contexts):
+        """Every utterance tokenised once, in one call: (model input lists per utterance, the masks of the
+        utterance's own tokens); the sequences over max_length are tokenised again, truncated, and counted."""
+        enc = self.tokenize(targets, contexts, truncation=False)
+        target = 1 if self.context else 0
+        rows = [{k: enc[k][i] for k in enc.keys()} for i in range(len(targets))]
+        masks = [[s == target for s in enc.sequence_ids(i)] for i in range(len(targets))]
+        long = [i for i, r in enumerate(rows) if len(r["input_ids"]) > self.max_length]
+        self.truncated += len(long)
+        if long:
+            cut = self.tokenize([targets[i] for i in long], [contexts[i] for i in long], truncation=True)
+            for j, i in enumerate(long):
+                rows[i] = {k: cut[k][j] for k in cut.keys()}
+                masks[i] = [s == target for s in cut.sequence_ids(j)]
+        return rows, masks
 
     def features(self, targets, contexts):
-        """(n, D) float32 features of n utterances (contexts: their context texts, used when context > 0)."""
-        lengths = self.lengths(targets, contexts)
-        self.truncated += sum(n > self.max_length for n in lengths)
-        order = np.argsort(-np.asarray(lengths), kind="stable")      # longest first
+        """(n, D) float32 features of n utterances (contexts: their context texts, used when context > 0).
+        Batches are cut from the utterances sorted by token length, so a batch's padding is small."""
+        rows, masks = self.encode_all(targets, contexts)
+        order = np.argsort(-np.asarray([len(r["input_ids"]) for r in rows]), kind="stable")   # longest first
         out = np.zeros((len(targets), self.model.config.hidden_size), dtype=np.float32)
         for lo in range(0, len(order), self.batch_size):
             idx = order[lo:lo + self.batch_size]
-            enc = self.encode([targets[i] for i in idx], [contexts[i] for i in idx])
-            out[idx] = self.pool(enc)
+            out[idx] = self.pool(self.pad([rows[i] for i in idx], [masks[i] for i in idx]))
         return out
 
-    def pool(self, enc):
-        target = 1 if self.context else 0
-        mask = torch.tensor([[s == target for s in enc.sequence_ids(b)] for b in range(len(enc["input_ids"]))])
-        with torch.no_grad():
-            hidden = self.model(**{k: v.to(self.device) for k, v in enc.items()}).last_hidden_state.float().cpu()
+    def pad(self, rows, masks):
+        """Right-padded tensors of a batch: the model inputs and the utterance's-token mask (B, L)."""
+        width = max(len(r["input_ids"]) for r in rows)
+        pad_id = self.tokenizer.pad_token_id or 0
+        batch = {}
+        for k in rows[0]:
+            fill = pad_id if k == "input_ids" else 0
+            batch[k] = torch.tensor([r[k] + [fill] * (width - len(r[k])) for r in rows], dtype=torch.long)
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                                    for r in rows], dtype=torch.long)
+        target = torch.tensor([m + [False] * (width - len(m)) for m in masks])
+        return batch, target
+
+    def pool(self, encoded):
+        batch, mask = encoded
+        with torch.inference_mode():
+            hidden = self.model(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state.float().cpu()
         if self.pooling == "cls":
             return hidden[:, 0].numpy()                                   # (B, L, D) -> (B, D)
         mask = mask | ~mask.any(dim=1, keepdim=True)                      # no token left: every position
-        mask = mask & enc["attention_mask"].bool()
+        mask = mask & batch["attention_mask"].bool()
         weights = mask.float().unsqueeze(-1)                              # (B, L, 1)
         return ((hidden * weights).sum(1) / weights.sum(1)).numpy()       # (B, L, D) -> (B, D)
 

@@ -2,22 +2,33 @@
 function for both), on --frames frames taken evenly over the utterance's segment, averaged per utterance.
 
 With --faces, each frame is cropped to its largest face found by OpenCV's bundled frontal-face Haar cascade
-(offline, cv2.data.haarcascades); a frame without a face is used whole, and counted.
+(offline, cv2.data.haarcascades; OpenCV 4 only: OpenCV 5 ships no Haar cascades, and --faces then stops with
+a line saying so); a frame without a face is used whole, and counted.
 """
+import os
+
 import numpy as np
 from PIL import Image
 
 from vega_utils.anchors.images import image_features, load_clip
+from vega_utils.common import VegaError
 from vega_utils.features.media import load_frames
 from vega_utils.features.record import weights_sha256
 from vega_utils.features.utterances import BadUtterance
+
+CASCADE = "haarcascade_frontalface_default.xml"
 
 
 class FaceCropper:
     def __init__(self):
         import cv2
         self.cv2 = cv2
-        self.cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+        path = os.path.join(getattr(getattr(cv2, "data", None), "haarcascades", ""), CASCADE)
+        if not hasattr(cv2, "CascadeClassifier") or not os.path.isfile(path):
+            raise VegaError(f"--faces needs OpenCV's Haar cascades, which OpenCV {cv2.__version__} does not ship "
+                            f"(they left the main package in OpenCV 5): install opencv-python-headless>=4.8,<5 "
+                            f"(requirements.txt), or leave out --faces")
+        self.cascade = cv2.CascadeClassifier(path)
         self.fallbacks = 0
 
     def __call__(self, frame):
@@ -50,7 +61,7 @@ class VisualExtractor:
             frames = [f for d in decoded if isinstance(d, list) for f in d]
             if frames:
                 pixels = self.processor(images=frames, return_tensors="pt")["pixel_values"]
-                feats = image_features(self.model, list(pixels), self.device).numpy()   # (n_frames, K)
+                feats = image_features(self.model, pixels, self.device).numpy()         # (n_frames, K)
             k = 0
             for d in decoded:
                 if isinstance(d, str):
