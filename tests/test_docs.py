@@ -15,7 +15,7 @@ from conftest import ROOT
 
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 PYTHONS = ("python", "python3", ".venv/bin/python")
-MARK = "<!-- worked example -->"
+MARKS = ("<!-- worked example -->", "<!-- walk-through -->")
 
 
 # ---------------------------------------------------------------- reading the docs
@@ -25,7 +25,7 @@ def code_blocks(text):
     blocks, lines, i = [], text.split("\n"), 0
     while i < len(lines):
         line = lines[i]
-        marked = i > 0 and lines[i - 1].strip() == MARK
+        marked = i > 0 and lines[i - 1].strip() in MARKS
         fence = re.match(r"^\s*```(\w*)\s*$", line)
         if fence:
             j = i + 1
@@ -162,11 +162,11 @@ def test_a_renamed_flag_is_caught():
     assert program == ("script", "run.py") and unknown_flags(program, args) == ["--hidden_dimension"]
 
 
-def test_worked_example_runs_as_pasted(tmp_path):
-    """docs/own-data.md's marked blocks, in order, in a scratch copy of the project (links to its files), with
-    `python` the interpreter of this test."""
+def run_marked_steps(doc, tmp_path):
+    """The marked blocks of a doc, in order, in a scratch copy of the project (links to its files), with `python`
+    the interpreter of this test; returns the scratch folder."""
     for entry in os.listdir(ROOT):
-        if entry not in ("output", "mydata", ".git") and not entry.startswith(".pytest"):
+        if entry not in ("output", "mydata", "demo", ".git") and not entry.startswith(".pytest"):
             os.symlink(os.path.join(ROOT, entry), tmp_path / entry)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -174,13 +174,25 @@ def test_worked_example_runs_as_pasted(tmp_path):
     (bin_dir / "python").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
-    steps = [(lang, code) for lang, code, marked in code_blocks(open(os.path.join(ROOT, "docs", "own-data.md")).read())
-             if marked]
-    assert [lang for lang, _ in steps] == ["python", "python", "sh", "sh"]
+    steps = [(lang, code) for lang, code, marked in code_blocks(open(os.path.join(ROOT, doc)).read()) if marked]
     for lang, code in steps:
         cmd = [sys.executable, "-c", code] if lang == "python" else ["bash", "-e", "-c", code]
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{lang} step failed:\n{code}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return [lang for lang, _ in steps]
+
+
+def test_worked_example_runs_as_pasted(tmp_path):
+    """docs/own-data.md: a data file, faces and a CLIP made by the example itself, anchors, training, predictions."""
+    assert run_marked_steps(os.path.join("docs", "own-data.md"), tmp_path) == ["python", "python", "sh", "sh"]
     predictions = (tmp_path / "mydata" / "predictions.csv").read_text().splitlines()
     assert predictions[0].startswith("dialogue_id,utterance_index,speaker,label,prediction,p_joy")
     assert len(predictions) > 50
+
+
+def test_extraction_walk_through_runs_as_pasted(tmp_path):
+    """docs/extract.md: generated MELD release -> extract.py -> run.py -> extract.py --like -> inference.py."""
+    assert run_marked_steps(os.path.join("docs", "extract.md"), tmp_path) == ["sh"]
+    predictions = (tmp_path / "demo" / "new_predictions.csv").read_text().splitlines()
+    assert predictions[0].startswith("dialogue_id,utterance_index,utterance_id,text,speaker,label,prediction")
+    assert len(predictions) == 1 + 8 and "excuse me" in predictions[1]

@@ -4,6 +4,7 @@ import ast
 import importlib
 import os
 import pkgutil
+import subprocess
 
 from conftest import ROOT
 
@@ -111,3 +112,8 @@ def test_every_room_imports_and_says_what_lives_there():
         assert package.__doc__ and len(package.__doc__.split()) > 15, room
     for info in pkgutil.walk_packages(vega_utils.__path__, "vega_utils."):
         importlib.import_module(info.name)
+
+
+def test_a_fresh_clone_has_the_output_folder():
+    tracked = subprocess.run(["git", "ls-files", "output"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert tracked == ["output/README.md"]       # the folder is there, no run is tracked

@@ -5,11 +5,39 @@ nothing, but every code path that loads a model folder (the anchor builder, extr
 real one, in seconds:
 
     python -m vega_utils.data.toy_models clip mydata/clip       # a CLIP folder: model + image processor
+    python -m vega_utils.data.toy_models text mydata/text       # a BERT-style text encoder + its tokenizer
 """
 import argparse
 import sys
 
 from vega_utils.common import OneLineParser, exit_on_error
+
+SENTENCES = ["excuse me", "do you have your forms", "yeah", "let me see them", "is there a problem",
+             "who told you to get in this line", "you did", "you were standing at the beginning",
+             "okay but i got here first", "oh god no", "i am so happy for you", "that is terrible news"]
+
+
+def save_tiny_text_model(folder, hidden=32, layers=2, seed=0):
+    """A BERT of a few layers and a word-piece tokenizer trained on SENTENCES, both saved in folder."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(SENTENCES * 3, trainers.WordPieceTrainer(vocab_size=200, special_tokens=special))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+    fast.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64)
+    BertModel(config).eval().save_pretrained(folder)
+    return str(folder)
 
 
 def save_tiny_clip(folder, projection_dim=16, image_size=32, seed=0, hidden=16, layers=1, patch_size=8):
@@ -39,9 +67,13 @@ def save_tiny_clip(folder, projection_dim=16, image_size=32, seed=0, hidden=16, 
 def parser():
     p = OneLineParser(prog="python -m vega_utils.data.toy_models", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["clip"], help="which model: clip (a CLIP model and its image processor)")
+    p.add_argument("kind", choices=["clip", "text"],
+                   help="which model: clip (a CLIP model and its image processor) or text (an encoder and its "
+                        "tokenizer)")
     p.add_argument("folder", help="where to save it (created)")
-    p.add_argument("--dim", type=int, default=16, help="width of the image features (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=16,
+                   help="width of the features: CLIP's image features, the text encoder's hidden size "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     return p
 
@@ -50,8 +82,11 @@ def main(argv=None):
     args = parser().parse_args(argv)
 
     def make():
-        save_tiny_clip(args.folder, projection_dim=args.dim, seed=args.seed)
-        print(f"a tiny random CLIP (features of width {args.dim}) in {args.folder}")
+        if args.kind == "clip":
+            save_tiny_clip(args.folder, projection_dim=args.dim, seed=args.seed)
+        else:
+            save_tiny_text_model(args.folder, hidden=args.dim, seed=args.seed)
+        print(f"a tiny random {args.kind} model (features of width {args.dim}) in {args.folder}")
     return exit_on_error(make)
 
 
