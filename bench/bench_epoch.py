@@ -243,16 +243,13 @@ def print_table(results, device):
         print(f"ratio (a)/(b): training {a['train_median_s'] / b['train_median_s']:.2f}x, "
               f"evaluation {a['eval_median_s'] / b['eval_median_s']:.2f}x, "
               f"peak memory (b)/(a) {(b['peak_rss_mb'] / a['peak_rss_mb']):.2f}")
-    if "c" in results and "b" in results:
-        c, b = results["c"], results["b"]
-        print(f"ratio (c)/(b) (above 1: the compiled step is slower): training "
-              f"{c['train_median_s'] / b['train_median_s']:.2f}x, "
-              f"evaluation {c['eval_median_s'] / b['eval_median_s']:.2f}x")
-    if "b0" in results and "b" in results:
-        b0, b = results["b0"], results["b"]
-        print(f"ratio (b0)/(b) (above 1: the shared-machine thread handling is faster): training "
-              f"{b0['train_median_s'] / b['train_median_s']:.3f}x, "
-              f"evaluation {b0['eval_median_s'] / b['eval_median_s']:.3f}x")
+    # the reference-only variants against (b): above 1, (b) is faster
+    for v, meaning in (("c", "the compiled step is slower"), ("b0", "the shared-machine thread handling is faster")):
+        if v in results and "b" in results:
+            other, b = results[v], results["b"]
+            print(f"ratio ({v})/(b) (above 1: {meaning}): training "
+                  f"{other['train_median_s'] / b['train_median_s']:.3f}x, "
+                  f"evaluation {other['eval_median_s'] / b['eval_median_s']:.3f}x")
 
 
 def run_children(args, folder, reps):
