@@ -143,8 +143,8 @@ def resume_config(args):
     from vega_utils.runs.config import Config
     given = sorted(k for k in Config.__dataclass_fields__ if k != "ablation" and hasattr(args, k))
     fixed = [k for k in given if k not in RESUME_FLAGS]
-    if fixed or args.demo or args.seeds or args.ablation or args.config:
-        names = fixed + [n for n in ("demo", "seeds", "ablation", "config") if getattr(args, n)]
+    if fixed or args.demo or args.seeds or args.ablation or args.config or args.keep:
+        names = fixed + [n for n in ("demo", "seeds", "ablation", "config", "keep") if getattr(args, n)]
         raise VegaError(f"--resume continues {args.resume} with its own settings; --{', --'.join(names)} "
                         f"cannot change there (only --{', --'.join(RESUME_FLAGS)} can)")
     cfg = run_folder.config_of_run(args.resume, f"cannot resume from {args.resume}: its settings")
