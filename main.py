@@ -1,5 +1,6 @@
 """The flow of one training run: setup (data, anchors, model), a fresh or resumed run folder, then per epoch
 train, evaluate, keep (vega_utils/runs/run_folder.py has what is written where)."""
+import contextlib
 import json
 import math
 import os
@@ -16,15 +17,29 @@ from fast import ShadowAdam, accelerate, cpu_kernels, is_accelerated
 from fast.capture import capture
 from model import VEGA
 from vega_utils.anchors.build import ensure_anchor_cache
-from vega_utils.common import VegaError, git_commit, resolve_device, seed_everything
+from vega_utils.common import SetupError, VegaError, git_commit, resolve_device, seed_everything
 from vega_utils.data.datasets import class_weights_of, info_of
 from vega_utils.insight import alignment, live, report
 from vega_utils.runs import checkpoint, run_folder, step_guard, threads
 from vega_utils.runs.config import load_preset, resolve
 
+_label = ""   # what every line of the run begins with (labelled)
+
 
 def log(msg):
-    tqdm.write(msg)  # keeps progress bars intact
+    tqdm.write(_label + msg)  # keeps progress bars intact
+
+
+@contextlib.contextmanager
+def labelled(label):
+    """Every line the runs inside print begins with `label` (a sweep worker's `trial 3 | `: the lines of several
+    workers interleave on one console)."""
+    global _label
+    before, _label = _label, label
+    try:
+        yield
+    finally:
+        _label = before
 
 
 # ---------------------------------------------------------------- building blocks
@@ -134,6 +149,7 @@ class Run:
     anchor_rng: random.Random
     select_on: str                # the split whose F1 picks the best epoch
     step_fn: object = None        # --compile: the captured forward + losses (fast/capture.py)
+    last: object = None           # --save_last end: the last finished epoch's last.pth, kept in memory
 
 
 def setup(cfg):
@@ -177,16 +193,22 @@ def resume_state(run_dir, cfg, run):
         log(f"no epoch of {run_dir} had finished: starting it again from epoch 1 in the same folder")
         run_folder.record_resume(run_dir, cfg, run.device, run.precision)
         return fresh_state(), None
+    if not os.path.exists(path):
+        why = "it ran with --save_last never" if cfg.save_last == "never" else "its last.pth was deleted"
+        raise VegaError(f"{run_dir} has no {run_folder.LAST} ({why}): there is nothing to resume")
     last = checkpoint.read_checkpoint(path)
     run.model.load_state_dict(last["model"], strict=True)
-    checkpoint.load_optimizer_state(run.optimizer, last["optimizer"], path)
+    state = last["state"]
+    if state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience:
+        return None, state
+    if last.get("optimizer") is not None:
+        checkpoint.load_optimizer_state(run.optimizer, last["optimizer"], path)
+    else:   # a run that had ended keeps last.pth without it (run_folder.last_state)
+        log(f"note: {path} is a finished run's, without the optimizer state: the optimizer starts afresh")
     if run.scaler is not None and last.get("scaler"):
         run.scaler.load_state_dict(last["scaler"])
     if run.scheduler is not None and last.get("scheduler"):
         run.scheduler.load_state_dict(last["scheduler"])
-    state = last["state"]
-    if state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience:
-        return None, state
     run_folder.set_rng_state(last["rng"], run.loaders["train"].generator, run.anchor_rng, run.device)
     run_folder.rewrite_metrics(run_dir, state["history"])
     run_folder.record_resume(run_dir, cfg, run.device, run.precision)
@@ -251,10 +273,28 @@ def keep_epoch(cfg, run, run_dir, state, row, evals, curves):
     state["history"].append(row)
     run_folder.append_jsonl(os.path.join(run_dir, "metrics.jsonl"), row)
     curves.epoch(row)
-    run_folder.save_last(run_dir, run, state, cfg)
+    if cfg.save_last == "every":
+        run_folder.save_last(run_dir, run_folder.last_state(run, state, cfg))
+    elif cfg.save_last == "end":   # written if the run is interrupted (train_run); a finished run's at its end
+        run.last = run_folder.snapshot(run_folder.last_state(run, state, cfg))
     report.plot_curves(state["history"], os.path.join(run_dir, "curves.png"), state["best_epoch"])
     log(report.format_epoch_line(row))
     return selected_f1
+
+
+def open_run(cfg, resume_dir, run_dir, config_extra):
+    """setup and the run folder, fresh or resumed: (cfg, Run, state, run_dir, ended state). What goes wrong here
+    (a missing file, a folder that cannot be written) goes wrong again for the next run: a SetupError."""
+    try:
+        cfg, run = setup(cfg)
+        if resume_dir:
+            state, ended = resume_state(resume_dir, cfg, run)
+            return cfg, run, state, resume_dir, ended
+        return cfg, run, fresh_state(), start_folder(cfg, run, run_dir, config_extra), None
+    except SetupError:
+        raise
+    except VegaError as e:
+        raise SetupError(str(e)) from None
 
 
 def train_run(cfg, resume_dir=None, progress=True, run_dir=None, on_epoch=None, config_extra=None):
@@ -264,15 +304,9 @@ def train_run(cfg, resume_dir=None, progress=True, run_dir=None, on_epoch=None, 
     is called after each epoch is saved; a string it returns stops the run with that reason (a sweep's
     pruner). config_extra: more keys for config.json (a sweep trial's study, number and parameters)."""
     started = time.time()
-    cfg, run = setup(cfg)
-    state = fresh_state()
-    if resume_dir:
-        run_dir = resume_dir
-        state, ended = resume_state(run_dir, cfg, run)
-        if state is None:
-            return already_finished(run_dir, cfg, ended)
-    else:
-        run_dir = start_folder(cfg, run, run_dir, config_extra)
+    cfg, run, state, run_dir, ended = open_run(cfg, resume_dir, run_dir, config_extra)
+    if state is None:
+        return already_finished(run_dir, cfg, ended)
     log_start(cfg, run, run_dir)
     eval_sets = {split: train.EvalSet(run.loaders[split], cfg.n_speakers) for split in run.loaders if split != "train"}
     summary = {"run_dir": run_dir, "selected_on": run.select_on, "stopped": "max_epochs", **run.precision}
@@ -294,6 +328,8 @@ def train_run(cfg, resume_dir=None, progress=True, run_dir=None, on_epoch=None, 
                 break
     except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (a cluster job's time limit; run.py's handler)
         summary["stopped"] = "terminated (SIGTERM)" if isinstance(e, train.Terminated) else "interrupted"
+        if run.last is not None:   # --save_last end: the last finished epoch, so that --resume goes on from it
+            run_folder.save_last(run_dir, run.last)
         raise Interrupted(run_dir, state["epoch"], summary["stopped"]) from None
     except step_guard.NonFiniteLoss as e:
         summary["stopped"] = f"non-finite loss: {e}"
@@ -311,6 +347,8 @@ def train_run(cfg, resume_dir=None, progress=True, run_dir=None, on_epoch=None, 
                        total_seconds=time.time() - started)
         if os.path.isdir(run_dir):
             run_folder.write_json(os.path.join(run_dir, "summary.json"), summary)
+    if cfg.save_last != "never" and state["epoch"]:   # ended: what --resume of a larger --epochs needs, no more
+        run_folder.save_last(run_dir, run_folder.last_state(run, state, cfg, optimizer=False))
     return finish(summary, state, run.select_on, run_dir)
 
 

@@ -19,6 +19,7 @@ import sys
 from vega_utils.common import OneLineParser, VegaError, as_typed, atomic_write_text, exit_on_error, python_cmd
 from vega_utils.runs import run_folder, threads
 from vega_utils.runs.config import ABLATIONS, add_config_flags, config_from_args, resolve
+from vega_utils.runs.keep import KEEP_CHOICES
 
 # The demo trains the full method on a small synthetic set; a smaller model and a 10x learning rate let
 # it learn within a minute on a laptop CPU (the paper's rate needs hundreds of epochs).
@@ -40,6 +41,9 @@ def parser():
                    "process (CPU threads divided between them unless --threads is given; default: %(default)s)")
     p.add_argument("--devices", metavar="DEV,DEV", help="--jobs: devices given to the worker processes in turn, "
                    "e.g. cuda:0,cuda:1 (default: --device)")
+    p.add_argument("--keep", choices=KEEP_CHOICES, help="--seeds (and sweep.py): the .pth files each run keeps once "
+                   "all have ended: all, best (only the best run's best checkpoint), none; config.json, "
+                   "metrics.jsonl, summary.json and the plots always stay (default: all)")
     p.add_argument("--ablation", choices=sorted(ABLATIONS),
                    help="set the flags of one of the paper's ablations (default: none, the full method)")
     p.add_argument("--resume", metavar="RUN_FOLDER",
@@ -92,12 +96,13 @@ def print_demo_end(summary):
     print(f"next: {python_cmd()} inference.py --checkpoint {shlex.quote(summary['best_checkpoint'])}")
 
 
-def run_seeds(cfg, seeds, progress, jobs=1, devices=None):
+def run_seeds(cfg, seeds, progress, jobs=1, devices=None, keep="all"):
     """One run per seed (in `jobs` processes when jobs > 1); a failed seed is reported and the others go on.
     The aggregate is read back from the run folders either way, so serial and parallel give the same one."""
     import main
     from vega_utils.data.datasets import info_of
     from vega_utils.insight import report
+    from vega_utils.runs.keep import keep_seed_runs
     from vega_utils.sweep import parallel
     if jobs > 1:
         done = parallel.run_seeds_parallel(cfg, seeds, jobs, parallel.parse_devices(devices, cfg.device))
@@ -111,6 +116,7 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None):
                 done.append((seed, main.train_run(cfg.replace(seed=seed), progress=progress)["run_dir"], None))
             except VegaError as e:
                 done.append((seed, None, str(e)))
+    keep_seed_runs(keep or "all", [run_dir for _, run_dir, _ in done if run_dir])
     per_seed = []
     for seed, run_dir, error in done:
         if error:
@@ -135,15 +141,15 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None):
 
 # What may change when a run is resumed: how long it goes on, and where it runs. Anything else would make the
 # resumed run a different experiment than the one its folder records.
-RESUME_FLAGS = ("epochs", "patience", "device", "max_bad_steps", "threads", "tensorboard")
+RESUME_FLAGS = ("epochs", "patience", "device", "max_bad_steps", "threads", "tensorboard", "save_last")
 
 
 def resume_config(args):
     from vega_utils.runs.config import Config
     given = sorted(k for k in Config.__dataclass_fields__ if k != "ablation" and hasattr(args, k))
     fixed = [k for k in given if k not in RESUME_FLAGS]
-    if fixed or args.demo or args.seeds or args.ablation or args.config:
-        names = [as_typed(args, n) for n in fixed + [n for n in ("demo", "seeds", "ablation", "config")
+    if fixed or args.demo or args.seeds or args.ablation or args.config or args.keep:
+        names = [as_typed(args, n) for n in fixed + [n for n in ("demo", "seeds", "ablation", "config", "keep")
                                                      if getattr(args, n)]]
         raise VegaError(f"--resume continues {args.resume} with its own settings; {', '.join(names)} "
                         f"cannot change there (only --{', --'.join(RESUME_FLAGS)} can)")
@@ -179,6 +185,9 @@ def run(argv=None):
         if isinstance(e, main.Interrupted) and e.epoch == 0:
             print(f"{how} during epoch 1: no epoch finished, so {e.run_dir} holds only its settings; {resume} "
                   f"starts the run again from epoch 1 in that folder", file=sys.stderr)
+        elif isinstance(e, main.Interrupted) and not os.path.exists(os.path.join(e.run_dir, run_folder.LAST)):
+            print(f"{how} after epoch {e.epoch}: {e.run_dir} keeps the best checkpoint and the metrics; no "
+                  f"last.pth (--save_last never), so it cannot be resumed", file=sys.stderr)
         elif isinstance(e, main.Interrupted):
             print(f"{how} after epoch {e.epoch}: {e.run_dir} keeps last.pth, the best checkpoint and the "
                   f"metrics; continue with: {resume}", file=sys.stderr)
@@ -200,9 +209,9 @@ def run_command(args, progress):
         prepare_demo(cfg)
         cfg = resolve(cfg)
     if args.seeds:
-        return run_seeds(cfg, args.seeds, progress, args.jobs, args.devices)
-    if args.jobs != 1 or args.devices:
-        raise VegaError("--jobs and --devices run several seeds at once: give --seeds too "
+        return run_seeds(cfg, args.seeds, progress, args.jobs, args.devices, args.keep)
+    if args.jobs != 1 or args.devices or args.keep:
+        raise VegaError("--jobs, --devices and --keep are for several seeds: give --seeds too "
                         "(a sweep's workers: sweep.py --jobs)")
     summary = main.train_run(cfg, progress=progress)
     if args.demo:

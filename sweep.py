@@ -76,38 +76,67 @@ def storage_of(args, cfg):
     return url, sweep_study.open_storage(url, args.heartbeat, args.grace)
 
 
+def ready_study(args, cfg):
+    """Check what every trial needs (data, anchors, output folder; vega_utils/sweep/preflight.py), then open the
+    storage and the study: (its URL, the storage, the study). Nothing is drawn before all of it is there."""
+    from vega_utils.sweep import sweep_study
+    from vega_utils.sweep.preflight import check_trial_needs
+    from vega_utils.sweep.sweep_worker import trial_dir
+    check_trial_needs(cfg, os.path.dirname(trial_dir(cfg, args.study, 0)))
+    url, storage = storage_of(args, cfg)
+    return url, storage, sweep_study.open_study(args.study, storage, args.sampler, args.pruner, cfg.seed, cfg.epochs)
+
+
 def work_here(args, cfg, fixed):
     """This process is one worker."""
     import optuna
 
-    from vega_utils.sweep import sweep_report, sweep_study, sweep_worker
+    from vega_utils.sweep import sweep_report, sweep_worker
     from vega_utils.sweep.sweep_space import load_space
     space = load_space(args.space)
-    url, storage = storage_of(args, cfg)
-    study = sweep_study.open_study(args.study, storage, args.sampler, args.pruner, cfg.seed, cfg.epochs)
+    url, storage, study = ready_study(args, cfg)
     threads.apply_threads(threads.resolve_threads(cfg.threads))
     # Optuna logs a failed trial with its traceback (a Ctrl-C too): this worker says it in one line instead
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     print(f"sweep worker {args.worker_index} (pid {os.getpid()}): study {args.study} in {url}, "
-          f"{args.trials} trials, drawing {', '.join(k for k in space if k not in fixed) or 'nothing'}", flush=True)
+          f"{args.trials} trials, drawing {', '.join(k for k in space if k not in fixed) or 'nothing'}; "
+          f"--save_last {cfg.save_last}, --keep {args.keep or 'all'}",
+          flush=True)
     objective = sweep_worker.Objective(cfg, space, fixed, args.study, args.trials,
-                                       progress=not args.no_progress and sys.stderr.isatty())
+                                       progress=not args.no_progress and sys.stderr.isatty(), keep=args.keep or "all")
     sweep_worker.work(study, objective, args.trials, heartbeat=isinstance(storage, optuna.storages.RDBStorage))
-    sweep_report.write_report(study, report_folder(cfg, args.study))
+    # the whole table once, by the worker that ran the study's last trial to end; the others say one line
+    sweep_report.write_report(study, report_folder(cfg, args.study), full=sweep_worker.ran_the_last(study, objective))
     return 0
+
+
+# what start_workers sets for each worker (each takes one value): left out of the command it passes on
+WORKER_FLAGS = ("--jobs", "--devices", "--device", "--threads", "--worker_index")
+
+
+def without_worker_flags(argv):
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in WORKER_FLAGS:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in WORKER_FLAGS)):
+            out.append(a)
+    return out
 
 
 def start_workers(argv, args, cfg):
     """--jobs K: K copies of this command, each one worker with its device and its share of the threads."""
-    from vega_utils.sweep import parallel, sweep_study
+    from vega_utils.sweep import parallel
     slots = parallel.worker_slots(args.jobs, parallel.parse_devices(args.devices, cfg.device), cfg.threads)
-    # the study (and its tables) exist before the workers start, so they never race to create them
-    sweep_study.open_study(args.study, storage_of(args, cfg)[1], args.sampler, args.pruner, cfg.seed, cfg.epochs)
+    # the trials' needs are there and the study (and its tables) exists before the workers start: no worker
+    # starts for nothing, and they never race to create the tables
+    ready_study(args, cfg)
     procs = []
     for i, (device, share) in enumerate(slots):
-        # later flags win in argparse: these replace --jobs / --devices / --device / --threads of argv
-        extra = ["--jobs", "1", "--device", device, "--threads", str(share), "--worker_index", str(i)]
-        cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra]
+        extra = ["--device", device, "--threads", str(share), "--worker_index", str(i)]
+        cmd = [sys.executable, os.path.abspath(__file__), *without_worker_flags(argv), *extra]
         print(f"sweep: worker {i}: {shlex.join(cmd[1:])}", flush=True)
         procs.append(subprocess.Popen(cmd))
 

@@ -75,6 +75,9 @@ def test_two_workers_share_one_sqlite_study(files, tmp_path):
     finish(start(argv, log), log)
     text = open(log).read()
     assert "worker 0 (pid" in text and "worker 1 (pid" in text
+    # a readable console: one --jobs per worker command, epoch lines with their trial, the table printed once
+    assert all(line.count("--jobs") == 0 for line in text.splitlines() if line.startswith("sweep: worker"))
+    assert "trial 0 | epoch   1 |" in text and text.count("# Study two") == 1
     trials = check_shared_study(storage, "two", str(tmp_path), 4)
     used = {json.load(open(os.path.join(t.user_attrs["run_dir"], "config.json")))["resolved_threads"]
             for t in trials if t.state in FINISHED}
@@ -218,3 +221,63 @@ def test_worker_slots_spread_devices_and_divide_cores():
     assert [d for d, _ in slots] == ["cuda:0", "cuda:1", "cuda:0"]
     with pytest.raises(VegaError, match="is not auto, cpu, cuda or cuda:N"):
         parallel.parse_devices("gpu0", "auto")
+
+
+def study_trials(storage, study):
+    try:
+        return optuna.load_study(study_name=study, storage=sweep_storage(storage)).get_trials()
+    except KeyError:   # never created
+        return []
+
+
+@pytest.mark.parametrize("missing", ["--data_path", "--anchor_path"])
+def test_sweep_without_its_files_stops_before_any_trial(files, tmp_path, capsys, missing):
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    argv = flags(files, tmp_path, "nodata", storage, 4)
+    argv[argv.index(missing) + 1] = str(tmp_path / "nowhere.pkl")
+    for extra in ([], ["--jobs", "2"]):   # the launcher checks before it starts any worker
+        assert sweep.main(argv + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "nowhere.pkl" in err and "\n" not in err
+    assert study_trials(storage, "nodata") == []
+
+
+def test_setup_failure_stops_the_worker_and_is_listed_apart(files, tmp_path, capsys, monkeypatch):
+    import main
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    argv = flags(files, tmp_path, "setup", storage, 3)
+
+    def vanished(cfg):   # passes the check before the first trial, then the file is gone
+        raise main.VegaError("data file vanished")
+    monkeypatch.setattr(main, "setup", vanished)
+    assert sweep.main(argv) == 2
+    assert "trial 0 could not start, and no trial here would: data file vanished" in capsys.readouterr().err
+    trials = study_trials(storage, "setup")
+    assert len(trials) == 1 and trials[0].user_attrs["setup_failure"] == "data file vanished"
+    assert sweep.main(argv + ["--report"]) == 0
+    out = capsys.readouterr().out
+    assert "0 trials: 0 complete, 0 pruned, 0 failed" in out and "1 more could not start" in out
+    assert "## Setup failures" in out and "- trial 0: data file vanished" in out
+
+
+@pytest.mark.parametrize("keep", ["best", "none"])
+def test_keep_leaves_exactly_what_it_promises(files, tmp_path, keep):
+    threads = torch.get_num_threads()
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    try:
+        assert sweep.main(flags(files, tmp_path, "keep", storage, 3, epochs=1) + ["--keep", keep,
+                                                                                  "--pruner", "none"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    study = optuna.load_study(study_name="keep", storage=sweep_storage(storage))
+    best = study.best_trial.number
+    for t in study.get_trials():
+        folder = tmp_path / "IEMOCAP" / "keep" / f"trial_{t.number}"
+        names = set(os.listdir(folder))
+        assert {"config.json", "metrics.jsonl", "summary.json"} <= names
+        pth = {n for n in names if n.endswith(".pth")}
+        if keep == "best" and t.number == best:
+            assert len(pth) == 2 and "best_vega_branch.pth" in pth and any(n.startswith("BEST_") for n in pth)
+        else:
+            assert pth == set(), (t.number, pth)
+    assert (tmp_path / "IEMOCAP" / "keep" / "report" / "best.json").exists()

@@ -134,9 +134,10 @@ def test_validation_split_selects_on_validation(iemocap_files, tmp_path):
     assert not set(held) & set(pd.read_csv(os.path.join(summary["run_dir"], "predictions.csv"))["dialogue_id"])
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16"])   # bf16: the optimizer's weight copies are rebuilt on resume
-def test_resume_gives_the_uninterrupted_result(iemocap_files, tmp_path, monkeypatch, amp):
-    cfg = small_cfg(iemocap_files, tmp_path, amp=amp, epochs=4, scheduler=True)
+# bf16: the optimizer's weight copies are rebuilt on resume; save_last end: last.pth written at the interrupt
+@pytest.mark.parametrize("amp, save_last", [("off", "every"), ("bf16", "every"), ("bf16", "end")])
+def test_resume_gives_the_uninterrupted_result(iemocap_files, tmp_path, monkeypatch, amp, save_last):
+    cfg = small_cfg(iemocap_files, tmp_path, amp=amp, epochs=4, scheduler=True, save_last=save_last)
     full = read_jsonl(os.path.join(main.train_run(cfg, progress=False)["run_dir"], "metrics.jsonl"))
 
     restore = interrupt_at_epoch(monkeypatch, 3)
@@ -153,6 +154,37 @@ def test_resume_gives_the_uninterrupted_result(iemocap_files, tmp_path, monkeypa
     timing = {"train_seconds", "eval_seconds", "cpu_shared"}   # measurements of the machine
     strip = [{k: v for k, v in r.items() if k not in timing} for r in resumed]
     assert strip == [{k: v for k, v in r.items() if k not in timing} for r in full]
+
+
+def test_save_last_never_and_a_finished_runs_last_pth(iemocap_files, tmp_path, capsys):
+    summary = main.train_run(small_cfg(iemocap_files, tmp_path, epochs=2, save_last="never"), progress=False)
+    assert not os.path.exists(os.path.join(summary["run_dir"], "last.pth"))
+    assert run.run(["--resume", summary["run_dir"], "--no_progress"]) == 2
+    assert "--save_last never): there is nothing to resume" in capsys.readouterr().err
+
+    summary = main.train_run(small_cfg(iemocap_files, tmp_path / "every", epochs=2), progress=False)
+    last = torch.load(os.path.join(summary["run_dir"], "last.pth"), weights_only=True)
+    assert last["optimizer"] is None and last["state"]["epoch"] == 2   # an ended run keeps no optimizer state
+    best = torch.load(summary["best_checkpoint"], weights_only=True)
+    assert set(best) == {"format", "state_dict", "config", "epoch", "metrics"}   # weights, never the optimizer
+    # a larger --epochs still goes on from it, the optimizer afresh
+    assert run.run(["--resume", summary["run_dir"], "--epochs", "3", "--no_progress"]) == 0
+    assert "without the optimizer state" in capsys.readouterr().out
+    assert len(read_jsonl(os.path.join(summary["run_dir"], "metrics.jsonl"))) == 3
+
+
+def test_seeds_keep_best_leaves_one_checkpoint(iemocap_files, tmp_path):
+    argv = ["--data_path", str(iemocap_files / "IEMOCAP.pkl"), "--anchor_path", str(iemocap_files / "anchor.pt"),
+            "--output_dir", str(tmp_path), "--hidden_dim", "32", "--clip_dim", "512", "--epochs", "1",
+            "--no_progress", "--device", "cpu", "--seeds", "1", "2", "--keep", "best"]
+    assert run.run(argv) == 0
+    runs = glob.glob(str(tmp_path / "IEMOCAP" / "*_seed*"))
+    assert len(runs) == 2
+    pth = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "IEMOCAP" / "*" / "*.pth")))
+    assert len(pth) == 2 and pth[1] == "best_vega_branch.pth" and pth[0].startswith("BEST_")
+    for folder in runs:
+        for name in ("config.json", "metrics.jsonl", "summary.json"):
+            assert os.path.exists(os.path.join(folder, name))
 
 
 def test_seeds_write_aggregate_statistics(iemocap_files, tmp_path, monkeypatch):

@@ -20,6 +20,11 @@ class VegaError(Exception):
     """A problem the user can fix (bad file, bad flag). Entry points print it as one line and exit 2."""
 
 
+class SetupError(VegaError):
+    """A VegaError before a run's first epoch (a missing data file, an unwritable folder): it would recur for every
+    run of these settings, so a sweep worker stops instead of drawing the next trial."""
+
+
 def exit_on_error(command, debug=False):
     """Every command's way out: command() -> its exit code (0 for None); a VegaError -> `error: <message>` on
     stderr (the traceback too with --debug) and exit code 2."""

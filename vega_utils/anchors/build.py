@@ -27,13 +27,12 @@ def _image_folder_candidates(cfg):
             os.path.join("anchor", f"{cfg.expr_img_folder}_anchor")]
 
 
-def ensure_anchor_cache(cfg, device="auto"):
-    """The run's anchors: load cfg.anchor_path, or first build it from the image folder (as the reference)."""
-    info = info_of(cfg)
-    class_names = info.class_names
+def anchor_source(cfg):
+    """(the anchor cache's path, the image folder it is to be built from: None when the cache exists); a
+    VegaError when there is neither."""
     path = cfg.anchor_path or os.path.join("anchor", f"{cfg.expr_img_folder}_anchor.pt")
     if os.path.exists(path):
-        return load_anchor_cache(path, class_names, expected_dim=cfg.clip_dim)
+        return path, None
     folder = find_image_folder(cfg)
     if folder is None:
         first, second = _image_folder_candidates(cfg)
@@ -44,8 +43,17 @@ def ensure_anchor_cache(cfg, device="auto"):
                         f"(README.md, "
                         f"'Getting the data', has the links); or train the backbone alone without anchors: "
                         f"--ablation no_vega")
+    return path, folder
+
+
+def ensure_anchor_cache(cfg, device="auto"):
+    """The run's anchors: load cfg.anchor_path, or first build it from the image folder (as the reference)."""
+    info = info_of(cfg)
+    path, folder = anchor_source(cfg)
+    if folder is None:
+        return load_anchor_cache(path, info.class_names, expected_dim=cfg.clip_dim)
     print(f"no anchor cache at {path}: building it from {folder} with {cfg.CLIP_Model}")
-    return images.build_anchor_cache(folder, class_names, cfg.CLIP_Model, path, device=device,
+    return images.build_anchor_cache(folder, info.class_names, cfg.CLIP_Model, path, device=device,
                               expected_dim=cfg.clip_dim, label_map=info.anchor_words)
 
 

@@ -22,6 +22,7 @@ ABLATIONS = {
     "no_stochastic_anchors": {"rand": 0.0},               # always the class centres
 }
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+SAVE_LAST_CHOICES = ("every", "end", "never")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "leaky_relu", "elu", "none")
 KNOWN_CLIP_DIMS = {
     "openai/clip-vit-base-patch32": 512, "openai/clip-vit-base-patch16": 512,
@@ -104,6 +105,9 @@ class Config:
     threads: Optional[int] = None      # CPU threads; None: the cores this process may use (vega_utils/runs/threads.py)
     # each epoch's metrics as TensorBoard event files in the run folder (vega_utils/insight/live.py), when installed
     tensorboard: bool = True
+    # When last.pth (what --resume needs) is written: after every epoch, only when the run ends or is interrupted,
+    # or never (vega_utils/runs/run_folder.py; docs/run-folder.md has the sizes).
+    save_last: str = "every"
     # Filled by resolve() from the dataset table; part of every saved config.
     text_dim: Optional[int] = None
     audio_dim: Optional[int] = None
@@ -226,6 +230,8 @@ def check(cfg):
     for key in ("amp", "eval_amp"):
         if getattr(cfg, key) not in AMP_CHOICES:
             bad(f"{key} {getattr(cfg, key)!r} is not one of {', '.join(AMP_CHOICES)}")
+    if cfg.save_last not in SAVE_LAST_CHOICES:
+        bad(f"save_last {cfg.save_last!r} is not one of {', '.join(SAVE_LAST_CHOICES)}")
     if cfg.ablation is not None and cfg.ablation not in ABLATIONS:
         bad(f"ablation {cfg.ablation!r} is not one of {', '.join(ABLATIONS)}")
     if cfg.clip_dim is not None and cfg.clip_dim < 1:
@@ -267,6 +273,8 @@ def add_config_flags(parser, skip=()):
             choices = ["AdamW", "Adam", "SGD"]
         elif f.name in ("amp", "eval_amp"):
             choices = list(AMP_CHOICES)
+        elif f.name == "save_last":
+            choices = list(SAVE_LAST_CHOICES)
         group.add_argument(*flags, dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS, help=helped)
     return parser
 

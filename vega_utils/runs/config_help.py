@@ -56,6 +56,8 @@ CONFIG_HELP = {
     "data_path": "feature file, .pkl or .npz; unset: data/IEMOCAP.pkl, data/meld.pkl or the dataset JSON's",
     "anchor_path": "anchor cache; unset: anchor/<expr_img_folder>_anchor.pt",
     "output_dir": "where run folders go",
+    "save_last": "when last.pth (everything --resume needs) is written: every epoch, only at the end or on an "
+                 "interrupt, or never; a finished run's last.pth drops the optimizer state",
     "device": "auto, cpu, cuda or cuda:N (auto: cuda when available)",
     "amp": "training precision: auto = bf16 autocast on the CPU, fp16 autocast on CUDA; off = float32",
     "valid_ratio": "share of training dialogues held out to select the best epoch (0: select on the test set)",

@@ -2,10 +2,12 @@
 
 `<output_dir>/<name>/[MMDD-HHMM]_seed<seed>[_<ablation>]/` (UK time, as the reference; `-2`, `-3` ... when
 taken; no brackets in either name with --no_folder_brackets): config.json, metrics.jsonl, summary.json,
-BEST_cls_f1_[<f1>]_epoch<n>.pth (checkpoint.best_file_name), best_vega_branch.pth,
-last.pth, predictions.csv, curves.png, confusion.png, TensorBoard event files (and valid_ids.json with a
-validation split). Every file that matters is written to a temporary file and renamed (common._atomic_write).
+BEST_cls_f1_[<f1>]_epoch<n>.pth (checkpoint.best_file_name), best_vega_branch.pth, last.pth (as cfg.save_last
+says), predictions.csv, curves.png, confusion.png, TensorBoard event files (and valid_ids.json with a validation
+split); docs/run-folder.md has each file's size. Every file that matters is written to a temporary file and renamed
+(common._atomic_write).
 """
+import copy
 import datetime
 import json
 import os
@@ -121,15 +123,32 @@ def rewrite_metrics(run_dir, history):
     atomic_write_text(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
 
 
-def save_last(run_dir, run, state, cfg):
-    """last.pth: everything --resume needs to go on as if never stopped (`run`: main.Run)."""
-    atomic_torch_save({"format": checkpoint.FORMAT, "model": run.model.state_dict(),
-                       "optimizer": run.optimizer.state_dict(),
-                       "scaler": run.scaler.state_dict() if run.scaler else None,
-                       "scheduler": run.scheduler.state_dict() if run.scheduler else None,
-                       "config": cfg.to_dict(), "state": state,
-                       "rng": rng_state(run.loaders["train"].generator, run.anchor_rng, run.device)},
-                      os.path.join(run_dir, LAST))
+def last_state(run, state, cfg, optimizer=True):
+    """What last.pth holds: everything --resume needs to go on as if never stopped (`run`: main.Run). A run that
+    has ended keeps it without the optimizer state (optimizer=False): Adam's two moments are twice the weights."""
+    return {"format": checkpoint.FORMAT, "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict() if optimizer else None,
+            "scaler": run.scaler.state_dict() if run.scaler else None,
+            "scheduler": run.scheduler.state_dict() if run.scheduler else None,
+            "config": cfg.to_dict(), "state": state,
+            "rng": rng_state(run.loaders["train"].generator, run.anchor_rng, run.device)}
+
+
+def save_last(run_dir, obj):
+    """Write last.pth (a last_state, or a snapshot of one) atomically."""
+    atomic_torch_save(obj, os.path.join(run_dir, LAST))
+
+
+def snapshot(obj):
+    """A copy of a last_state that later training steps cannot change (tensors copied to the CPU): what
+    --save_last end writes when the run is interrupted, the state of the last finished epoch."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def rng_state(loader_generator, anchor_rng, device):

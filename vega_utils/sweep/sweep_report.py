@@ -17,8 +17,8 @@ NOT_IN_PRESET = ("threads",)
 def trial_rows(study):
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("surplus"):
-            continue   # closed without running: another worker's trial made up the study
+        if t.user_attrs.get("surplus") or t.user_attrs.get("setup_failure"):
+            continue   # closed without running (another worker's trial made up the study), or could not start
         a = t.user_attrs
         row = {"number": t.number, "state": t.state.name, "valid_f1": a.get("valid_f1"), "test_f1": a.get("test_f1"),
                "best_epoch": a.get("best_epoch"), "epochs_run": a.get("epochs_run"),
@@ -88,31 +88,53 @@ def write_plots(study, folder):
     return written, skipped
 
 
-def write_report(study, folder, log=print):
-    """Everything above; returns the markdown text printed."""
+def setup_failures(study):
+    """[(trial number, message)] of the trials that could not start (a missing file...): not the search's."""
+    return [(t.number, t.user_attrs["setup_failure"]) for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("setup_failure")]
+
+
+def count_line(rows, n_setup):
+    counts = {s.name: sum(r["state"] == s.name for r in rows) for s in TrialState}
+    return (f"{len(rows)} trials: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed, "
+            f"{counts['RUNNING']} running, {counts['WAITING']} waiting"
+            + (f" ({n_setup} more could not start: setup failures, below)" if n_setup else ""))
+
+
+def write_report(study, folder, log=print, full=True):
+    """Everything above; returns the markdown text, printed whole (full) or as one line and the folder."""
     os.makedirs(folder, exist_ok=True)
     rows = trial_rows(study)
     df = pd.DataFrame(rows)
     atomic_write_text(os.path.join(folder, "trials.csv"), df.to_csv(index=False))
     counts = {s.name: sum(r["state"] == s.name for r in rows) for s in TrialState}
-    run, full = epochs_saved(rows)
+    run, full_epochs = epochs_saved(rows)
+    setups = setup_failures(study)
     text = [f"# Study {study.study_name}", "",
-            f"{len(rows)} trials: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed, "
-            f"{counts['RUNNING']} running, {counts['WAITING']} waiting. Epochs run by complete and pruned trials: "
-            f"{run} of {full} ({full - run} saved by pruning). F1 in percent; the objective is validation "
-            f"weighted F1, test F1 is at the epoch validation selected (never optimised).", "",
+            f"{count_line(rows, len(setups))}. Epochs run by complete and pruned trials: "
+            f"{run} of {full_epochs} ({full_epochs - run} saved by pruning). F1 in percent; the objective is "
+            f"validation weighted F1, test F1 is at the epoch validation selected (never optimised).", "",
             _markdown(df) if rows else "(no trials yet)", ""]
+    best_line = ""
     if counts["COMPLETE"]:
         preset = os.path.join(folder, "best.json")
         best = write_preset(study, preset)
-        text += [f"Best: trial {best.number}, validation F1 {100 * best.value:.2f}, test F1 "
-                 f"{100 * (best.user_attrs.get('test_f1') or 0):.2f}; its settings: {preset} "
-                 f"({python_cmd()} run.py --config {preset})", ""]
+        best_line = (f"Best: trial {best.number}, validation F1 {100 * best.value:.2f}, test F1 "
+                     f"{100 * (best.user_attrs.get('test_f1') or 0):.2f}; its settings: {preset} "
+                     f"({python_cmd()} run.py --config {preset})")
+        text += [best_line, ""]
+    if setups:
+        text += ["## Setup failures", "", "Trials that could not start (the worker stopped there; not counted "
+                 "among the failed trials of the search):", ""] + [f"- trial {n}: {msg}" for n, msg in setups] + [""]
     written, skipped = write_plots(study, folder)
     text += [f"Plots: {', '.join(os.path.basename(p) for p in written) or 'none'}"
              + (f"; not drawn: {'; '.join(skipped)}" if skipped else ""), ""]
     markdown = "\n".join(text)
     atomic_write_text(os.path.join(folder, "trials.md"), markdown)
-    log(markdown)
-    log(f"sweep report: {folder}")
+    if full:
+        log(markdown)
+        log(f"sweep report: {folder}")
+    else:
+        log(f"sweep report: {count_line(rows, len(setups))}. {best_line.split(';')[0] or 'No trial complete yet'}; "
+            f"the table: {os.path.join(folder, 'trials.md')}")
     return markdown

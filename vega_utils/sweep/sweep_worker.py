@@ -12,7 +12,8 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from vega_utils.common import VegaError
+from vega_utils.common import SetupError, VegaError
+from vega_utils.runs import keep
 from vega_utils.runs.config import resolve
 from vega_utils.sweep.sweep_space import suggest
 
@@ -32,14 +33,16 @@ def trial_dir(cfg, study_name, number):
 class Objective:
     """A trial: its settings drawn from the space (keys fixed by flags excepted), one run, validation F1."""
 
-    def __init__(self, base_cfg, space, fixed, study_name, n_trials, progress=False):
+    def __init__(self, base_cfg, space, fixed, study_name, n_trials, progress=False, keep="all"):
         self.base_cfg, self.space, self.fixed = base_cfg, space, set(fixed)
-        self.study_name, self.n_trials, self.progress = study_name, n_trials, progress
+        self.study_name, self.n_trials, self.progress, self.keep = study_name, n_trials, progress, keep
         self.last_number = self.last_error = None
+        self.numbers = set()   # the trials this worker ran
 
     def __call__(self, trial):
         import main
         self.last_number, self.last_error = trial.number, None
+        self.numbers.add(trial.number)
         # Trial numbers are handed out by the storage one by one: if the trials before this one that are not
         # failed already make up the study, another worker got there first.
         trials = trial.study.get_trials(deepcopy=False)
@@ -64,10 +67,13 @@ class Objective:
         sweep_info = {"study": self.study_name, "trial": trial.number, "params": params,
                       "retry_of": frozen.system_attrs.get("failed_trial")}
         try:
-            summary = main.train_run(cfg, progress=self.progress, run_dir=run_dir, on_epoch=on_epoch,
-                                     config_extra={"sweep": sweep_info})
+            with main.labelled(f"trial {trial.number} | "):
+                summary = main.train_run(cfg, progress=self.progress, run_dir=run_dir, on_epoch=on_epoch,
+                                         config_extra={"sweep": sweep_info})
         except VegaError as e:
             self.last_error = str(e)
+            if isinstance(e, SetupError):   # every trial would meet it: the report lists it apart
+                trial.set_user_attr("setup_failure", str(e))
             raise
         best = summary.get("best") or {}
         test = best.get("test") or {}
@@ -78,6 +84,24 @@ class Objective:
         if summary.get("stopped", "").startswith("pruned"):
             raise optuna.TrialPruned(summary["stopped"])
         return best["selected_f1"]
+
+
+    def tidy(self, study):
+        """--keep: the .pth files of the trials that have ended, decided from the study as it stands now. Every
+        worker does it after each of its trials; what it deletes is never the best trial's (a trial still running
+        is left alone and tidied when it ends), so workers deciding at the same moment never disagree harmfully."""
+        trials = study.get_trials(deepcopy=False)
+        ended = [t.user_attrs.get("run_dir") for t in trials if t.state in (*FINISHED, TrialState.FAIL)]
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = max(complete, key=lambda t: t.value).user_attrs.get("run_dir") if complete else None
+        return keep.apply_policy(self.keep, ended, best)
+
+
+def ran_the_last(study, objective):
+    """Whether this worker ran the study's last trial to finish (complete or pruned): of the workers that end
+    together, the one that prints the report."""
+    ended = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED and t.datetime_complete]
+    return not ended or max(ended, key=lambda t: t.datetime_complete).number in objective.numbers
 
 
 def count_states(study):
@@ -107,6 +131,10 @@ def work(study, objective, n_trials, heartbeat=True, log=print):
         study.optimize(objective, n_trials=1, catch=(VegaError, SurplusTrial), gc_after_trial=True,
                        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)])
         last = next(t for t in study.get_trials(deepcopy=False) if t.number == objective.last_number)
+        objective.tidy(study)
+        if last.user_attrs.get("setup_failure"):
+            raise VegaError(f"trial {last.number} could not start, and no trial here would: "
+                            f"{last.user_attrs['setup_failure']}")
         if last.state == TrialState.FAIL and not last.user_attrs.get("surplus"):
             log(f"sweep: trial {last.number} failed: {objective.last_error}")
             failed_in_a_row += 1
