@@ -74,7 +74,8 @@ def test_truncated_checkpoint_message_ends_in_whole_words(tmp_path):
 
 # ---------------------------------------------------------------- flags
 COMMANDS = ["run", "inference", "sweep", "extract", "vega_utils.anchors.build", "vega_utils.data.convert",
-            "vega_utils.insight.analyze", "vega_utils.insight.compare"]
+            "vega_utils.insight.analyze", "vega_utils.insight.compare", "vega_utils.data.toy_models",
+            "vega_utils.features.samples"]
 HIDDEN = {("sweep", "--worker_index")}   # set by sweep.py --jobs for its workers, not by a user
 
 
