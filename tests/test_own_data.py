@@ -29,8 +29,8 @@ TINY = ["--hidden_dim", "32", "--epochs", "2", "--batch-size", "4", "--no_progre
 
 
 def readme_example():
-    """The README's example that writes a four-class dataset in the open format (run as it is printed)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+    """docs/own-data.md's example that writes a four-class dataset in the open format (run as it is printed)."""
+    with open(os.path.join(ROOT, "docs", "own-data.md")) as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
     [code] = [b for b in blocks if "feelings.npz" in b]
     return code
@@ -38,7 +38,7 @@ def readme_example():
 
 @pytest.fixture(scope="module")
 def own(tmp_path_factory):
-    """The README example's files in a fresh folder: mydata/feelings.{npz,json}, images, a tiny CLIP."""
+    """The docs example's files in a fresh folder: mydata/feelings.{npz,json}, images, a tiny CLIP."""
     root = tmp_path_factory.mktemp("own")
     cwd = os.getcwd()
     os.chdir(root)
