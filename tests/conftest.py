@@ -55,3 +55,13 @@ def interrupt_at_epoch(monkeypatch, epoch):
 def iemocap_files(tmp_path_factory):
     return synthetic_files(tmp_path_factory.mktemp("iemocap"),
                            {"IEMOCAP.pkl": dict(n_train=36, n_test=10, max_len=20, signal=2.5)}, seed=3, anchor_seed=3)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A command run in-process with --threads sets torch's thread count for the whole process; every test starts
+    with the suite's count again."""
+    count = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
