@@ -1,5 +1,5 @@
-"""The docs are tested: every command in README.md and docs/*.md uses only flags its program has, and the worked
-example of docs/own-data.md runs top to bottom as pasted."""
+"""The docs are tested: every command in README.md and docs/*.md uses only flags its program has; the worked
+example of docs/own-data.md and the README's extraction walk-through run top to bottom as pasted."""
 import argparse
 import glob
 import os
@@ -191,8 +191,8 @@ def test_worked_example_runs_as_pasted(tmp_path):
 
 
 def test_extraction_walk_through_runs_as_pasted(tmp_path):
-    """docs/extract.md: generated MELD release -> extract.py -> run.py -> extract.py --like -> inference.py."""
-    assert run_marked_steps(os.path.join("docs", "extract.md"), tmp_path) == ["sh"]
+    """README.md: generated MELD release -> extract.py -> run.py -> extract.py --like -> inference.py."""
+    assert run_marked_steps("README.md", tmp_path) == ["sh"]
     predictions = (tmp_path / "demo" / "new_predictions.csv").read_text().splitlines()
     assert predictions[0].startswith("dialogue_id,utterance_index,utterance_id,text,speaker,label,prediction")
     assert len(predictions) == 1 + 8 and "excuse me" in predictions[1]

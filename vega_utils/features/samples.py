@@ -5,7 +5,7 @@ with video and audio per utterance), a manifest of new conversations, and tiny r
 
 WAV files are written with soundfile, MP4 files with PyAV; the models are built from configs (nothing comes from a
 model hub), so their features mean nothing: the files exist to run every step of the walk-through in
-docs/extract.md, and the tests.
+the README ("From raw conversations"), and the tests.
 """
 import argparse
 import csv
