@@ -178,6 +178,7 @@ def test_killed_extraction_resumes_to_the_same_file(setup, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+    assert open(whole, "rb").read() == open(resumed, "rb").read()      # the same file, byte for byte
 
 
 def test_iemocap_layout(setup, tmp_path):
