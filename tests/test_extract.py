@@ -151,6 +151,11 @@ def test_meld_run_like_and_inference_end_to_end(setup, meld_out, tmp_path):
     np.testing.assert_array_equal(z["audio"][0], first["audio"][0])
     for m in ("text", "visual"):   # other batch mates: the same numbers up to float rounding
         np.testing.assert_allclose(z[m][0], first[m][0], atol=1e-6)
+    # the whole release again --like the first extraction (same batching): the same file, byte for byte
+    whole = str(tmp_path / "whole.npz")
+    assert extract.main([*like, "--layout", "meld", "--root", setup["meld"], "--batch_size", "4", "--shard_size", "4",
+                         "--out", whole]) == 0
+    assert open(whole, "rb").read() == open(meld_out, "rb").read()
     # features of another extraction are refused by inference
     other = str(tmp_path / "other.npz")
     assert extract.main([*flags(setup, "--manifest", manifest, "--out", other, "--frames", "1")]) == 0
