@@ -77,13 +77,25 @@ def read_source(args):
     return utterances, args.root, dropped, args.layout.upper(), "dialogue" if args.layout == "meld" else "name"
 
 
+RECORDED = ("text_model", "text_pooling", "text_context", "max_length", "audio", "sample_rate", "visual_model",
+            "frames", "faces", "classes", "speaker_ids")   # the flags --like takes from the record
+
+
 def settings_of(args, preset, speaker_ids):
     if args.like:
         spec = read_json(args.like, "dataset file")
         record = spec.get("extraction") if isinstance(spec, dict) else None
-        if not isinstance(record, dict) or "settings" not in record:
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
             raise VegaError(f"--like {args.like}: not a dataset JSON written by extract.py (no extraction record)")
-        return Settings(**record["settings"]), record
+        given = [f"--{k}" for k in RECORDED if getattr(args, k) != parser().get_default(k)]
+        if given:
+            raise VegaError(f"--like repeats the extraction recorded in {args.like}; {', '.join(given)} cannot "
+                            f"change it (leave them out, or extract without --like)")
+        try:
+            return Settings(**record["settings"]), record
+        except TypeError as e:
+            raise VegaError(f"--like {args.like}: its extraction settings do not fit this version of extract.py "
+                            f"({e})") from None
     from vega_utils.features.releases import IEMOCAP_CLASSES, MELD_CLASSES
     classes = args.classes.split(",") if args.classes else None
     if args.layout and not classes:
@@ -98,6 +110,8 @@ def command(args):
     for flag in ("batch_size", "jobs", "shard_size", "frames", "max_length", "sample_rate"):
         if getattr(args, flag) < 1:
             raise VegaError(f"--{flag} must be at least 1")
+    if args.text_context < 0:
+        raise VegaError("--text_context must be 0 or more")
     utterances, source, dropped, preset, speaker_ids = read_source(args)
     settings, like = settings_of(args, preset, speaker_ids)
     work = Work(batch_size=args.batch_size, jobs=args.jobs, device=args.device, on_error=args.on_error,

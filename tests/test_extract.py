@@ -306,3 +306,58 @@ def test_faces_without_haar_cascades_is_one_line(setup, tmp_path, monkeypatch, c
     args = flags(setup, "--manifest", make_manifest(str(tmp_path), rows), "--out", str(tmp_path / "f.npz"), "--faces")
     assert extract.main(args) == 2
     assert "--faces needs OpenCV's Haar cascades" in capsys.readouterr().err
+
+
+def write_pcm_avi(path, samples, rate=16000):
+    """An AVI holding one stereo track of 16-bit integer PCM (both channels the given samples)."""
+    import av
+    with av.open(path, "w") as c:
+        stream = c.add_stream("pcm_s16le", rate=rate, layout="stereo")
+        pcm = (np.stack([samples, samples]).T.reshape(1, -1) * 32767).astype(np.int16)   # (1, T * 2) interleaved
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            c.mux(packet)
+    return path
+
+
+def test_integer_pcm_in_a_container_is_read_in_the_range_of_a_wav(tmp_path):
+    import soundfile
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    avi = write_pcm_avi(str(tmp_path / "pcm.avi"), tone)
+    wav = str(tmp_path / "pcm.wav")
+    soundfile.write(wav, (tone * 32767).astype(np.int16), 16000, subtype="PCM_16")
+    from_avi = load_audio(Utterance("r", "d", 0, "s", "t", video=avi), 16000)
+    from_wav = load_audio(Utterance("r", "d", 0, "s", "t", audio=wav), 16000)
+    assert abs(np.abs(from_avi).max() - 0.5) < 1e-3
+    np.testing.assert_array_equal(from_avi, from_wav)
+
+
+def test_a_long_segment_decoded_twice_gives_the_same_frames(setup, monkeypatch):
+    from vega_utils.features import media
+    clip = Utterance("r", "d", 0, "s", "t", video=os.path.join(setup["meld"], "train_splits", "dia0_utt1.mp4"))
+    held = load_frames(clip, 3)
+    monkeypatch.setattr(media, "HELD_FRAMES", 2)      # every clip is now too long to hold: times first, then picks
+    again = load_frames(clip, 3)
+    assert len(again) == 3 and all(np.array_equal(a, b) for a, b in zip(held, again))
+
+
+def test_a_segment_between_two_frames_gets_the_frame_before_it(tmp_path):
+    grey = [np.full((64, 64, 3), 25 * k, dtype=np.uint8) for k in range(10)]   # frame k at k/10 s, value 25k
+    video = write_frames_mp4(str(tmp_path / "steps.mp4"), grey)
+    inside = load_frames(Utterance("r", "d", 0, "s", "t", video=video, start=0.3, end=0.35), 1)[0]
+    between = load_frames(Utterance("r", "d", 0, "s", "t", video=video, start=0.51, end=0.55), 1)[0]
+    assert abs(inside.mean() - 75) < 8 and abs(between.mean() - 125) < 8
+
+
+def test_hf_segment_shorter_than_one_frame_is_a_problem_line(setup, tmp_path, capsys):
+    speech = make_tiny_speech_model(str(tmp_path / "speech"))
+    rows = [{"dialogue_id": "a", "speaker": "x", "text": t, "audio": write_wav(str(tmp_path / f"u{k}.wav"), s)}
+            for k, (t, s) in enumerate([("excuse me", 0.5), ("yeah", 0.01)])]
+    capsys.readouterr()                                   # what building the model printed
+    out = str(tmp_path / "short.npz")
+    args = flags(setup, "--manifest", make_manifest(str(tmp_path), rows), "--out", out, "--audio", f"hf:{speech}")
+    assert extract.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "row 3" in err[0] and "shorter than one frame" in err[0] and "u1.wav" in err[0]
+    assert not os.path.exists(out)

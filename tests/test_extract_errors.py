@@ -31,6 +31,7 @@ CASES = {
     "duplicate": ({"position": "0"}, "duplicate position"),
     "unknown split": ({"split": "dev"}, "unknown split 'dev'"),
     "unknown label": ({"label": "joy"}, "label 'joy' is not one of the classes"),
+    "too short for its audio set": ({"start": "0", "end": "0.04"}, "audio features are not finite"),
 }
 
 
@@ -98,3 +99,28 @@ def test_other_pickle_shapes_name_the_known_layouts(tmp_path):
     path.write_bytes(pickle.dumps(tuple({} for _ in range(8))))
     with pytest.raises(VegaError, match="9-tuple IEMOCAP layout.*10-tuple MELD layout.*length 8"):
         load_dialogues(str(path), "IEMOCAP")
+
+
+def test_malformed_sources_and_flags_are_one_line(media, tmp_path, capsys):
+    """A manifest row with more fields than the header, a MELD CSV without a column, a negative context, and
+    extractor flags given with --like: one line each, exit 2."""
+    (tmp_path / "commas.csv").write_text("dialogue_id,speaker,text\nd,a,hello, there\n")
+    (tmp_path / "good.csv").write_text("dialogue_id,speaker,text\nd,a,hello\n")
+    meld = tmp_path / "meld"
+    meld.mkdir()
+    for name in ("train_sent_emo.csv", "dev_sent_emo.csv", "test_sent_emo.csv"):
+        (meld / name).write_text("Sr No.,Utterance,Speaker,Dialogue_ID,Utterance_ID\n1,hi,Joey,0,0\n")
+    base = ["--out", str(tmp_path / "o.npz"), "--text_model", media["text"], "--visual_model", media["clip"],
+            "--no_progress"]
+    like = tmp_path / "like.json"
+    like.write_text('{"extraction": {"settings": {"frames": 2}}}')
+    cases = [(["--manifest", str(tmp_path / "commas.csv")], "row 2: more fields than the header's 3"),
+             (["--layout", "meld", "--root", str(meld)], "lacks column(s) Emotion"),
+             (["--manifest", str(tmp_path / "commas.csv"), "--text_context", "-1"], "--text_context must be 0"),
+             (["--like", str(like), "--manifest", str(tmp_path / "good.csv"), "--frames", "4"],
+              "--frames cannot change it")]
+    for args, expected in cases:
+        assert extract.main([*args, *base]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (args, err)
+    assert not os.path.exists(tmp_path / "o.npz")

@@ -11,6 +11,7 @@
 openSMILE sets run in --jobs worker processes (decoding too); an hf encoder runs in this process.
 """
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -20,7 +21,7 @@ import torch
 from vega_utils.common import VegaError
 from vega_utils.features.media import load_audio
 from vega_utils.features.record import weights_sha256
-from vega_utils.features.utterances import BadUtterance
+from vega_utils.features.utterances import BadUtterance, bad
 
 SETS = ("is10", "egemaps", "compare")
 
@@ -51,7 +52,9 @@ def _smile_job(job):
         x = load_audio(u, rate)
     except BadUtterance as e:
         return None, str(e)
-    return _WORKER[name].process_signal(x, rate).to_numpy()[0].astype(np.float32), None
+    with warnings.catch_warnings():   # "segment too short": the NaN it gives is reported as the row's problem
+        warnings.simplefilter("ignore", UserWarning)
+        return _WORKER[name].process_signal(x, rate).to_numpy()[0].astype(np.float32), None
 
 
 class AudioExtractor:
@@ -96,7 +99,11 @@ class AudioExtractor:
         out, decoded = [None] * len(utterances), []
         for i, u in enumerate(utterances):
             try:
-                decoded.append((i, load_audio(u, self.rate)))
+                x = load_audio(u, self.rate)
+                if self.frames_of(x.size) < 1:
+                    raise bad(u, f"the audio segment ({x.size} samples at {self.rate} Hz) is shorter than one frame "
+                                 f"of {self.model_name}", u.audio or u.video)
+                decoded.append((i, x))
             except BadUtterance as e:
                 out[i] = (None, str(e))
         size = self.batch_size if self.batches() else 1
@@ -106,6 +113,12 @@ class AudioExtractor:
             for (i, _), x in zip(chunk, self.hf_batch([x for _, x in chunk])):
                 out[i] = (x, None)
         return out
+
+    def frames_of(self, n):
+        """Frames the encoder makes of n samples (its convolutions' output length); n when it does not say."""
+        if not hasattr(self.model, "_get_feat_extract_output_lengths"):
+            return n
+        return int(self.model._get_feat_extract_output_lengths(torch.tensor([n]))[0])
 
     def hf_batch(self, samples):
         """Mean of the last hidden layer over each utterance's own frames, for a batch of sample arrays."""

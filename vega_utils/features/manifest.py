@@ -22,10 +22,14 @@ def read_manifest(path):
         raise VegaError(f"manifest {path} not found")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-            header = rows[0].keys() if rows else []
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise VegaError(f"manifest {path}: cannot read it as a UTF-8 CSV ({e})") from None
+    for i, row in enumerate(rows):
+        if None in row:   # csv puts the fields beyond the header under None
+            raise VegaError(f"manifest {path} row {i + 2}: more fields than the header's {len(header)} (a text "
+                            f"that holds a comma must be in double quotes)")
     missing = [c for c in REQUIRED if c not in header]
     if not rows or missing:
         raise VegaError(f"manifest {path}: " + (f"lacks column(s) {', '.join(missing)}" if rows else "no rows")

@@ -86,50 +86,72 @@ def _read_wave(path):
 
 
 def _read_track(path):
+    """The audio track of a container as mono float samples in [-1, 1]: FFmpeg converts every sample format
+    (integer PCM included) to planar float, then the channels are averaged."""
     import av
     chunks = []
     with av.open(path) as c:
         stream = c.streams.audio[0]
         native = stream.codec_context.sample_rate
+        to_float = av.AudioResampler(format="fltp")                  # the sample format only: rate and layout kept
         for frame in c.decode(stream):
-            x = frame.to_ndarray().astype(np.float32)      # (channels, T) planar or (1, T*channels) packed
-            if not frame.format.is_planar:
-                x = x.reshape(-1, len(frame.layout.channels)).T
-            chunks.append(x.mean(axis=0))                   # (T,) mono
+            for out in to_float.resample(frame):
+                chunks.append(out.to_ndarray().mean(axis=0))        # (channels, T) -> (T,) mono
+        for out in to_float.resample(None):                          # flush
+            chunks.append(out.to_ndarray().mean(axis=0))
     if not chunks:
         raise ValueError("no audio frames decoded")
-    return np.concatenate(chunks), native
+    return np.concatenate(chunks).astype(np.float32), native
+
+
+HELD_FRAMES = 240   # decoded frames held at once; a longer segment is decoded twice (times first, then picks)
 
 
 def load_frames(u, n):
-    """n RGB frames (H, W, 3) uint8 taken evenly over the utterance's segment of its video. Every frame of the
-    segment is decoded (codecs need it) but only the n chosen ones are converted to RGB."""
-    import av
+    """n RGB frames (H, W, 3) uint8 taken evenly over the utterance's segment of its video: the frames nearest the
+    middles of n equal parts. Every frame of the segment is decoded (codecs need it); only the n chosen ones are
+    converted to RGB. A segment between two frames gets the last frame before it."""
     try:
-        times, frames = [], []
-        with av.open(u.video) as c:
-            stream = c.streams.video[0]
-            stream.thread_type = "AUTO"                     # FFmpeg's own decoding threads
-            start = u.start or 0.0
-            if start > 0:
-                c.seek(int(start / stream.time_base), stream=stream, backward=True)
-            for frame in c.decode(stream):
-                t = float(frame.pts * stream.time_base) if frame.pts is not None else 0.0
-                if u.end is not None and t >= u.end:
-                    break
-                if t + 1e-6 >= start or not frames:
-                    times.append(t)
-                    frames.append(frame)                    # still YUV: conversion is the costly part
-        if not frames:
+        times, held = _segment_frames(u, keep=None)
+        if not times:
             raise bad(u, "no video frame in the segment", u.video)
         end = u.end if u.end is not None else times[-1] + 1e-3
         seg_start = u.start or 0.0
         targets = seg_start + (np.arange(n) + 0.5) * (end - seg_start) / n     # the middles of n equal parts
-        times = np.asarray(times)
-        chosen = [int(np.abs(times - t).argmin()) for t in targets]
-        rgb = {i: frames[i].to_ndarray(format="rgb24") for i in sorted(set(chosen))}
+        chosen = [int(np.abs(np.asarray(times) - t).argmin()) for t in targets]
+        if held is None:                                                        # too long to hold: decode again
+            _, held = _segment_frames(u, keep=set(chosen))
+        rgb = {i: held[i].to_ndarray(format="rgb24") for i in sorted(set(chosen))}
     except BadUtterance:
         raise
     except Exception as e:
         raise bad(u, f"cannot decode the video ({type(e).__name__}: {str(e).strip()[:120]})", u.video) from None
     return [rgb[i] for i in chosen]
+
+
+def _segment_frames(u, keep):
+    """(times, frames) of the segment's frames, in order: frames[i] (still YUV) for every i in keep, or for
+    every frame when keep is None, unless there are over HELD_FRAMES of them (then frames is None)."""
+    import av
+    times, held, before = [], {}, None
+    with av.open(u.video) as c:
+        stream = c.streams.video[0]
+        stream.thread_type = "AUTO"                     # FFmpeg's own decoding threads
+        start = u.start or 0.0
+        if start > 0:
+            c.seek(int(start / stream.time_base), stream=stream, backward=True)
+        for frame in c.decode(stream):
+            t = float(frame.pts * stream.time_base) if frame.pts is not None else 0.0
+            if u.end is not None and t >= u.end:
+                break
+            if t + 1e-6 < start:
+                before = (t, frame)                     # the last frame before the segment
+                continue
+            if held is not None and (keep is None or len(times) in keep):
+                held[len(times)] = frame
+                if keep is None and len(held) > HELD_FRAMES:
+                    held = None
+            times.append(t)
+    if not times and before is not None:                # no frame inside the segment: the one just before it
+        times, held = [before[0]], {0: before[1]}
+    return times, held

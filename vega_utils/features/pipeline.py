@@ -14,7 +14,7 @@ from vega_utils.data.openformat import write_npz
 from vega_utils.features.media import check_media, probe
 from vega_utils.features.record import library_versions, to_json
 from vega_utils.features.shards import Parts
-from vega_utils.features.utterances import BadUtterance, Problems, check_fields, renumber
+from vega_utils.features.utterances import BadUtterance, Problems, bad, check_fields, renumber
 
 MODALITIES = ("text", "audio", "visual")
 
@@ -73,6 +73,14 @@ def check_files(u, problems, missing):
     return True
 
 
+def stamp(path):
+    """(size, modification time) of a media file, so that a resumed extraction notices a replaced file."""
+    if not path:
+        return None
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def has_source(u, modality):
     if modality == "audio":
         return bool(u.audio or (u.video and probe(u.video)[1]))
@@ -101,6 +109,10 @@ def run_shard(modality, extractor, chunk, contexts, problems):
     idx = [i for i, u in enumerate(chunk) if has_source(u, modality)]
     before = extractor.faces.fallbacks if modality == "visual" and extractor.faces else 0
     for i, (x, problem) in zip(idx, extractor.features([chunk[i] for i in idx])):
+        if not problem and not np.isfinite(x).all():   # openSMILE gives NaN for a segment under about 0.1 s
+            u = chunk[i]
+            problem = str(bad(u, f"its {modality} features are not finite (a segment too short for the "
+                                 f"extractor?)", u.audio or u.video if modality == "audio" else u.video))
         if problem:
             if not problems.skip:
                 raise VegaError(problem)
@@ -130,13 +142,17 @@ def extract(utterances, settings, work, out, source, dropped_labels, expected=No
     utts = renumber([u for u in utts if check_files(u, problems, missing)])
     if not utts:
         raise VegaError(f"{source}: no utterance left to extract")
+    if not work.progress:   # transformers draws its own bars while it loads weights
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     extractors = build_extractors(settings, work)
     described = {m: e.describe() for m, e in extractors.items()}
     if expected is not None and expected[1] != described:
         raise VegaError(f"--like {expected[0]}: the {', '.join(describe_change(expected[1], described))} model(s) "
                         f"found here differ from the recorded ones (weights or settings), so the extraction "
                         f"cannot be repeated")
-    keys = [(u.row, u.dialogue_id, u.position, u.text, u.audio, u.video, u.start, u.end) for u in utts]
+    keys = [(u.row, u.dialogue_id, u.position, u.text, u.audio, u.video, u.start, u.end, stamp(u.audio),
+             stamp(u.video)) for u in utts]
     plan = {"extractors": described, "shard_size": work.shard_size,
             "utterances": hashlib.sha256(json.dumps(keys).encode()).hexdigest()}
     parts = Parts(out, plan)
@@ -152,9 +168,13 @@ def extract(utterances, settings, work, out, source, dropped_labels, expected=No
                     if not parts.done(m, k):
                         parts.save(m, k, *run_shard(m, extractors[m], chunk, contexts[lo:lo + len(chunk)], problems))
                     shards.append(parts.load(m, k))
+                    dropped = [p for p in shards[-1][1] if p]
+                    if dropped and not problems.skip:      # a shard of an earlier run with --on_error skip
+                        raise VegaError(dropped[0])
                     bar.update(len(chunk))
             columns[m] = np.concatenate([s[0] for s in shards])             # (U, D)
-            counts["truncated_text" if m == "text" else f"{m}_fallbacks"] += sum(s[2] for s in shards)
+            if m != "audio":                                                   # audio counts nothing
+                counts["truncated_text" if m == "text" else "visual_fallbacks"] += sum(s[2] for s in shards)
             failed = [a or b for a, b in zip(failed, [p for s in shards for p in s[1]])]
     finally:
         extractors["audio"].close()

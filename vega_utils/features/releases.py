@@ -17,6 +17,7 @@ from vega_utils.features.utterances import Utterance
 
 MELD_FILES = {"train": ("train_sent_emo.csv", "train_splits"), "valid": ("dev_sent_emo.csv", "dev_splits_complete"),
               "test": ("test_sent_emo.csv", "output_repeated_splits_test")}
+MELD_COLUMNS = ("Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID")
 MELD_CLASSES = {"neutral": "neutral", "surprise": "surprise", "fear": "fear", "sadness": "sad", "joy": "happy",
                 "disgust": "disgust", "anger": "anger"}
 IEMOCAP_CLASSES = {"hap": "happy", "sad": "sad", "neu": "neutral", "ang": "anger", "exc": "excited",
@@ -42,15 +43,27 @@ def read_meld(root):
         path = os.path.join(root, csv_name)
         if not os.path.isfile(path):
             raise VegaError(f"MELD layout: {path} not found (--root is the folder holding {csv_name})")
-        for i, row in enumerate(csv.DictReader(io.StringIO(read_text(path)))):
-            d, n = row["Dialogue_ID"].strip(), row["Utterance_ID"].strip()
-            emotion = row["Emotion"].strip().lower()
-            utterances.append(Utterance(
-                row=f"{path} row {i + 2}", dialogue_id=f"{split}_dia{d}", position=int(n),
-                speaker=row["Speaker"].strip(), text=row["Utterance"], video=os.path.join(root, clips,
-                                                                                          f"dia{d}_utt{n}.mp4"),
-                label=MELD_CLASSES.get(emotion, emotion), split=split, utterance_id=f"dia{d}_utt{n}"))
+        reader = csv.DictReader(io.StringIO(read_text(path)))
+        absent = [c for c in MELD_COLUMNS if c not in (reader.fieldnames or [])]
+        if absent:
+            raise VegaError(f"MELD layout: {path} lacks column(s) {', '.join(absent)} (a MELD CSV has "
+                            f"{', '.join(MELD_COLUMNS)})")
+        for i, row in enumerate(reader):
+            utterances.append(meld_utterance(row, f"{path} row {i + 2}", root, split, clips))
     return utterances, Counter()
+
+
+def meld_utterance(row, where, root, split, clips):
+    fields = [row.get(c) for c in MELD_COLUMNS]
+    if None in fields or None in row:
+        raise VegaError(f"{where}: {'too few' if None in fields else 'more'} fields for the header's columns")
+    d, n = row["Dialogue_ID"].strip(), row["Utterance_ID"].strip()
+    if not (d.isdigit() and n.isdigit()):
+        raise VegaError(f"{where}: Dialogue_ID {d!r} and Utterance_ID {n!r} must be whole numbers")
+    emotion = row["Emotion"].strip().lower()
+    return Utterance(row=where, dialogue_id=f"{split}_dia{d}", position=int(n), speaker=row["Speaker"].strip(),
+                     text=row["Utterance"], video=os.path.join(root, clips, f"dia{d}_utt{n}.mp4"),
+                     label=MELD_CLASSES.get(emotion, emotion), split=split, utterance_id=f"dia{d}_utt{n}")
 
 
 TRANSCRIPT = re.compile(r"^(\S+) \[([\d.]+)-([\d.]+)\]:\s?(.*)$")

@@ -25,8 +25,9 @@ class Parts:
         if os.path.exists(plan_path):
             with open(plan_path) as f:
                 if f.read() != text:
-                    raise VegaError(f"{self.folder} holds the shards of another extraction (other models, settings "
-                                    f"or utterances); remove that folder, or write to another --out")
+                    raise VegaError(f"{self.folder} holds the shards of another extraction (other models, "
+                                    f"settings, utterances or media files); remove that folder, or "
+                                    f"write to another --out")
             print(f"resuming: the finished shards in {self.folder} are kept")
         else:
             os.makedirs(self.folder, exist_ok=True)
