@@ -199,6 +199,8 @@ def resume_state(run_dir, cfg, run):
     last = checkpoint.read_checkpoint(path)
     run.model.load_state_dict(last["model"], strict=True)
     state = last["state"]
+    if state.get("best_path"):   # the folder may have moved since: its best checkpoint is the one inside it
+        state["best_path"] = os.path.join(run_dir, os.path.basename(state["best_path"]))
     if state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience:
         return None, state
     if last.get("optimizer") is not None:
@@ -277,6 +279,8 @@ def keep_epoch(cfg, run, run_dir, state, row, evals, curves):
         run_folder.save_last(run_dir, run_folder.last_state(run, state, cfg))
     elif cfg.save_last == "end":   # written if the run is interrupted (train_run); a finished run's at its end
         run.last = run_folder.snapshot(run_folder.last_state(run, state, cfg))
+    elif os.path.exists(os.path.join(run_dir, run_folder.LAST)):   # never, on a resumed run: an older epoch's
+        os.remove(os.path.join(run_dir, run_folder.LAST))          # last.pth would send --resume back to it
     report.plot_curves(state["history"], os.path.join(run_dir, "curves.png"), state["best_epoch"])
     log(report.format_epoch_line(row))
     return selected_f1
@@ -307,16 +311,18 @@ def train_run(cfg, resume_dir=None, progress=True, run_dir=None, on_epoch=None, 
     cfg, run, state, run_dir, ended = open_run(cfg, resume_dir, run_dir, config_extra)
     if state is None:
         return already_finished(run_dir, cfg, ended)
-    log_start(cfg, run, run_dir)
-    eval_sets = {split: train.EvalSet(run.loaders[split], cfg.n_speakers) for split in run.loaders if split != "train"}
     summary = {"run_dir": run_dir, "selected_on": run.select_on, "stopped": "max_epochs", **run.precision}
     # skipped training steps (a non-finite loss or gradient), counted on from the epochs already done
     guard = step_guard.StepGuard(cfg.max_bad_steps, total=sum(r.get("skipped_steps", 0) for r in state["history"]),
                                  log=log)
-    # idle OpenMP threads sleep while other processes keep the cores busy
-    share = threads.CoreShare(torch.get_num_threads()).start() if run.device.type == "cpu" else None
-    curves = live.LiveLog(run_dir, cfg.tensorboard, state["epoch"] + 1, run.info.class_names, log)   # TensorBoard
-    try:
+    share = curves = None
+    try:   # from here on the folder exists: a Ctrl-C at any point leaves summary.json and the resume hint
+        log_start(cfg, run, run_dir)
+        eval_sets = {split: train.EvalSet(run.loaders[split], cfg.n_speakers) for split in run.loaders
+                     if split != "train"}
+        # idle OpenMP threads sleep while other processes keep the cores busy
+        share = threads.CoreShare(torch.get_num_threads()).start() if run.device.type == "cpu" else None
+        curves = live.LiveLog(run_dir, cfg.tensorboard, state["epoch"] + 1, run.info.class_names, log)   # TensorBoard
         while state["epoch"] < cfg.epochs:
             train.check_stop()
             row, evals = run_epoch(cfg, run, state["epoch"] + 1, eval_sets, guard, share, progress)
@@ -334,12 +340,14 @@ def train_run(cfg, resume_dir=None, progress=True, run_dir=None, on_epoch=None, 
     except step_guard.NonFiniteLoss as e:
         summary["stopped"] = f"non-finite loss: {e}"
         if state["epoch"] == 0 and not resume_dir:   # nothing to keep: the folder must not pass for a run's
-            os.replace(run_dir, run_dir + "-failed")
-            run_dir = summary["run_dir"] = run_dir + "-failed"
+            failed = run_folder.fresh_folder(run_dir + "-failed")   # made empty, then replaced by the run's
+            os.replace(run_dir, failed)
+            run_dir = summary["run_dir"] = failed
             raise VegaError(f"{e} No epoch finished; the folder is now {run_dir}") from None
         raise VegaError(f"{e} Run folder {run_dir} keeps the epochs before it.") from None
     finally:
-        curves.close()
+        if curves is not None:
+            curves.close()
         if share is not None:
             share.close()
         summary.update(best_epoch=state["best_epoch"], best_checkpoint=state["best_path"],

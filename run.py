@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 
-from vega_utils.common import OneLineParser, VegaError, as_typed, atomic_write_text, exit_on_error, python_cmd
+from vega_utils.common import OneLineParser, VegaError, as_typed, atomic_write_text, exit_on_error, script_cmd
 from vega_utils.runs import run_folder, threads
 from vega_utils.runs.config import ABLATIONS, add_config_flags, config_from_args, resolve
 from vega_utils.runs.keep import KEEP_CHOICES
@@ -93,7 +93,7 @@ def print_demo_end(summary):
     print(f"demo: test weighted F1 {100 * summary['best']['test']['weighted_f1']:.2f} against "
           f"{100 * base:.2f} for always predicting the most frequent class")
     print(f"demo: wrote {', '.join(sorted(os.listdir(run_dir)))} in {run_dir}")
-    print(f"next: {python_cmd()} inference.py --checkpoint {shlex.quote(summary['best_checkpoint'])}")
+    print(f"next: {script_cmd('inference.py')} --checkpoint {shlex.quote(summary['best_checkpoint'])}")
 
 
 def run_seeds(cfg, seeds, progress, jobs=1, devices=None, keep="all"):
@@ -127,8 +127,7 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None, keep="all"):
     agg = report.aggregate_runs(per_seed)
     class_names = list(info_of(cfg).class_names)
     stamp = datetime.datetime.now().strftime("%m%d-%H%M%S")
-    folder = os.path.join(cfg.output_dir, cfg.name, f"aggregate-{stamp}")
-    os.makedirs(folder, exist_ok=True)
+    folder = run_folder.fresh_folder(os.path.join(cfg.output_dir, cfg.name, f"aggregate-{stamp}"))   # never shared
     run_folder.write_json(os.path.join(folder, "aggregate.json"), agg)
     markdown = report.aggregate_markdown(agg, class_names)
     atomic_write_text(os.path.join(folder, "aggregate.md"), markdown)
@@ -148,9 +147,10 @@ def resume_config(args):
     from vega_utils.runs.config import Config
     given = sorted(k for k in Config.__dataclass_fields__ if k != "ablation" and hasattr(args, k))
     fixed = [k for k in given if k not in RESUME_FLAGS]
-    if fixed or args.demo or args.seeds or args.ablation or args.config or args.keep:
-        names = [as_typed(args, n) for n in fixed + [n for n in ("demo", "seeds", "ablation", "config", "keep")
-                                                     if getattr(args, n)]]
+    several = ("demo", "seeds", "ablation", "config", "keep", "devices")   # and --jobs: flags of new runs
+    if fixed or any(getattr(args, n) for n in several) or args.jobs != 1:
+        names = [as_typed(args, n) for n in fixed + [n for n in several if getattr(args, n)]
+                 + (["jobs"] if args.jobs != 1 else [])]
         raise VegaError(f"--resume continues {args.resume} with its own settings; {', '.join(names)} "
                         f"cannot change there (only --{', --'.join(RESUME_FLAGS)} can)")
     cfg = run_folder.config_of_run(args.resume, f"cannot resume from {args.resume}: its settings")
@@ -181,7 +181,7 @@ def run(argv=None):
                              args.debug)
     except KeyboardInterrupt as e:
         how = e.how if isinstance(e, main.Interrupted) else str(e) or "interrupted"
-        resume = f"{python_cmd()} run.py --resume {shlex.quote(e.run_dir)}" if isinstance(e, main.Interrupted) else ""
+        resume = f"{script_cmd('run.py')} --resume {shlex.quote(e.run_dir)}" if isinstance(e, main.Interrupted) else ""
         if isinstance(e, main.Interrupted) and e.epoch == 0:
             print(f"{how} during epoch 1: no epoch finished, so {e.run_dir} holds only its settings; {resume} "
                   f"starts the run again from epoch 1 in that folder", file=sys.stderr)
@@ -208,6 +208,8 @@ def run_command(args, progress):
     if args.demo:
         prepare_demo(cfg)
         cfg = resolve(cfg)
+    if args.jobs < 1:
+        raise VegaError(f"--jobs {args.jobs}: give 1 or more")
     if args.seeds:
         return run_seeds(cfg, args.seeds, progress, args.jobs, args.devices, args.keep)
     if args.jobs != 1 or args.devices or args.keep:

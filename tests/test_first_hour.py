@@ -317,3 +317,49 @@ def test_a_run_failing_before_its_first_epoch_is_marked_failed(files, tmp_path, 
     (run_dir,) = glob.glob(str(tmp_path / "IEMOCAP" / "*"))
     assert run_dir.endswith("-failed") and f"the folder is now {run_dir}" in err
     assert json.load(open(os.path.join(run_dir, "summary.json")))["epochs_run"] == 0
+    # the same again within the minute: a second folder, not a crash on the first
+    assert run.run(data_flags(files, tmp_path) + ["--epochs", "2", "--lr", "1e30", "--amp", "off",
+                                                  "--max_bad_steps", "1"]) == 2
+    assert f"the folder is now {run_dir}-2" in one_error_line(capsys)
+    assert sorted(glob.glob(str(tmp_path / "IEMOCAP" / "*"))) == [run_dir, run_dir + "-2"]
+
+
+def test_resume_with_save_last_never_drops_the_older_last_pth(two_epoch_run, capsys):
+    """Otherwise a later --resume would go back to epoch 2 and train again what the metrics already hold."""
+    assert run.run(["--resume", two_epoch_run, "--epochs", "3", "--save_last", "never", "--no_progress"]) == 0
+    assert not os.path.exists(os.path.join(two_epoch_run, "last.pth"))
+    capsys.readouterr()
+    assert run.run(["--resume", two_epoch_run, "--epochs", "4", "--no_progress"]) == 2
+    assert "there is nothing to resume" in one_error_line(capsys)
+    assert [json.loads(r)["epoch"] for r in open(os.path.join(two_epoch_run, "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_a_moved_run_folder_resumes_with_its_own_best_checkpoint(two_epoch_run, tmp_path):
+    moved = str(tmp_path / "moved")
+    os.replace(two_epoch_run, moved)
+    assert run.run(["--resume", moved, "--epochs", "3", "--no_progress"]) == 0
+    summary = json.load(open(os.path.join(moved, "summary.json")))
+    assert os.path.dirname(summary["best_checkpoint"]) == moved and os.path.exists(summary["best_checkpoint"])
+    assert len(glob.glob(os.path.join(moved, "BEST_*.pth"))) == 1
+
+
+def test_ctrl_c_while_the_run_starts_leaves_a_summary(files, tmp_path, monkeypatch, capsys):
+    import main
+
+    def pressed(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main, "log_start", pressed)                 # right after the folder is made
+    monkeypatch.chdir(tmp_path)                                      # and from another folder than the project's
+    assert run.run(data_flags(files, tmp_path) + ["--epochs", "2"]) == 130
+    (run_dir,) = glob.glob(str(tmp_path / "IEMOCAP" / "*"))
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["epochs_run"] == 0
+    err = capsys.readouterr().err
+    assert "no epoch finished" in err and f"{shlex.quote(os.path.join(ROOT, 'run.py'))} --resume" in err
+
+
+def test_flags_of_new_runs_are_refused_on_resume_and_devices_checked(two_epoch_run, files, tmp_path, capsys):
+    assert run.run(["--resume", two_epoch_run, "--jobs", "2"]) == 2
+    assert "--jobs cannot change there" in one_error_line(capsys)
+    if not torch.cuda.is_available():
+        assert run.run(data_flags(files, tmp_path)[:-2] + ["--device", "cuda:0"]) == 2
+        assert "--device cuda:0: no CUDA device is available" in one_error_line(capsys)

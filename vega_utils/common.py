@@ -5,6 +5,7 @@ import difflib
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,13 @@ def python_cmd():
     return os.path.relpath(exe, PROJECT_ROOT) if inside else exe
 
 
+def script_cmd(name):
+    """A printed command that runs the project's script `name` (run.py, inference.py) as pasted in this shell: the
+    interpreter, then the script's name inside the project folder, or its full path from anywhere else."""
+    here = os.path.abspath(os.getcwd()) == PROJECT_ROOT
+    return f"{python_cmd()} {name if here else shlex.quote(os.path.join(PROJECT_ROOT, name))}"
+
+
 def read_json(path, what):
     """A JSON file's content; a missing or unreadable file is one line naming `what` and the path."""
     try:
@@ -84,6 +92,12 @@ def resolve_device(name="auto"):
         raise VegaError("--device cuda was asked for, but no CUDA device is available")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise VegaError(f"unknown device {name!r}: use auto, cpu or cuda")
+    if name.startswith("cuda:"):
+        index = name[5:]
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not index.isdigit() or int(index) >= count:
+            raise VegaError(f"--device {name}: " + (f"this machine has CUDA devices cuda:0 to cuda:{count - 1}"
+                                                    if count else "no CUDA device is available"))
     return torch.device(name)
 
 

@@ -2,14 +2,14 @@
 numpy scalars as Python's."""
 import numpy as np
 
-from vega_utils.common import VegaError, python_cmd
+from vega_utils.common import VegaError, script_cmd
 
 MODALITIES = ("text", "audio", "visual")
 
 
 def missing_file(path):
     return VegaError(f"{path}: data file not found (give its location with --data_path; README.md, 'Getting the "
-                     f"data', says where the feature pickles come from; `{python_cmd()} run.py --demo` needs none)")
+                     f"data', says where the feature pickles come from; `{script_cmd('run.py')} --demo` needs none)")
 
 
 def first_line(e):
