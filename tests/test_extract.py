@@ -361,3 +361,11 @@ def test_hf_segment_shorter_than_one_frame_is_a_problem_line(setup, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "row 3" in err[0] and "shorter than one frame" in err[0] and "u1.wav" in err[0]
     assert not os.path.exists(out)
+
+
+def test_a_wav_segment_is_the_slice_of_the_whole_file(tmp_path):
+    import soundfile
+    wav = write_wav(str(tmp_path / "long.wav"), 2.0)
+    whole, rate = soundfile.read(wav, dtype="float32", always_2d=True)
+    part = load_audio(Utterance("r", "d", 0, "s", "t", audio=wav, start=0.5, end=1.25), rate)
+    np.testing.assert_array_equal(part, whole.mean(axis=1)[int(0.5 * rate):int(1.25 * rate)])

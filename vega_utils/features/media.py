@@ -54,14 +54,16 @@ def check_media(u, path, need):
 def load_audio(u, rate):
     """Mono float32 samples of the utterance's segment at `rate` Hz, from its audio file or its video's track."""
     path = u.audio or u.video
+    start, end = u.segment("audio")
     try:
-        samples, native = _read_wave(path) if u.audio and _is_sound_file(path) else _read_track(path)
+        if u.audio and _is_sound_file(path):    # only the segment is read
+            samples, native = _read_wave(path, start or 0.0, end)
+        else:
+            samples, native = _read_track(path)
+            lo = int(round((start or 0.0) * native))
+            samples = samples[lo:len(samples) if end is None else int(round(end * native))]
     except Exception as e:
         raise bad(u, f"cannot decode the audio ({type(e).__name__}: {str(e).strip()[:120]})", path) from None
-    start, end = u.segment("audio")
-    lo = int(round((start or 0.0) * native))
-    hi = len(samples) if end is None else int(round(end * native))
-    samples = samples[lo:hi]
     if samples.size == 0:
         raise bad(u, "the audio segment holds no samples", path)
     if native != rate:
@@ -79,10 +81,13 @@ def _is_sound_file(path):
         return False
 
 
-def _read_wave(path):
+def _read_wave(path, start, end):
+    """Mono samples of [start, end) seconds (end None: to the end) of a sound file, and its rate."""
     import soundfile
-    x, native = soundfile.read(path, dtype="float32", always_2d=True)   # (T, channels)
-    return x.mean(axis=1), native                                        # (T,) mono
+    native = soundfile.info(path).samplerate
+    lo, hi = int(round(start * native)), None if end is None else int(round(end * native))
+    x, native = soundfile.read(path, start=lo, stop=hi, dtype="float32", always_2d=True)   # (T, channels)
+    return x.mean(axis=1), native                                                           # (T,) mono
 
 
 def _read_track(path):
