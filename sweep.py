@@ -5,9 +5,10 @@
     python sweep.py --study s --trials 200 --storage postgresql+psycopg://user:pw@host/db   # on every machine
     python sweep.py --study lr-search --report                       # table, plots, best.json
 
-Every run.py flag is accepted and fixes that setting for all trials; the other settings of the search space
-(--space, default configs/sweep_space.json) are drawn per trial. The objective is validation weighted F1
-(--valid_ratio, default 0.1 here). Trials are run folders output/<name>/<study>/trial_<n>/.
+Every run.py flag is accepted and fixes that setting for all trials, as do the settings --ablation, --demo or a
+--config file set; the other settings of the search space (--space, default configs/sweep_space.json) are drawn
+per trial. The objective is validation weighted F1 (--valid_ratio, default 0.1 here). Trials are run folders
+output/<name>/<study>/trial_<n>/.
 """
 import argparse
 import os
@@ -17,9 +18,9 @@ import subprocess
 import sys
 
 import run
-from vega_utils.common import PROJECT_ROOT, VegaError, exit_on_error
+from vega_utils.common import PROJECT_ROOT, VegaError, exit_on_error, python_cmd
 from vega_utils.runs import threads
-from vega_utils.runs.config import DERIVED, Config
+from vega_utils.runs.config import ABLATIONS, DERIVED, Config
 
 DEFAULT_SPACE = os.path.join(PROJECT_ROOT, "configs", "sweep_space.json")
 
@@ -46,12 +47,26 @@ def parser():
     return p
 
 
+def fixed_keys(args):
+    """The config keys every trial keeps as given, never drawn: those set by a flag, by --ablation, by --demo or by
+    the --config file (a trial whose config.json says an ablation must run it)."""
+    keys = set(vars(args))
+    if args.demo:
+        keys |= set(run.DEMO)
+    if args.ablation:
+        keys |= set(ABLATIONS[args.ablation])
+    if args.config:
+        from vega_utils.runs.config import read_config_file
+        keys |= set(read_config_file(args.config))
+    return {k for k in keys if k in Config.__dataclass_fields__ and k not in DERIVED}
+
+
 def sweep_config(args):
-    """The settings every trial starts from, and the keys that flags fixed (never drawn)."""
+    """The settings every trial starts from, and the keys fixed for all trials (never drawn)."""
     if args.seeds or args.resume:
         raise VegaError("sweep.py runs trials, not --seeds or --resume (run a trial's settings with "
                         "run.py --config report/best.json --seeds ...)")
-    fixed = {k for k in vars(args) if k in Config.__dataclass_fields__ and k not in DERIVED}
+    fixed = fixed_keys(args)
     if "valid_ratio" not in vars(args):
         args.valid_ratio = 0.1   # a sweep selects on validation F1; a preset file may not say 0 either (below)
         if args.config:
@@ -87,19 +102,28 @@ def ready_study(args, cfg):
     return url, storage, sweep_study.open_study(args.study, storage, args.sampler, args.pruner, cfg.seed, cfg.epochs)
 
 
+def drawn_space(args, fixed):
+    """The search space less the fixed keys; a sweep with nothing left to draw is refused."""
+    from vega_utils.sweep.sweep_space import load_space
+    space = {k: v for k, v in load_space(args.space).items() if k not in fixed}
+    if not space:
+        raise VegaError(f"every key of the search space {args.space} is fixed (by flags, --ablation, --demo or "
+                        f"--config): nothing to draw; leave some out of the --config file or use another --space")
+    return space
+
+
 def work_here(args, cfg, fixed):
     """This process is one worker."""
     import optuna
 
     from vega_utils.sweep import sweep_report, sweep_worker
-    from vega_utils.sweep.sweep_space import load_space
-    space = load_space(args.space)
+    space = drawn_space(args, fixed)
     url, storage, study = ready_study(args, cfg)
     threads.apply_threads(threads.resolve_threads(cfg.threads))
     # Optuna logs a failed trial with its traceback (a Ctrl-C too): this worker says it in one line instead
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     print(f"sweep worker {args.worker_index} (pid {os.getpid()}): study {args.study} in {url}, "
-          f"{args.trials} trials, drawing {', '.join(k for k in space if k not in fixed) or 'nothing'}; "
+          f"{args.trials} trials, drawing {', '.join(space)}; "
           f"--save_last {cfg.save_last}, --keep {args.keep or 'all'}",
           flush=True)
     objective = sweep_worker.Objective(cfg, space, fixed, args.study, args.trials,
@@ -137,7 +161,8 @@ def start_workers(argv, args, cfg):
     for i, (device, share) in enumerate(slots):
         extra = ["--device", device, "--threads", str(share), "--worker_index", str(i)]
         cmd = [sys.executable, os.path.abspath(__file__), *without_worker_flags(argv), *extra]
-        print(f"sweep: worker {i}: {shlex.join(cmd[1:])}", flush=True)
+        # a command that can be pasted to start this worker again by hand
+        print(f"sweep: worker {i}: {shlex.join([python_cmd(), *cmd[1:]])}", flush=True)
         procs.append(subprocess.Popen(cmd))
 
     def pass_on(signum, frame):   # a scheduler's SIGTERM reaches this process only: each worker stops its trial
@@ -167,7 +192,9 @@ def main(argv=None):
     try:
         return exit_on_error(lambda: sweep_command(argv, args), args.debug)
     except KeyboardInterrupt as e:
-        print(f"sweep worker {args.worker_index} stopped ({e or 'interrupted'}); its trial is marked failed, "
+        from vega_utils.sweep.sweep_worker import BetweenTrials
+        what = "no trial of its was running" if isinstance(e, BetweenTrials) else "its trial is marked failed"
+        print(f"sweep worker {args.worker_index} stopped ({e or 'interrupted'}); {what}, "
               f"the study goes on when a worker is started again", file=sys.stderr)
         return 143 if "terminated" in str(e) else 130
 
@@ -181,6 +208,7 @@ def sweep_command(argv, args):
         return 0
     if not args.trials or args.trials < 1:
         raise VegaError("--trials N (at least 1) says how many finished trials the study must hold")
+    drawn_space(args, fixed)   # a bad space file or nothing to draw: refused before any worker starts
     if args.jobs > 1:
         return start_workers(argv, args, cfg)
     if args.devices and "device" not in vars(args):   # one worker: the first device named

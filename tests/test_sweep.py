@@ -2,9 +2,12 @@
 import glob
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -138,11 +141,12 @@ def test_report_and_best_preset_reproduce_the_best_trial(files, tmp_path, capsys
         md = (report / "trials.md").read_text()
         assert f"Best: trial {best.number}, validation F1 {100 * best.value:.2f}" in md
         preset = json.load(open(report / "best.json"))
-        assert preset["lr"] == best.params["lr"] and preset["amp"] == "off" and "threads" not in preset
-        # the same settings, seed and thread count through run.py: the same validation F1, to the last bit
+        assert preset["lr"] == best.params["lr"] and preset["amp"] == "off"
+        assert "threads" not in preset and "device" not in preset   # the machine's, not the experiment's
+        # the same settings, seed, device and thread count through run.py: the same validation F1, to the last bit
         out = tmp_path / "again"
         assert run.run(["--config", str(report / "best.json"), "--output_dir", str(out), "--threads", "1",
-                        "--no_progress"]) == 0
+                        "--device", "cpu", "--no_progress"]) == 0
         summary = json.load(open(glob.glob(str(out / "IEMOCAP" / "*" / "summary.json"))[0]))
         assert summary["selected_on"] == "valid"
         assert summary["best"]["selected_f1"] == best.value
@@ -281,3 +285,173 @@ def test_keep_leaves_exactly_what_it_promises(files, tmp_path, keep):
         else:
             assert pth == set(), (t.number, pth)
     assert (tmp_path / "IEMOCAP" / "keep" / "report" / "best.json").exists()
+
+
+def with_space(argv, space):
+    argv = list(argv)
+    argv[argv.index("--space") + 1] = str(space)
+    return argv
+
+
+def test_ablation_and_config_file_keys_are_not_drawn(files, tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({**SPACE, "rand": {"type": "float", "low": 0.2, "high": 1.0}}))
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"dropout": 0.3}))
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    argv = with_space(flags(files, tmp_path, "abl", storage, 2, epochs=1), space)
+    threads = torch.get_num_threads()
+    try:
+        assert sweep.main(argv + ["--ablation", "no_stochastic_anchors", "--config", str(preset),
+                                  "--pruner", "none"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    trials = study_trials(storage, "abl")
+    assert len(trials) == 2
+    for t in trials:
+        assert t.state == TrialState.COMPLETE and set(t.params) == {"lr"}   # rand: the ablation's; dropout: the file's
+        saved = json.load(open(os.path.join(t.user_attrs["run_dir"], "config.json")))
+        assert (saved["ablation"], saved["rand"], saved["dropout"]) == ("no_stochastic_anchors", 0.0, 0.3)
+        assert saved["lr"] == t.params["lr"]
+
+
+def test_a_space_left_empty_is_refused_and_demo_keys_are_not_drawn(files, tmp_path, capsys):
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"lr": 0.002, "dropout": 0.3}))   # every key of SPACE
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    assert sweep.main(flags(files, tmp_path, "empty", storage, 2) + ["--config", str(preset)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: every key of the search space") and "nothing to draw" in err and "\n" not in err
+    assert study_trials(storage, "empty") == []
+    fixed = sweep.fixed_keys(sweep.parser().parse_args(["--study", "s", "--demo"]))
+    assert {"lr", "hidden_dim", "epochs", "data_path"} <= fixed and "dropout" not in fixed
+
+
+def test_worker_commands_are_printed_ready_to_paste(files, tmp_path, capsys, monkeypatch):
+    started = []
+
+    class Worker:   # the worker processes are not started: only their command lines are looked at
+        def __init__(self, cmd):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(sweep.subprocess, "Popen", Worker)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        argv = flags(files, tmp_path / "out dir", "paste", f"sqlite:///{tmp_path / 'x.db'}", 2)
+        assert sweep.main(argv + ["--jobs", "2"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sweep: worker ")]
+    assert len(lines) == 2
+    for line, cmd in zip(lines, started):
+        printed = shlex.split(line.split(": ", 2)[2])   # what a shell makes of the pasted line
+        interpreter = shutil.which(printed[0]) or os.path.abspath(printed[0])
+        assert os.path.realpath(interpreter) == os.path.realpath(sys.executable)
+        assert printed[1:] == cmd[1:] and str(tmp_path / "out dir") in printed
+
+
+def test_report_says_when_the_best_trials_folder_is_on_another_machine(files, tmp_path, capsys):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    study = optuna.create_study(study_name="far", storage=sweep_storage(storage), direction="maximize")
+    here = tmp_path / "trial 0"
+    here.mkdir()
+    (here / "config.json").write_text(json.dumps({"lr": 0.002, "threads": 2, "device": "cuda:3", "git_commit": "x"}))
+
+    def add(value, run_dir):
+        study.add_trial(create_trial(value=value, params={"lr": 0.002},
+                                     distributions={"lr": FloatDistribution(1e-3, 1e-2, log=True)},
+                                     user_attrs={"run_dir": str(run_dir), "test_f1": 0.4}))
+    add(0.5, here)
+    out = tmp_path / "out dir"
+    report = ["--report", "--output_dir", str(out)]
+    assert sweep.main(flags(files, tmp_path, "far", storage, 2) + report) == 0
+    preset = out / "IEMOCAP" / "far" / "report" / "best.json"
+    assert json.load(open(preset)) == {"lr": 0.002}   # neither threads nor device: they belong to the machine
+    assert f"run.py --config {shlex.quote(str(preset))})" in capsys.readouterr().out
+    add(0.7, "/elsewhere/trial_1")   # a better trial, run on another machine
+    assert sweep.main(flags(files, tmp_path, "far", storage, 2) + report) == 0
+    out = capsys.readouterr().out
+    assert "Best: trial 1, validation F1 70.00" in out and "| 1 | COMPLETE |" in out
+    assert "best.json not written: its run folder /elsewhere/trial_1 is not on this machine" in out
+    assert not preset.exists()   # the earlier best trial's preset must not pass for this one's
+
+
+class CountingObjective:
+    """Stands for sweep_worker.Objective: counts the trials it is asked to run."""
+
+    def __init__(self):
+        self.calls, self.last_number = 0, None
+
+    def __call__(self, trial):
+        self.calls, self.last_number = self.calls + 1, trial.number
+        return 0.5
+
+    def tidy(self, study):
+        pass
+
+
+@pytest.fixture
+def sigterm():
+    import train
+    yield train.STOP.set   # what sweep.py's SIGTERM handler does
+    train.STOP.clear()
+
+
+def test_sigterm_between_trials_stops_the_worker_before_its_next_trial(sigterm):
+    from vega_utils.sweep import sweep_worker
+    study = optuna.create_study(direction="maximize")
+    objective = CountingObjective()
+    sigterm()   # e.g. while the worker's trial was saving its last epoch
+    with pytest.raises(sweep_worker.BetweenTrials, match="terminated"):
+        sweep_worker.work(study, objective, 3, log=lambda line: None)
+    assert objective.calls == 0 and study.trials == []
+
+
+def test_sigterm_ends_the_wait_for_other_workers_last_trials(sigterm):
+    from vega_utils.sweep import sweep_worker
+    study = optuna.create_study(direction="maximize")
+    study.ask()   # the study's last trial, running in another worker
+    objective, outcome = CountingObjective(), []
+
+    def worker():
+        try:
+            outcome.append(sweep_worker.work(study, objective, 1, heartbeat=True, log=lambda line: None))
+        except BaseException as e:
+            outcome.append(e)
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive()   # waiting: that trial's worker may still die and its trial come back
+    sigterm()
+    thread.join(timeout=3)
+    assert not thread.is_alive() and isinstance(outcome[0], sweep_worker.BetweenTrials)
+    assert objective.calls == 0
+
+
+def test_a_trial_that_raises_fails_alone_and_the_worker_goes_on(files, tmp_path, capsys, monkeypatch):
+    import main
+    train_run, calls = main.train_run, []
+
+    def out_of_memory_once(cfg, **kwargs):   # a large drawn hidden_dim on a small GPU
+        calls.append(cfg)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nOf the allocated ...")
+        return train_run(cfg, **kwargs)
+    monkeypatch.setattr(main, "train_run", out_of_memory_once)
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    threads = torch.get_num_threads()
+    try:
+        assert sweep.main(flags(files, tmp_path, "oom", storage, 2, epochs=1) + ["--pruner", "none"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    reason = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    captured = capsys.readouterr()
+    assert f"sweep: trial 0 failed: {reason}\n" in captured.out and "Traceback" not in captured.out + captured.err
+    trials = study_trials(storage, "oom")
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[0].user_attrs["error"] == reason and "setup_failure" not in trials[0].user_attrs
+    assert f"## Failed trials\n\n- trial 0: {reason}\n" in captured.out

@@ -3,6 +3,7 @@ and Optuna's matplotlib plots (optimisation history, intermediate values, parame
 coordinates), all in output/<name>/<study>/report/."""
 import json
 import os
+import shlex
 
 import pandas as pd
 from optuna.trial import TrialState
@@ -10,8 +11,9 @@ from optuna.trial import TrialState
 from vega_utils.common import atomic_write_text, python_cmd
 from vega_utils.runs.config import read_config_file
 
-# The preset leaves out what belongs to the machine a run is on, not to the experiment.
-NOT_IN_PRESET = ("threads",)
+# The preset leaves out what belongs to the machine a run is on, not to the experiment (a preset pinned to
+# cuda:3 would fail on a machine with one GPU).
+NOT_IN_PRESET = ("threads", "device")
 
 
 def trial_rows(study):
@@ -23,7 +25,7 @@ def trial_rows(study):
         row = {"number": t.number, "state": t.state.name, "valid_f1": a.get("valid_f1"), "test_f1": a.get("test_f1"),
                "best_epoch": a.get("best_epoch"), "epochs_run": a.get("epochs_run"),
                "max_epochs": a.get("max_epochs"), "seconds": a.get("seconds"),
-               "retry_of": t.system_attrs.get("failed_trial"), "run_dir": a.get("run_dir")}
+               "retry_of": t.system_attrs.get("failed_trial"), "run_dir": a.get("run_dir"), "error": a.get("error")}
         row.update({f"param_{k}": v for k, v in t.params.items()})
         rows.append(row)
     return rows
@@ -40,7 +42,7 @@ def _markdown(df):
         if isinstance(v, float):
             return f"{v:.3g}"
         return str(v)
-    keys = [k for k in df.columns if k != "run_dir"]
+    keys = [k for k in df.columns if k not in ("run_dir", "error")]   # too long for a table: in the CSV
     heads = [k[len("param_"):] if k.startswith("param_") else k for k in keys]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(keys)]
     for rec in df.to_dict("records"):
@@ -55,13 +57,19 @@ def epochs_saved(rows):
 
 
 def write_preset(study, path):
-    """The best trial's complete settings (its run folder's config.json, machine-specific keys left out)."""
-    best = study.best_trial
-    settings = read_config_file(os.path.join(best.user_attrs["run_dir"], "config.json"))
+    """The best trial's complete settings (its run folder's config.json, machine-specific keys left out) as
+    `path`; returns None, and removes an earlier report's file there, when that folder is not on this machine
+    (a sweep over several machines: --report where the trial ran writes it)."""
+    source = os.path.join(study.best_trial.user_attrs["run_dir"], "config.json")
+    if not os.path.isfile(source):
+        if os.path.exists(path):
+            os.remove(path)   # an earlier best trial's: it must not pass for this one's
+        return None
+    settings = read_config_file(source)
     for key in NOT_IN_PRESET:
         settings.pop(key, None)
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
-    return best
+    return path
 
 
 def write_plots(study, folder):
@@ -86,6 +94,11 @@ def write_plots(study, folder):
         finally:
             plt.close("all")
     return written, skipped
+
+
+def failed_trials(rows):
+    """[(trial number, one-line reason)] of the failed trials that recorded one (Ctrl-C and dead workers do not)."""
+    return [(r["number"], r["error"]) for r in rows if r["state"] == "FAIL" and r["error"]]
 
 
 def setup_failures(study):
@@ -117,12 +130,19 @@ def write_report(study, folder, log=print, full=True):
             _markdown(df) if rows else "(no trials yet)", ""]
     best_line = ""
     if counts["COMPLETE"]:
-        preset = os.path.join(folder, "best.json")
-        best = write_preset(study, preset)
+        best = study.best_trial
         best_line = (f"Best: trial {best.number}, validation F1 {100 * best.value:.2f}, test F1 "
-                     f"{100 * (best.user_attrs.get('test_f1') or 0):.2f}; its settings: {preset} "
-                     f"({python_cmd()} run.py --config {preset})")
+                     f"{100 * (best.user_attrs.get('test_f1') or 0):.2f}; ")
+        preset = write_preset(study, os.path.join(folder, "best.json"))
+        if preset:
+            best_line += f"its settings: {preset} ({python_cmd()} run.py --config {shlex.quote(preset)})"
+        else:
+            best_line += (f"best.json not written: its run folder {best.user_attrs['run_dir']} is not on this "
+                          f"machine (--report where it ran writes it)")
         text += [best_line, ""]
+    failed = failed_trials(rows)
+    if failed:
+        text += ["## Failed trials", ""] + [f"- trial {n}: {msg}" for n, msg in failed] + [""]
     if setups:
         text += ["## Setup failures", "", "Trials that could not start (the worker stopped there; not counted "
                  "among the failed trials of the search):", ""] + [f"- trial {n}: {msg}" for n, msg in setups] + [""]

@@ -4,7 +4,8 @@
      "hidden_dim": {"type": "categorical", "choices": [256, 512, 768]}, ...}
 
 Types: float (low, high, optional log or step), int (low, high, optional log or step), categorical (choices).
-A key fixed by a flag on the sweep's command line is not drawn (the flag's value holds for every trial).
+A key fixed on the sweep's command line (its flag, or set by --ablation, --demo or --config) is not drawn:
+that value holds for every trial.
 """
 
 from vega_utils.common import VegaError, read_json

@@ -19,11 +19,25 @@ from vega_utils.sweep.sweep_space import suggest
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 2.0      # how often a worker with nothing to start looks at the study again
+STOP_CHECK_SECONDS = 0.1   # how soon a waiting worker sees a SIGTERM
 MAX_FAILED_IN_A_ROW = 3
 
 
 class SurplusTrial(Exception):
     """Another worker's trial already makes up the asked number: this one is closed (FAIL) without running."""
+
+
+class BetweenTrials(KeyboardInterrupt):
+    """SIGTERM (or Ctrl-C) while this worker ran no trial: it stops before drawing another."""
+
+
+def one_line(error):
+    """A trial's failure as one line: a VegaError's message, else the exception's type and first line (a CUDA
+    out-of-memory RuntimeError for a large drawn hidden_dim, a bug)."""
+    if isinstance(error, VegaError):
+        return str(error)
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def trial_dir(cfg, study_name, number):
@@ -40,9 +54,24 @@ class Objective:
         self.numbers = set()   # the trials this worker ran
 
     def __call__(self, trial):
-        import main
+        """Run the trial; a failure of any kind is kept as one line (its "error" attribute, last_error) and
+        raised on, for Optuna to record the trial as failed."""
         self.last_number, self.last_error = trial.number, None
         self.numbers.add(trial.number)
+        try:
+            return self.run_trial(trial)
+        except (SurplusTrial, optuna.TrialPruned):
+            raise
+        except Exception as e:
+            self.last_error = one_line(e)
+            trial.set_user_attr("error", self.last_error)
+            if isinstance(e, SetupError):   # every trial would meet it: the report lists it apart
+                trial.set_user_attr("setup_failure", str(e))
+            raise
+
+    def run_trial(self, trial):
+        import main
+        import train
         # Trial numbers are handed out by the storage one by one: if the trials before this one that are not
         # failed already make up the study, another worker got there first.
         trials = trial.study.get_trials(deepcopy=False)
@@ -52,11 +81,8 @@ class Objective:
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"the study already has {self.n_trials} trials")
         params = suggest(trial, self.space, self.fixed)
-        try:
-            cfg = resolve(self.base_cfg.replace(**params))   # a drawn combination can be invalid (a bad space)
-        except VegaError as e:
-            self.last_error = str(e)
-            raise
+        cfg = resolve(self.base_cfg.replace(**params))   # a drawn combination can be invalid (a bad space)
+        train.check_stop()   # a SIGTERM since the trial was drawn: no run folder for it
         run_dir = trial_dir(cfg, self.study_name, trial.number)
         trial.set_user_attr("run_dir", run_dir)
         trial.set_user_attr("max_epochs", cfg.epochs)
@@ -66,15 +92,9 @@ class Objective:
             return f"pruned by the sweep's pruner after epoch {epoch}" if trial.should_prune() else None
         sweep_info = {"study": self.study_name, "trial": trial.number, "params": params,
                       "retry_of": frozen.system_attrs.get("failed_trial")}
-        try:
-            with main.labelled(f"trial {trial.number} | "):
-                summary = main.train_run(cfg, progress=self.progress, run_dir=run_dir, on_epoch=on_epoch,
-                                         config_extra={"sweep": sweep_info})
-        except VegaError as e:
-            self.last_error = str(e)
-            if isinstance(e, SetupError):   # every trial would meet it: the report lists it apart
-                trial.set_user_attr("setup_failure", str(e))
-            raise
+        with main.labelled(f"trial {trial.number} | "):
+            summary = main.train_run(cfg, progress=self.progress, run_dir=run_dir, on_epoch=on_epoch,
+                                     config_extra={"sweep": sweep_info})
         best = summary.get("best") or {}
         test = best.get("test") or {}
         for key, value in (("valid_f1", best.get("selected_f1")), ("test_f1", test.get("weighted_f1")),
@@ -84,7 +104,6 @@ class Objective:
         if summary.get("stopped", "").startswith("pruned"):
             raise optuna.TrialPruned(summary["stopped"])
         return best["selected_f1"]
-
 
     def tidy(self, study):
         """--keep: the .pth files of the trials that have ended, decided from the study as it stands now. Every
@@ -111,9 +130,23 @@ def count_states(study):
     return counts
 
 
+def wait(seconds, stop):
+    """Sleep `seconds` in short steps, ended at once by a SIGTERM (`stop` set); Ctrl-C: BetweenTrials."""
+    end = time.monotonic() + seconds
+    try:
+        while not stop.is_set() and time.monotonic() < end:
+            time.sleep(STOP_CHECK_SECONDS)
+    except KeyboardInterrupt:
+        raise BetweenTrials("interrupted") from None
+
+
 def work(study, objective, n_trials, heartbeat=True, log=print):
     """Run trials until the study holds n_trials finished ones. While the last ones run in other workers,
-    wait (with a heartbeat storage): one of them may die, and its re-queued trial is then taken here."""
+    wait (with a heartbeat storage): one of them may die, and its re-queued trial is then taken here.
+    A trial that fails (any exception) is logged in one line and the next one drawn, unless it could not start
+    (a setup failure) or MAX_FAILED_IN_A_ROW failed in a row. After a SIGTERM (train.STOP, set by the handler
+    sweep.py installs) no trial is drawn and no waiting goes on: BetweenTrials."""
+    import train
     failed_in_a_row = 0
     while True:
         optuna.storages.fail_stale_trials(study)   # a dead worker's trial: FAIL, and its parameters re-queued
@@ -122,13 +155,16 @@ def work(study, objective, n_trials, heartbeat=True, log=print):
         if finished >= n_trials:
             log(f"sweep: the study holds {finished} finished trials (asked for {n_trials}): this worker stops")
             return finished
+        if train.STOP.is_set():   # the study is not complete: the trials left are for the workers still there
+            raise BetweenTrials("terminated (SIGTERM)")
         if finished + counts[TrialState.RUNNING] >= n_trials and not counts[TrialState.WAITING]:
             if not heartbeat:   # no heartbeat (journal storage): a running trial cannot be told from a dead one
                 log(f"sweep: the last {counts[TrialState.RUNNING]} trials run elsewhere: this worker stops")
                 return finished
-            time.sleep(POLL_SECONDS)
+            wait(POLL_SECONDS, train.STOP)
             continue
-        study.optimize(objective, n_trials=1, catch=(VegaError, SurplusTrial), gc_after_trial=True,
+        # any exception of a trial (VegaError, CUDA out of memory...) fails that trial only
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
                        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)])
         last = next(t for t in study.get_trials(deepcopy=False) if t.number == objective.last_number)
         objective.tidy(study)
