@@ -343,8 +343,8 @@ def train_run(cfg, resume_dir=None, progress=True, run_dir=None, on_epoch=None, 
             failed = run_folder.fresh_folder(run_dir + "-failed")   # made empty, then replaced by the run's
             os.replace(run_dir, failed)
             run_dir = summary["run_dir"] = failed
-            raise VegaError(f"{e} No epoch finished; the folder is now {run_dir}") from None
-        raise VegaError(f"{e} Run folder {run_dir} keeps the epochs before it.") from None
+            raise RunFailed(f"{e} No epoch finished; the folder is now {run_dir}", run_dir) from None
+        raise RunFailed(f"{e} Run folder {run_dir} keeps the epochs before it.", run_dir) from None
     finally:
         if curves is not None:
             curves.close()
@@ -367,6 +367,14 @@ def finish(summary, state, select_on, run_dir):
         f"weighted precision {100 * best.get('weighted_precision', 0):.2f}")
     log(f"run folder: {run_dir}")
     return summary
+
+
+class RunFailed(VegaError):
+    """A run that failed once its folder existed; run_dir is that folder (what --keep tidies)."""
+
+    def __init__(self, message, run_dir):
+        super().__init__(message)
+        self.run_dir = run_dir
 
 
 class Interrupted(KeyboardInterrupt):

@@ -100,6 +100,7 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None, keep="all"):
     """One run per seed (in `jobs` processes when jobs > 1); a failed seed is reported and the others go on.
     The aggregate is read back from the run folders either way, so serial and parallel give the same one."""
     import main
+    import train
     from vega_utils.data.datasets import info_of
     from vega_utils.insight import report
     from vega_utils.runs.keep import keep_seed_runs
@@ -114,9 +115,10 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None, keep="all"):
             print(f"===== seed {seed} ({i + 1}/{len(seeds)})")
             try:
                 done.append((seed, main.train_run(cfg.replace(seed=seed), progress=progress)["run_dir"], None))
-            except VegaError as e:
-                done.append((seed, None, str(e)))
-    keep_seed_runs(keep or "all", [run_dir for _, run_dir, _ in done if run_dir])
+            except VegaError as e:   # a run that failed after some epochs still has a folder (--keep tidies it)
+                done.append((seed, getattr(e, "run_dir", None), str(e)))
+    keep_seed_runs(keep or "all", [run_dir for _, run_dir, error in done if run_dir and not error],
+                   failed=[run_dir for _, run_dir, error in done if run_dir and error])
     per_seed = []
     for seed, run_dir, error in done:
         if error:
@@ -135,6 +137,8 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None, keep="all"):
         report.plot_per_class_f1(agg, class_names, os.path.join(folder, "per_class_f1.png"))
     print(markdown)
     print(f"aggregate folder: {folder}")
+    if train.STOP.is_set():
+        return 143   # the shell's code for SIGTERM: the seeds that had not ended are listed as failed above
     return 0 if agg["n_seeds"] == len(seeds) else 1
 
 
@@ -157,25 +161,11 @@ def resume_config(args):
     return resolve(cfg.replace(**{k: getattr(args, k) for k in given}))
 
 
-def install_sigterm_handler():
-    """SIGTERM (a cluster job's time limit, `kill`) stops the run at the next batch as Ctrl-C does: summary.json
-    is written and the resume command printed."""
-    import signal
-
-    import train
-
-    def stop(signum, frame):
-        train.STOP.set()
-    try:
-        signal.signal(signal.SIGTERM, stop)
-    except ValueError:   # not the main thread (run() called from a thread): keep the default
-        pass
-
-
 def run(argv=None):
     args = parser().parse_args(argv)
     import main
-    install_sigterm_handler()
+    import train
+    train.stop_on_sigterm()
     try:
         return exit_on_error(lambda: run_command(args, progress=not args.no_progress and sys.stderr.isatty()),
                              args.debug)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import run
+import train
 from vega_utils.common import PROJECT_ROOT, VegaError, exit_on_error, python_cmd
 from vega_utils.runs import threads
 from vega_utils.runs.config import ABLATIONS, DERIVED, Config
@@ -188,7 +189,7 @@ def start_workers(argv, args, cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
-    run.install_sigterm_handler()
+    train.stop_on_sigterm()
     try:
         return exit_on_error(lambda: sweep_command(argv, args), args.debug)
     except KeyboardInterrupt as e:

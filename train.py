@@ -68,6 +68,19 @@ def check_stop():
         raise Terminated("terminated (SIGTERM)")
 
 
+def stop_on_sigterm(also=None):
+    """SIGTERM (a cluster job's time limit, `kill`) stops the run at the next batch as Ctrl-C does: summary.json
+    is written and the resume command printed. also(): called too (a launcher passes the signal on)."""
+    def stop(signum, frame):
+        STOP.set()
+        if also is not None:
+            also()
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:   # not the main thread (run() called from a thread): keep the default
+        pass
+
+
 @contextlib.contextmanager
 def ctrl_c_waits():
     """A Ctrl-C while an epoch is being saved waits until the epoch's files and last.pth are all written, then

@@ -179,6 +179,55 @@ def test_seeds_in_parallel_give_the_serial_aggregate(files, tmp_path):
     assert aggs[1]["metrics"]["weighted_f1"]["values"][0] != aggs[1]["metrics"]["weighted_f1"]["values"][1]
 
 
+def seed_flags(files, out, *more):
+    return ["--data_path", str(files / "IEMOCAP.pkl"), "--anchor_path", str(files / "anchor.pt"), "--hidden_dim",
+            "32", "--clip_dim", "512", "--lr", "3e-3", "--device", "cpu", "--no_progress", "--threads", "1",
+            "--output_dir", str(out), *more]
+
+
+def test_keep_none_tidies_a_seed_that_failed_after_some_epochs(files, tmp_path, monkeypatch):
+    import main
+    from vega_utils.runs.step_guard import NonFiniteLoss
+    real = main.run_epoch
+
+    def seed_2_breaks_in_epoch_2(cfg, run_, epoch, *args):
+        if cfg.seed == 2 and epoch == 2:
+            raise NonFiniteLoss("loss is nan.")
+        return real(cfg, run_, epoch, *args)
+    monkeypatch.setattr(main, "run_epoch", seed_2_breaks_in_epoch_2)
+    threads = torch.get_num_threads()
+    try:
+        assert run.run(seed_flags(files, tmp_path, "--epochs", "2", "--seeds", "1", "2", "--keep", "none")) == 1
+    finally:
+        torch.set_num_threads(threads)
+    folders = [d for d in glob.glob(str(tmp_path / "IEMOCAP" / "*")) if "aggregate" not in d]
+    assert len(folders) == 2 and not glob.glob(str(tmp_path / "**" / "*.pth"), recursive=True)
+    failed = [d for d in folders if json.load(open(os.path.join(d, "summary.json")))["epochs_run"] == 1]
+    assert len(failed) == 1                                            # seed 2's folder, its epoch 1 kept
+
+
+def test_sigterm_to_parallel_seeds_stops_every_worker(files, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "run.py"),
+           *seed_flags(files, tmp_path, "--epochs", "400", "--seeds", "1", "2", "3", "--jobs", "2")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not glob.glob(str(tmp_path / "IEMOCAP" / "*" / "last.pth")):    # a seed has finished an epoch
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, (out, err)
+    assert "===== seed 3: failed: not started: terminated (SIGTERM)" in out
+    runs = [d for d in glob.glob(str(tmp_path / "IEMOCAP" / "*")) if "aggregate" not in d]
+    assert len(runs) == 2
+    for d in runs:
+        assert json.load(open(os.path.join(d, "summary.json")))["stopped"] == "terminated (SIGTERM)"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--valid_ratio", "0"], "would make the sweep select on the test set"),
     (["--trials", "0"], "--trials N (at least 1)"),

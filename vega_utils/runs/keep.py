@@ -50,13 +50,14 @@ def selected_f1(run_dir):
         return -1.0
 
 
-def keep_seed_runs(policy, run_dirs, log=print):
+def keep_seed_runs(policy, run_dirs, log=print, failed=()):
     """run.py --seeds: apply the policy once every seed has ended; the best seed is the one whose selected F1
-    (validation F1 with --valid_ratio, else test F1) is highest."""
-    if policy == "all" or not run_dirs:
+    (validation F1 with --valid_ratio, else test F1) is highest. failed: the folders of seeds that failed after
+    some epochs, tidied too and never the best."""
+    if policy == "all" or not (run_dirs or failed):
         return 0
-    best = max(run_dirs, key=selected_f1)
-    freed = apply_policy(policy, run_dirs, best)
+    best = max(run_dirs, key=selected_f1) if run_dirs else None
+    freed = apply_policy(policy, [*run_dirs, *failed], best if run_dirs else "")
     log(f"--keep {policy}: {freed / 1e6:.0f} MB of .pth files removed"
         + (f"; the best checkpoint kept is {best}'s" if policy == "best" else ""))
     return freed

@@ -4,7 +4,9 @@
 `--devices` in turn and its share of the CPU cores (`--threads`, default cores // K), so K processes
 never ask for more threads than there are cores.
 """
-from concurrent.futures import ProcessPoolExecutor
+import os
+import signal
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from multiprocessing import get_context
 
 from vega_utils.common import VegaError
@@ -35,15 +37,22 @@ def worker_slots(jobs, devices, thread_count=None):
 
 
 def _train_seed(cfg_dict, thread_count):
-    """One seed's run in a worker process; returns its run folder or the one-line error."""
+    """One seed's run in a worker process; returns its run folder, with the one-line error if it failed."""
     import main
+    import train
     from vega_utils.runs.config import Config
     threads.apply_threads(thread_count)
+    train.stop_on_sigterm()   # the launcher passes its SIGTERM on: the run stops at the next batch, summary written
+    if train.STOP.is_set():   # a seed queued behind one that SIGTERM stopped in this process
+        return {"error": "not started: terminated (SIGTERM)"}
     try:
         summary = main.train_run(Config.from_dict(cfg_dict), progress=False)
         return {"run_dir": summary["run_dir"]}
     except VegaError as e:
-        return {"error": str(e)}
+        return {"error": str(e), "run_dir": getattr(e, "run_dir", None)}
+    except main.Interrupted as e:
+        when = f"after epoch {e.epoch}" if e.epoch else "before its first epoch ended"
+        return {"error": f"{e.how} {when}; --resume {e.run_dir} goes on", "run_dir": e.run_dir}
 
 
 def run_seeds_parallel(cfg, seeds, jobs, devices):
@@ -53,8 +62,20 @@ def run_seeds_parallel(cfg, seeds, jobs, devices):
     # spawn, not fork: a forked child would inherit torch's OpenMP pool and the parent's thread state
     context = get_context("spawn")
     pools = [ProcessPoolExecutor(max_workers=1, mp_context=context) for _ in slots]
+    futures = []
+
+    def pass_on():   # a SIGTERM here (run.py's handler): the seeds not started are dropped, the running ones stop
+        for _, future in futures:
+            future.cancel()
+        for pool in pools:
+            for pid in list(getattr(pool, "_processes", None) or {}):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+    import train
+    train.stop_on_sigterm(also=pass_on)
     try:
-        futures = []
         for i, seed in enumerate(seeds):
             device, share = slots[i % len(slots)]
             run_cfg = cfg.replace(seed=seed, device=device, threads=share)
@@ -63,13 +84,16 @@ def run_seeds_parallel(cfg, seeds, jobs, devices):
         for seed, future in futures:
             try:
                 result = future.result()
+            except CancelledError:
+                result = {"error": "not started: terminated (SIGTERM)"}
             except Exception as e:   # the worker process died (killed, out of memory): the other seeds go on
                 result = {"error": f"worker process failed: {type(e).__name__}: {e}"}
             out.append((seed, result.get("run_dir"), result.get("error")))
-            print(f"===== seed {seed}: " + (f"run folder {result['run_dir']}" if result.get("run_dir")
-                                               else f"failed: {result['error']}"), flush=True)
+            print(f"===== seed {seed}: " + (f"failed: {result['error']}" if result.get("error")
+                                               else f"run folder {result['run_dir']}"), flush=True)
         return out
     finally:
+        train.stop_on_sigterm()
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
 
