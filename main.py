@@ -194,7 +194,8 @@ def resume_state(run_dir, cfg, run):
         run_folder.record_resume(run_dir, cfg, run.device, run.precision)
         return fresh_state(), None
     if not os.path.exists(path):
-        why = "it ran with --save_last never" if cfg.save_last == "never" else "its last.pth was deleted"
+        why = "it ran with --save_last never" if cfg.save_last == "never" else \
+            "it ran with --save_last never, or its last.pth was deleted"
         raise VegaError(f"{run_dir} has no {run_folder.LAST} ({why}): there is nothing to resume")
     last = checkpoint.read_checkpoint(path)
     run.model.load_state_dict(last["model"], strict=True)

@@ -105,6 +105,8 @@ def run_seeds(cfg, seeds, progress, jobs=1, devices=None, keep="all"):
     from vega_utils.insight import report
     from vega_utils.runs.keep import keep_seed_runs
     from vega_utils.sweep import parallel
+    from vega_utils.sweep.preflight import check_trial_needs
+    check_trial_needs(cfg, os.path.join(cfg.output_dir, cfg.name))   # what every seed needs: one line, no seed run
     if jobs > 1:
         done = parallel.run_seeds_parallel(cfg, seeds, jobs, parallel.parse_devices(devices, cfg.device))
     else:

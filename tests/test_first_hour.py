@@ -363,3 +363,11 @@ def test_flags_of_new_runs_are_refused_on_resume_and_devices_checked(two_epoch_r
     if not torch.cuda.is_available():
         assert run.run(data_flags(files, tmp_path)[:-2] + ["--device", "cuda:0"]) == 2
         assert "--device cuda:0: no CUDA device is available" in one_error_line(capsys)
+
+
+def test_seeds_without_their_data_file_stop_before_any_seed(files, tmp_path, capsys):
+    flags = data_flags(files, tmp_path) + ["--epochs", "1", "--seeds", "1", "2", "3"]
+    flags[flags.index("--data_path") + 1] = str(tmp_path / "nowhere.pkl")
+    assert run.run(flags) == 2
+    assert "nowhere.pkl: data file not found" in one_error_line(capsys)
+    assert not (tmp_path / "IEMOCAP").exists()
