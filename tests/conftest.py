@@ -1,5 +1,9 @@
+import glob
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -65,3 +69,20 @@ def _torch_threads_restored():
     yield
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
+
+
+def sigterm_after_first_epoch(cmd, out_dir):
+    """Start `cmd` (a run.py command line), send it SIGTERM once a last.pth appears below out_dir (an epoch has
+    finished), and return (exit status, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not glob.glob(os.path.join(glob.escape(str(out_dir)), "IEMOCAP", "*", "last.pth")):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err

@@ -7,13 +7,11 @@ import re
 import shlex
 import signal
 import stat
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, interrupt_at_epoch, synthetic_files
+from conftest import ROOT, interrupt_at_epoch, sigterm_after_first_epoch, synthetic_files
 
 import inference
 import run
@@ -291,18 +289,8 @@ def test_ctrl_c_while_an_epoch_is_saved_waits_for_the_whole_epoch(files, tmp_pat
 def test_sigterm_writes_the_summary(files, tmp_path):
     """A cluster job hitting its time limit gets SIGTERM: the run stops as on Ctrl-C, summary.json written."""
     cmd = [sys.executable, os.path.join(ROOT, "run.py")] + data_flags(files, tmp_path) + ["--epochs", "400"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not glob.glob(str(tmp_path / "IEMOCAP" / "*" / "last.pth")):   # one epoch done
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err
+    code, _, err = sigterm_after_first_epoch(cmd, tmp_path)
+    assert code == 143, err
     run_dir = glob.glob(str(tmp_path / "IEMOCAP" / "*"))[0]
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["stopped"] == "terminated (SIGTERM)" and summary["epochs_run"] >= 1

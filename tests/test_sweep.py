@@ -13,7 +13,7 @@ import time
 import optuna
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, sigterm_after_first_epoch
 from optuna.trial import TrialState
 from pg_server import postgres_server
 
@@ -209,18 +209,8 @@ def test_keep_none_tidies_a_seed_that_failed_after_some_epochs(files, tmp_path, 
 def test_sigterm_to_parallel_seeds_stops_every_worker(files, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "run.py"),
            *seed_flags(files, tmp_path, "--epochs", "400", "--seeds", "1", "2", "3", "--jobs", "2")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not glob.glob(str(tmp_path / "IEMOCAP" / "*" / "last.pth")):    # a seed has finished an epoch
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, (out, err)
+    code, out, err = sigterm_after_first_epoch(cmd, tmp_path)           # once a seed has finished an epoch
+    assert code == 143, (out, err)
     assert "===== seed 3: failed: not started: terminated (SIGTERM)" in out
     runs = [d for d in glob.glob(str(tmp_path / "IEMOCAP" / "*")) if "aggregate" not in d]
     assert len(runs) == 2
