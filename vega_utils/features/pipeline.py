@@ -66,10 +66,8 @@ def check_files(u, problems, missing):
     except BadUtterance as e:
         problems.report(e)
         return False
-    if not (u.audio or (u.video and probe(u.video)[1])):
-        missing["audio"] += 1
-    if not u.video:
-        missing["visual"] += 1
+    for modality in ("audio", "visual"):
+        missing[modality] += not has_source(u, modality)
     return True
 
 
