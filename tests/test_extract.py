@@ -369,3 +369,23 @@ def test_a_wav_segment_is_the_slice_of_the_whole_file(tmp_path):
     whole, rate = soundfile.read(wav, dtype="float32", always_2d=True)
     part = load_audio(Utterance("r", "d", 0, "s", "t", audio=wav, start=0.5, end=1.25), rate)
     np.testing.assert_array_equal(part, whole.mean(axis=1)[int(0.5 * rate):int(1.25 * rate)])
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_a_rotated_video_is_read_upright_as_opencv_shows_it(tmp_path, rotation):
+    """A phone's portrait video carries a display rotation; OpenCV's reader applies it: the frames must agree."""
+    import av
+    import cv2
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[:, :32], image[:8] = 255, 128                          # white left half, grey top band: no symmetry
+    path = str(tmp_path / "turned.mp4")
+    with av.open(path, "w") as c:
+        stream = c.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=10)
+        stream.height, stream.width, stream.pix_fmt = 32, 64, "yuv420p"
+        stream.set_display_rotation(rotation)
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")), *stream.encode()]:
+            c.mux(packet)
+    (ours,) = load_frames(Utterance("r", "d", 0, "s", "t", video=path), 1)
+    ok, theirs = cv2.VideoCapture(path).read()                     # BGR, turned by OpenCV's FFmpeg backend
+    assert ok and ours.shape == theirs.shape
+    assert np.abs(ours.astype(int) - theirs[..., ::-1].astype(int)).mean() < 8

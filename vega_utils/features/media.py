@@ -115,7 +115,7 @@ HELD_FRAMES = 240   # decoded frames held at once; a longer segment is decoded t
 def load_frames(u, n):
     """n RGB frames (H, W, 3) uint8 taken evenly over the utterance's segment of its video: the frames nearest the
     middles of n equal parts. Every frame of the segment is decoded (codecs need it); only the n chosen ones are
-    converted to RGB. A segment between two frames gets the last frame before it."""
+    converted to RGB, and turned upright. A segment between two frames gets the last frame before it."""
     try:
         times, held = _segment_frames(u, keep=None)
         if not times:
@@ -126,12 +126,20 @@ def load_frames(u, n):
         chosen = [int(np.abs(np.asarray(times) - t).argmin()) for t in targets]
         if held is None:                                                        # too long to hold: decode again
             _, held = _segment_frames(u, keep=set(chosen))
-        rgb = {i: held[i].to_ndarray(format="rgb24") for i in sorted(set(chosen))}
+        rgb = {i: upright(held[i]) for i in sorted(set(chosen))}
     except BadUtterance:
         raise
     except Exception as e:
         raise bad(u, f"cannot decode the video ({type(e).__name__}: {str(e).strip()[:120]})", u.video) from None
     return [rgb[i] for i in chosen]
+
+
+def upright(frame):
+    """A decoded frame as RGB (H, W, 3) uint8, turned as its display matrix says (a phone's portrait video is
+    stored on its side): PyAV gives the counter-clockwise angle, a multiple of 90 degrees in practice."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
 def _segment_frames(u, keep):
