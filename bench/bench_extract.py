@@ -8,7 +8,8 @@ side by side in one run, on generated media with small models of realistic width
 
 The loop is the same extractor with batch size 1 (same models, decoding and per-utterance work, one utterance
 per forward); audio's loop is 1 process. Both sides are warmed up first, then timed alternately --repeats
-times, and the best time of each is kept. CPU (named as lscpu names it), and CUDA when available.
+times, and the best time of each is kept. CPU (named as lscpu names it), and CUDA when available. Last, where
+the visual path's time goes: frame decoding, CLIP preprocessing, and the model alone against batched.
 
     python bench/bench_extract.py
     python bench/bench_extract.py --threads 1
@@ -78,12 +79,36 @@ def bench(device, n, batch_size, jobs, repeats, root):
     rows.append((f"audio (is10, {jobs} jobs)", *best_times(lambda: single.features(utts),
                                                            lambda: pooled.features(utts), repeats)))
     pooled.close()
+    stages = visual_stages(batched, utts, batch_size, repeats)
     where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"\n{device} ({where}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}): "
           f"{n} utterances, batch {batch_size}, best of {repeats}")
     print(f"{'modality':<22}{'loop utt/s':>12}{'batched utt/s':>15}{'ratio':>8}")
     for name, loop, fast in rows:
         print(f"{name:<22}{n / loop:>12.1f}{n / fast:>15.1f}{loop / fast:>7.2f}x")
+    print("visual, where the time goes (s, best of each): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+
+
+def visual_stages(extractor, utts, batch_size, repeats):
+    """Seconds of the visual path's stages over all utterances: decoding the frames, CLIP preprocessing, and the
+    model one utterance at a time against batch_size utterances' frames a forward."""
+    from vega_utils.anchors.images import image_features
+
+    def timed(fn):
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+    decoded = [extractor.decode(u) for u in utts]
+    per_utt = [extractor.processor(images=d, return_tensors="pt")["pixel_values"] for d in decoded]   # (F, 3, S, S)
+    batches = [torch.cat(per_utt[i:i + batch_size]) for i in range(0, len(per_utt), batch_size)]  # (B * F, 3, S, S)
+    model, device = extractor.model, extractor.device
+    return {"decode": timed(lambda: [extractor.decode(u) for u in utts]),
+            "preprocess": timed(lambda: [extractor.processor(images=d, return_tensors="pt") for d in decoded]),
+            "model loop": timed(lambda: [image_features(model, x, device) for x in per_utt]),
+            "model batched": timed(lambda: [image_features(model, x, device) for x in batches])}
 
 
 def main(argv=None):
