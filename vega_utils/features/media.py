@@ -56,8 +56,9 @@ def load_audio(u, rate):
     path = u.audio or u.video
     start, end = u.segment("audio")
     try:
-        if u.audio and _is_sound_file(path):    # only the segment is read
-            samples, native = _read_wave(path, start or 0.0, end)
+        rate_of_file = _sound_file_rate(path) if u.audio else None
+        if rate_of_file:                         # a sound file: only the segment is read
+            samples, native = _read_wave(path, rate_of_file, start or 0.0, end)
         else:
             samples, native = _read_track(path)
             lo = int(round((start or 0.0) * native))
@@ -72,19 +73,18 @@ def load_audio(u, rate):
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
-def _is_sound_file(path):
+def _sound_file_rate(path):
+    """The sample rate of a file libsndfile reads (WAV, FLAC, ...); None for anything else (a container)."""
     import soundfile
     try:
-        soundfile.info(path)
-        return True
+        return soundfile.info(path).samplerate
     except Exception:
-        return False
+        return None
 
 
-def _read_wave(path, start, end):
-    """Mono samples of [start, end) seconds (end None: to the end) of a sound file, and its rate."""
+def _read_wave(path, native, start, end):
+    """Mono samples of [start, end) seconds (end None: to the end) of a sound file of rate `native`, and the rate."""
     import soundfile
-    native = soundfile.info(path).samplerate
     lo, hi = int(round(start * native)), None if end is None else int(round(end * native))
     x, native = soundfile.read(path, start=lo, stop=hi, dtype="float32", always_2d=True)   # (T, channels)
     return x.mean(axis=1), native                                                           # (T,) mono

@@ -57,7 +57,7 @@ def keep_seed_runs(policy, run_dirs, log=print, failed=()):
     if policy == "all" or not (run_dirs or failed):
         return 0
     best = max(run_dirs, key=selected_f1) if run_dirs else None
-    freed = apply_policy(policy, [*run_dirs, *failed], best if run_dirs else "")
+    freed = apply_policy(policy, run_dirs, best) + apply_policy("none", failed)   # a failed seed keeps no .pth
     log(f"--keep {policy}: {freed / 1e6:.0f} MB of .pth files removed"
         + (f"; the best checkpoint kept is {best}'s" if policy == "best" else ""))
     return freed
