@@ -4,6 +4,7 @@
     python extract.py --layout meld --root MELD.Raw --out data/meld_own.npz
     python extract.py --manifest talks.csv --out data/talks.npz --audio egemaps --frames 4
     python extract.py --like data/meld_own.json --manifest new.csv --out data/new.npz
+    python extract.py --media talk.mp4 --transcript talk.vtt --out data/talk.npz
 
 docs/extract.md describes every extractor, the manifest, resuming and the errors.
 """
@@ -11,6 +12,7 @@ import argparse
 import sys
 
 from vega_utils.common import OneLineParser, VegaError, exit_on_error, read_json
+from vega_utils.features.like import recorded_settings
 from vega_utils.features.pipeline import Settings, Work, extract
 from vega_utils.features.text import POOLINGS
 
@@ -19,12 +21,16 @@ DEFAULTS = Settings()
 
 def parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_argument_group("input (one of --manifest, --layout with --root)")
+    source = p.add_argument_group("input (one of --manifest, --layout with --root, --media with --transcript)")
     source.add_argument("--manifest", metavar="CSV",
                         help="one row per utterance (docs/extract.md, 'The manifest'; default: none)")
     source.add_argument("--layout", choices=["meld", "iemocap"],
                         help="read a MELD or IEMOCAP release folder (default: none)")
     source.add_argument("--root", metavar="DIR", help="the release folder of --layout (default: none)")
+    source.add_argument("--media", metavar="FILE|DIR", help="a recording (video or audio), or a folder of them, "
+                        "with --transcript (default: none)")
+    source.add_argument("--transcript", metavar="FILE|DIR", help="its SRT, WebVTT or ASS transcript, or a folder "
+                        "of them matched by file name (docs/extract.md, 'Transcripts'; default: none)")
     source.add_argument("--like", metavar="JSON", help="repeat the extraction that wrote this dataset JSON "
                         "(same models, pooling, frames, audio set, classes and speakers; default: the flags below)")
     p.add_argument("--out", required=True, metavar="FILE.npz",
@@ -67,8 +73,16 @@ def read_source(args):
 
     from vega_utils.features.manifest import read_manifest
     from vega_utils.features.releases import read_iemocap, read_meld
-    if bool(args.manifest) == bool(args.layout):
-        raise VegaError("give the input: --manifest CSV, or --layout meld|iemocap with --root DIR")
+    if bool(args.manifest) + bool(args.layout) + bool(args.media or args.transcript) != 1:
+        raise VegaError("give one input: --manifest CSV, or --layout meld|iemocap with --root DIR, or --media "
+                        "with --transcript")
+    if args.media or args.transcript:
+        from vega_utils.features.transcripts import read_recordings
+        if not (args.media and args.transcript):
+            raise VegaError("--media and --transcript go together (a recording and its transcript)")
+        utterances, counts = read_recordings(args.media, args.transcript)
+        print(counts.describe())
+        return utterances, args.transcript, Counter(), "IEMOCAP", "name"
     if args.manifest:
         return read_manifest(args.manifest), args.manifest, Counter(), "IEMOCAP", "name"
     if not args.root:
@@ -85,17 +99,12 @@ def settings_of(args, preset, speaker_ids):
     if args.like:
         spec = read_json(args.like, "dataset file")
         record = spec.get("extraction") if isinstance(spec, dict) else None
-        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
-            raise VegaError(f"--like {args.like}: not a dataset JSON written by extract.py (no extraction record)")
+        settings = recorded_settings(record, f"--like {args.like}")
         given = [f"--{k}" for k in RECORDED if getattr(args, k) != parser().get_default(k)]
         if given:
             raise VegaError(f"--like repeats the extraction recorded in {args.like}; {', '.join(given)} cannot "
                             f"change it (leave them out, or extract without --like)")
-        try:
-            return Settings(**record["settings"]), record
-        except TypeError as e:
-            raise VegaError(f"--like {args.like}: its extraction settings do not fit this version of extract.py "
-                            f"({e})") from None
+        return settings, record
     from vega_utils.features.releases import IEMOCAP_CLASSES, MELD_CLASSES
     classes = args.classes.split(",") if args.classes else None
     if args.layout and not classes:

@@ -4,6 +4,7 @@ reference prints as "ACC"), macro F1, per-class scores and the confusion matrix 
     python inference.py --checkpoint "checkpoint/IEMOCAP.pth"
     python inference.py --checkpoint "output/IEMOCAP/[1125-1952]/BEST_cls_f1_[70.12]_epoch42.pth" \
         --predictions_out predictions.csv --json scores.json
+    python inference.py --checkpoint BEST.pth --media talk.mp4 --transcript talk.vtt --out talk_emotions
 
 Checkpoints: a bare backbone state_dict (the authors' published IEMOCAP.pth), a dict with a 'state_dict'
 entry, and this project's files, which carry their config (the model is rebuilt from it). Files are read
@@ -81,6 +82,17 @@ def parser():
                    help="per-utterance labels, predictions, probabilities (default: not written)")
     p.add_argument("--json", metavar="PATH",
                    help="the reported numbers as JSON, fractions, not percent (default: not written)")
+    rec = p.add_argument_group("a recording in, emotions out (docs/inference.md, 'From a recording')")
+    rec.add_argument("--media", metavar="FILE|DIR", help="a recording (video or audio) or a folder of them: "
+                     "extracted as the checkpoint's extraction record says, then predicted (default: none)")
+    rec.add_argument("--transcript", metavar="FILE|DIR", help="its SRT, WebVTT or ASS transcript (a folder: "
+                     "matched by file name; default: none)")
+    rec.add_argument("--transcribe", metavar="MODEL", help="no transcript: make the cues with this Whisper "
+                     "model, a folder or a hub name in the local cache; speakers are then unknown (default: none)")
+    rec.add_argument("--out", metavar="DIR", help="the folder for the features, predictions.csv, emotions.vtt, "
+                     "emotions.srt and timeline.png (required with --media)")
+    rec.add_argument("--on_error", choices=["error", "skip"], default="error",
+                     help="a bad cue stops the extraction, or is dropped and listed (default: %(default)s)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (default: one on a terminal)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -324,6 +336,39 @@ def predict_only(args, cfg, ev, class_names, context):
     return 0
 
 
+def from_media(args):
+    """A recording and its transcript in, its emotions out: the checkpoint's extraction replayed on the cues, the
+    predictions, then predictions.csv, the emotion subtitles and the timeline in --out."""
+    from vega_utils.features.pipeline import Work
+    from vega_utils.features.recording import FEATURES, checkpoint_record, recording_features
+    from vega_utils.insight.emotions import write_recording
+    if not args.out:
+        raise VegaError("--media needs --out DIR, the folder for the features and the emotions")
+    given = [flag for flag, value in (("--data_path", args.data_path), ("--predictions_out", args.predictions_out),
+                                      ("--json", args.json)) if value]
+    if given:
+        raise VegaError(f"--media writes its features and predictions in --out; leave out {', '.join(given)}")
+    obj = read_checkpoint(args.checkpoint)
+    state, saved = unpack(obj, args.checkpoint)
+    args.data_path, args.split = os.path.join(args.out, FEATURES), "predict"
+    cfg, source = model_config(args, saved, args.checkpoint)
+    record = checkpoint_record(cfg.dataset_spec, args.checkpoint)
+    device = pick_device(args)
+    work = Work(device=device.type, on_error=args.on_error, progress=not args.no_progress)
+    _, cues = recording_features(record, args.checkpoint, args.media, args.transcript, args.transcribe, args.out,
+                                 work)
+    amp_dtype = train.resolve_eval_amp(args.eval_amp or cfg.eval_amp, device)
+    train.exact_float32(device)
+    model = build_model(cfg)
+    load_weights(model, state, cfg, args.checkpoint, saved is not None)
+    model.to(device)
+    ev = evaluate(model, cfg, args, device, amp_dtype)
+    class_names = list(info_of(cfg).class_names)
+    for path in write_recording(args.out, cues, ev["named"]["utterance_id"], ev["probs"], class_names):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
 
@@ -332,7 +377,10 @@ def main(argv=None):
         threads.apply_threads(count)
         share = threads.CoreShare(count).start()   # idle OpenMP threads sleep while others keep cores busy
         try:
-            return score(args)
+            if args.transcript or args.transcribe or args.out:
+                if not args.media:
+                    raise VegaError("--transcript, --transcribe and --out go with --media (a recording)")
+            return from_media(args) if args.media else score(args)
         finally:
             share.close()
     return exit_on_error(command, args.debug)

@@ -6,6 +6,7 @@ real one, in seconds:
 
     python -m vega_utils.data.toy_models clip mydata/clip       # a CLIP folder: model + image processor
     python -m vega_utils.data.toy_models text mydata/text       # a BERT-style text encoder + its tokenizer
+    python -m vega_utils.data.toy_models whisper mydata/asr     # a Whisper: model + feature extractor + tokenizer
 """
 import argparse
 import sys
@@ -64,12 +65,55 @@ def save_tiny_clip(folder, projection_dim=16, image_size=32, seed=0, hidden=16, 
     return str(folder)
 
 
+def save_tiny_whisper(folder, width=16, seed=0):
+    """A Whisper of one encoder and one decoder layer, its feature extractor (80 mel bins, 30 s windows) and a
+    byte-level BPE tokenizer trained on SENTENCES with Whisper's special and timestamp tokens, in folder. Its
+    words mean nothing, but it writes timestamped segments like a real one."""
+    import os
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperTokenizer)
+    os.makedirs(folder, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(SENTENCES * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.model.save(folder)                                   # vocab.json, merges.txt
+    end = "<|endoftext|>"
+    tok = WhisperTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), unk_token=end,
+                           bos_token=end, eos_token=end, pad_token=end)
+    special = ["<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",
+               "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+    tok.add_tokens(special + [f"<|{0.02 * i:.2f}|>" for i in range(1501)], special_tokens=True)
+    tok.save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in [end] + special}
+    config = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, d_model=width,
+                           encoder_ffn_dim=2 * width, decoder_ffn_dim=2 * width, max_target_positions=64,
+                           decoder_start_token_id=ids["<|startoftranscript|>"], pad_token_id=ids[end],
+                           bos_token_id=ids[end], eos_token_id=ids[end])
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids[end], pad_token_id=ids[end],
+        bos_token_id=ids[end], no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=True,
+        lang_to_id={"<|en|>": ids["<|en|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        max_initial_timestamp_index=50, max_length=64, suppress_tokens=[], begin_suppress_tokens=[ids[end]])
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 def parser():
     p = OneLineParser(prog="python -m vega_utils.data.toy_models", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["clip", "text"],
-                   help="which model: clip (a CLIP model and its image processor) or text (an encoder and its "
-                        "tokenizer)")
+    p.add_argument("kind", choices=["clip", "text", "whisper"],
+                   help="which model: clip (a CLIP model and its image processor), text (an encoder and its "
+                        "tokenizer) or whisper (a speech-recognition model, its feature extractor and tokenizer)")
     p.add_argument("folder", help="where to save it (created)")
     p.add_argument("--dim", type=int, default=16,
                    help="width of the features: CLIP's image features, the text encoder's hidden size "
@@ -84,6 +128,8 @@ def main(argv=None):
     def make():
         if args.kind == "clip":
             save_tiny_clip(args.folder, projection_dim=args.dim, seed=args.seed)
+        elif args.kind == "whisper":
+            save_tiny_whisper(args.folder, width=args.dim, seed=args.seed)
         else:
             save_tiny_text_model(args.folder, hidden=args.dim, seed=args.seed)
         print(f"a tiny random {args.kind} model (features of width {args.dim}) in {args.folder}")
