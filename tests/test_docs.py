@@ -196,3 +196,7 @@ def test_extraction_walk_through_runs_as_pasted(tmp_path):
     predictions = (tmp_path / "demo" / "new_predictions.csv").read_text().splitlines()
     assert predictions[0].startswith("dialogue_id,utterance_index,utterance_id,text,speaker,label,prediction")
     assert len(predictions) == 1 + 8 and "excuse me" in predictions[1]
+    talk = tmp_path / "demo" / "talk"
+    emotions = (talk / "emotions.vtt").read_text()
+    assert emotions.startswith("WEBVTT") and emotions.count(" --> ") == 12 and "Ross: excuse me" in emotions
+    assert (talk / "timeline.png").read_bytes()[:4] == b"\x89PNG"

@@ -102,7 +102,6 @@ def test_srt_and_ass(talk):
 
 def test_audio_recording_and_folders_matched_by_name(talk, tmp_path):
     import soundfile
-
     from extract_fixtures import tone
     soundfile.write(str(tmp_path / "call.wav"), tone(3.0), 16000)
     shutil.copy(talk["mp4"], tmp_path / "talk.mp4")
@@ -148,7 +147,7 @@ def trained(tmp_path_factory):
     import run
     root = tmp_path_factory.mktemp("trained")
     text, clip = make_models(str(root))
-    long = write_mp4(str(root / "long.mp4"), seconds=8.0, seed=5)
+    write_mp4(str(root / "long.mp4"), seconds=8.0, seed=5)
     words = ["excuse me", "yeah", "you did", "oh god no", "okay", "let me see them"]
     rows = [{"dialogue_id": f"d{d}", "speaker": "ABC"[u % 3], "text": words[(d + u) % 6], "video": "long.mp4",
              "start": 0.5 * (4 * d + u), "end": 0.5 * (4 * d + u) + 0.45, "label": ["joy", "anger", "neutral"][

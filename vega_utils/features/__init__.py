@@ -1,3 +1,5 @@
-"""Features from raw conversations (extract.py): reading a manifest or a MELD / IEMOCAP release into utterances,
-decoding their audio and video, the text, audio and visual extractors, the extraction record that travels with
-the features, and the resumable shards an extraction writes while it works."""
+"""Features from raw conversations (extract.py): reading a manifest, a MELD / IEMOCAP release or recordings with
+their transcripts (or with cues made by speech recognition) into utterances, decoding their audio and video, the
+text, audio and visual extractors, the extraction record that travels with the features and its replay (on new
+conversations, or on a recording for a checkpoint), and the resumable shards an extraction writes while it
+works."""

@@ -103,6 +103,8 @@ def recording_features(record, checkpoint, media, transcript, transcribe, out, w
     else:
         extracted = extract(utterances, settings, work, features, transcript, Counter(),
                             (checkpoint, record.get("extractors")))
+        print(f"features: {features}, {extracted['counts']['utterances']} utterances extracted as the checkpoint's "
+              f"extraction record says")
         for line in extracted["skipped"]:
             print(f"skipped: {line}")
     return features, cues

@@ -1,7 +1,9 @@
 """Raw conversations to try extract.py on, made here: a MELD release in miniature (the three CSVs and an MP4 clip
-with video and audio per utterance), a manifest of new conversations, and tiny random models to extract with.
+with video and audio per utterance), a manifest of new conversations, a new conversation recorded as one MP4
+with its WebVTT transcript, and tiny random models to extract with.
 
-    python -m vega_utils.features.samples demo      # demo/MELD.Raw, demo/new.csv, demo/text_model, demo/clip
+    python -m vega_utils.features.samples demo      # demo/MELD.Raw, demo/new.csv, demo/talk.mp4 + talk.vtt,
+                                                    # demo/text_model, demo/clip
 
 WAV files are written with soundfile, MP4 files with PyAV; the models are built from configs (nothing comes from a
 model hub), so their features mean nothing: the files exist to run every step of the walk-through in
@@ -98,6 +100,28 @@ def make_manifest(root, rows, name="talks.csv"):
     return path
 
 
+TALK = [("Ross", "excuse me"), ("Rachel", "yeah"), ("Ross", "do you have your forms"), ("Monica", "you did"),
+        ("Rachel", "let me see them"), ("Ross", "is there a problem"), ("Monica", "oh god no"),
+        ("Rachel", "okay but i got here first"), ("Ross", "who told you to get in this line"),
+        ("Monica", "i am so happy for you"), ("Rachel", "that is terrible news"), ("Ross", "you were standing at "
+                                                                                        "the beginning")]
+
+
+def make_talk(root, turns=TALK, seconds=1.2, gap=0.3):
+    """One conversation recorded as one MP4 (root/talk.mp4) and its WebVTT transcript (root/talk.vtt), a voice
+    tag naming each cue's speaker; returns the two paths."""
+    import pysubs2
+    mp4 = write_mp4(os.path.join(root, "talk.mp4"), seconds=len(turns) * (seconds + gap) + gap, seed=200)
+    subs = pysubs2.SSAFile()
+    for k, (speaker, text) in enumerate(turns):
+        start = gap + k * (seconds + gap) + 0.1 * (k % 3)
+        subs.append(pysubs2.SSAEvent(start=int(start * 1000), end=int((start + seconds - 0.1 * (k % 2)) * 1000),
+                                     text=f"<v {speaker}>{text}"))
+    vtt = os.path.join(root, "talk.vtt")
+    subs.save(vtt, format_="vtt")
+    return mp4, vtt
+
+
 def make_samples(root, dialogues=(12, 3, 4), per_dialogue=4, new_dialogues=2):
     """The walk-through's material under root: MELD.Raw/, new.csv with its clips in new/, text_model/, clip/."""
     make_meld_tree(os.path.join(root, "MELD.Raw"), dialogues=dialogues, per_dialogue=per_dialogue)
@@ -108,6 +132,7 @@ def make_samples(root, dialogues=(12, 3, 4), per_dialogue=4, new_dialogues=2):
             rows.append({"dialogue_id": f"talk{d}", "position": u, "speaker": ["Ross", "Rachel", "Monica"][u % 3],
                          "text": SENTENCES[(d + u) % len(SENTENCES)], "video": os.path.relpath(clip, root)})
     make_manifest(root, rows, "new.csv")
+    make_talk(root)
     save_tiny_text_model(os.path.join(root, "text_model"))
     save_tiny_clip(os.path.join(root, "clip"))
     return root
@@ -127,8 +152,8 @@ def main(argv=None):
 
     def make():
         make_samples(args.folder, dialogues=tuple(args.dialogues))
-        print(f"{args.folder}: MELD.Raw/ (a MELD release in miniature), new.csv (new conversations), text_model/ "
-              f"and clip/ (tiny random models)")
+        print(f"{args.folder}: MELD.Raw/ (a MELD release in miniature), new.csv (new conversations), talk.mp4 and "
+              f"talk.vtt (a conversation and its transcript), text_model/ and clip/ (tiny random models)")
     return exit_on_error(make)
 
 
