@@ -160,7 +160,7 @@ def trained(tmp_path_factory):
                     "--output_dir", str(root / "runs"), "--no_progress"]) == 0
     best = next((root / "runs").glob("*/*/BEST*.pth"))
     mp4 = write_mp4(str(root / "talk.mp4"), seconds=4.0, seed=3)
-    return {"root": root, "best": str(best), "json": data[:-4] + ".json", "mp4": mp4, "text": text,
+    return {"root": root, "best": str(best), "json": data[:-4] + ".json", "mp4": mp4, "text": text, "clip": clip,
             "vtt": write(root / "talk.vtt", VTT)}
 
 
@@ -252,3 +252,35 @@ def test_transcribe_with_a_tiny_whisper(trained, tmp_path):
         assert z["text"].shape[0] == len(rows) and np.abs(z["audio"]).sum() > 0
     assert os.path.isfile(out / "transcripts" / "talk.vtt") and os.path.isfile(out / "timeline.png")
     assert json.load(open(out / "recording.json"))["transcribe"] == whisper
+
+
+def test_skip_drops_the_bad_cues_and_lists_them(trained, tmp_path, capsys):
+    vtt = write(tmp_path / "talk.vtt", "WEBVTT\n\n00:00:00.200 --> 00:00:01.000\n<v A>excuse me\n\n"
+                "00:00:00.500 --> 00:00:01.500\n<v A>overlapping\n\n00:00:01.500 --> 00:00:02.500\n<v B>yeah\n\n"
+                "00:00:03.000 --> 00:00:09.000\n<v B>too late\n")
+    out = str(tmp_path / "skip.npz")
+    assert extract.main(["--media", trained["mp4"], "--transcript", vtt, "--out", out, "--text_model",
+                         trained["text"], "--visual_model", trained["clip"], "--frames", "2", "--audio", "egemaps",
+                         "--on_error", "skip", "--no_progress"]) == 0
+    printed = capsys.readouterr().out
+    with np.load(out) as z:
+        assert list(z["sentence"]) == ["excuse me", "yeah"] and list(z["utterance_id"]) == ["talk_cue1", "talk_cue3"]
+        record = json.loads(str(z["extraction"]))
+    assert record["counts"]["skipped"] == 2 and printed.count("skipped: ") == 2
+    assert "cue 2" in record["skipped"][0] and "overlap" in record["skipped"][0]
+    assert "cue 4" in record["skipped"][1] and "past the end of the recording" in record["skipped"][1]
+
+
+def test_a_folder_of_recordings_gets_subtitles_and_a_timeline_each(trained, tmp_path):
+    import pysubs2
+    for name in ("one", "two"):
+        shutil.copy(trained["mp4"], tmp_path / f"{name}.mp4")
+        write(tmp_path / f"{name}.vtt", VTT)
+    out = tmp_path / "out"
+    assert inference.main(["--checkpoint", trained["best"], "--media", str(tmp_path), "--transcript",
+                           str(tmp_path), "--out", str(out), "--no_progress"]) == 0
+    rows = read_csv(out / "predictions.csv")
+    assert [r["dialogue_id"] for r in rows] == ["one"] * 4 + ["two"] * 4
+    for name in ("one", "two"):
+        assert len(pysubs2.load(str(out / f"{name}.emotions.srt"))) == 4
+        assert (out / f"{name}.timeline.png").is_file()

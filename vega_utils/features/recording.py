@@ -68,7 +68,7 @@ def claim_folder(out, request):
     return False
 
 
-def transcribed(media, name, out, device):
+def transcribed(media, name, out, device, progress):
     """The folder of transcripts that --transcribe made for the recording(s) under out/transcripts/."""
     from vega_utils.features.transcribe import transcribe
     folder = os.path.join(out, "transcripts")
@@ -77,7 +77,7 @@ def transcribed(media, name, out, device):
             continue
         vtt = os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + ".vtt")
         if not os.path.isfile(vtt):
-            transcribe(path, name, device, vtt)
+            transcribe(path, name, device, vtt, progress)
     return folder if os.path.isdir(media) else os.path.join(folder, os.path.splitext(os.path.basename(media))[0]
                                                                       + ".vtt")
 
@@ -93,7 +93,7 @@ def recording_features(record, checkpoint, media, transcript, transcribe, out, w
             raise VegaError(f"{what} {path} not found")
     claim_folder(out, request_of(media, transcript, transcribe, record))
     if transcribe:
-        transcript = transcribed(media, transcribe, out, work.device)
+        transcript = transcribed(media, transcribe, out, work.device, work.progress)
     utterances, counts = read_recordings(media, transcript)
     print(counts.describe())
     cues = {u.utterance_id: replace(u) for u in utterances if u.broken is None}   # copies: names as written

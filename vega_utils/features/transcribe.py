@@ -1,8 +1,9 @@
 """A transcript made by a speech-recognition model, for a recording that has none (--transcribe MODEL): a
 transformers Whisper (a local folder saved with save_pretrained, or a hub name in the local cache) reads the
-whole recording in its 30-second windows, each segment with its start and end, and the segments are written as
-a WebVTT file that is then read like any transcript. Whisper does not tell speakers apart: every cue gets the
-one shared speaker "unknown".
+recording ten minutes at a time (a progress bar counts them; Whisper itself moves through each in its 30-second
+windows), each segment with its start and end, and the segments are written as a WebVTT file that is then read
+like any transcript. A word that a ten-minute boundary cuts may be lost or split. Whisper does not tell
+speakers apart: every cue gets the one shared speaker "unknown".
 
 Segment times are cut to the recording: a segment that starts past its end (a model may place timestamps in
 the silence padding its last window) is dropped and counted; one that ends past it ends at the recording's end.
@@ -45,9 +46,13 @@ def recognise(samples, rate, processor, model, device):
     return segments
 
 
-def transcribe(media, name, device, out_vtt, log=print):
+STRETCH_S = 600   # seconds of a recording given to Whisper at once (memory stays small, progress shows)
+
+
+def transcribe(media, name, device, out_vtt, progress=True, log=print):
     """Write the WebVTT transcript of a recording made by the model `name`; returns the number of cues."""
     import pysubs2
+    from tqdm import tqdm
     video = probe_video(media)
     u = Utterance(row=f"recording {media}", dialogue_id="", position=0, speaker="", text="",
                   audio=None if video else media, video=media if video else None)
@@ -60,7 +65,11 @@ def transcribe(media, name, device, out_vtt, log=print):
     duration = min(samples.size / rate, probe(media)[0] or samples.size / rate)   # the container's length
     log(f"transcribing {media} ({duration:.1f} s) with {name}")
     subs, past = pysubs2.SSAFile(), 0
-    for start, end, text in recognise(samples, rate, processor, model, device):
+    found = []
+    for lo in tqdm(range(0, samples.size, STRETCH_S * rate), desc="transcribing", unit="10 min", disable=not progress):
+        found += [(a + lo / rate, b + lo / rate, text)
+                  for a, b, text in recognise(samples[lo:lo + STRETCH_S * rate], rate, processor, model, device)]
+    for start, end, text in found:
         if start >= duration or not text:
             past += start >= duration
             continue
