@@ -155,7 +155,7 @@ class Run:
 def setup(cfg):
     """(cfg with clip_dim settled, Run): data, anchors, model, optimizer, all seeded by cfg.seed."""
     device = resolve_device(cfg.device)
-    amp_dtype = train.resolve_amp(cfg.amp, device)
+    amp_dtype, amp_why = train.amp_choice(cfg.amp, device)
     eval_dtype = train.resolve_eval_amp(cfg.eval_amp, device)
     train.exact_float32(device)
     seed_everything(cfg.seed)
@@ -171,7 +171,8 @@ def setup(cfg):
     model = build_model(cfg, device)
     optimizer = build_optimizer(cfg, model, amp_dtype, device)
     run = Run(device, amp_dtype, eval_dtype,
-              {"train_precision": train.precision_name(amp_dtype), "eval_precision": train.precision_name(eval_dtype)},
+              {"train_precision": train.precision_name(amp_dtype), "train_precision_reason": amp_why,
+               "eval_precision": train.precision_name(eval_dtype)},
               info, data, bank.to(device) if bank is not None else None, valid_ids, loaders, model, optimizer,
               build_scheduler(cfg, optimizer, len(loaders["train"])),
               torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
@@ -230,6 +231,7 @@ def start_folder(cfg, run, run_dir, config_extra):
 
 
 def log_start(cfg, run, run_dir):
+    log(f"training in {run.precision['train_precision']}: {run.precision['train_precision_reason']}")
     log(f"config: {describe_config(cfg)}; every setting in {os.path.join(run_dir, 'config.json')}")
     log(f"git commit {git_commit()}, torch {torch.__version__}, device {run.device}, training in "
         f"{run.precision['train_precision']}, evaluating in {run.precision['eval_precision']}, "

@@ -12,20 +12,27 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import compute_losses, pick_anchors, valid_indices
+from vega_utils.cpu import cpu_dtype
 from vega_utils.runs.step_guard import DeviceRecord, StepGuard, optimizer_step, sync_free_steps
 
 
 # ---------------------------------------------------------------- precision
 def resolve_amp(amp, device):
-    """Autocast dtype (or None) for --amp on this device. On CUDA `auto` is the reference's fp16 + GradScaler."""
+    """Autocast dtype (or None) for --amp on this device. On CUDA `auto` is the reference's fp16 + GradScaler; on
+    the CPU `auto` is bf16 where the CPU multiplies bf16 natively and float32 elsewhere (vega_utils/cpu.py)."""
+    return amp_choice(amp, device)[0]
+
+
+def amp_choice(amp, device):
+    """(autocast dtype or None, why in words) for --amp on this device: the run's first line and config.json."""
     if amp == "off":
-        return None
+        return None, "--amp off"
     if device.type == "cuda":
-        return torch.bfloat16 if amp == "bf16" else torch.float16
+        return (torch.bfloat16, "--amp bf16") if amp == "bf16" else (torch.float16, f"--amp {amp} on CUDA")
     if amp == "fp16":
         from vega_utils.common import VegaError
         raise VegaError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp off")
-    return torch.bfloat16  # CPU `auto`: see bench/README.md for the accuracy study behind this default
+    return cpu_dtype(amp)
 
 
 def resolve_eval_amp(eval_amp, device):

@@ -97,7 +97,7 @@ def test_compiled_run_trains_in_bf16(files, tmp_path):
     weight copies), the setting saved with the run; compiled once for every batch shape (the layout's sentinel rows
     keep the zero-fill index from ever being empty, which would specialise a size and recompile)."""
     from torch._dynamo.utils import counters
-    cfg = config(files, tmp_path, compile=True, epochs=2, lr=3e-3)
+    cfg = config(files, tmp_path, compile=True, epochs=2, lr=3e-3, amp="bf16")
     graphs_before = counters["stats"]["unique_graphs"]
     summary = main.train_run(cfg, progress=False)
     assert counters["stats"]["unique_graphs"] - graphs_before == 1

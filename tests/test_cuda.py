@@ -76,7 +76,7 @@ def test_cpu_bf16_run_resumes_on_cuda(iemocap_files, tmp_path, monkeypatch):
 
     import main
     import run
-    cfg = small_cfg(iemocap_files, tmp_path, epochs=3)   # on the CPU, in bf16
+    cfg = small_cfg(iemocap_files, tmp_path, epochs=3, amp="bf16")   # on the CPU, in bf16
     restore = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         main.train_run(cfg, progress=False)

@@ -72,8 +72,9 @@ def test_short_run_learns_and_writes_every_file(iemocap_files, tmp_path):
     recomputed = report.metrics_from_predictions_csv(os.path.join(run_dir, "predictions.csv"), names)
     assert recomputed["weighted_f1"] == pytest.approx(summary["best"]["test"]["weighted_f1"], abs=1e-9)
 
-    # Trained in bf16 (the CPU default), evaluated in float32: inference.py on the best checkpoint, with default
-    # flags, reports exactly the run's numbers and writes exactly its predictions.csv rows.
+    # Trained in the CPU default (bf16 where the CPU has it natively, else float32), evaluated in float32:
+    # inference.py on the best checkpoint, with default flags, reports exactly the run's numbers and writes exactly
+    # its predictions.csv rows.
     import inference
     out_csv, out_json = tmp_path / "again.csv", tmp_path / "again.json"
     assert inference.main(["--checkpoint", best[0], "--predictions_out", str(out_csv), "--json", str(out_json),
@@ -86,8 +87,10 @@ def test_short_run_learns_and_writes_every_file(iemocap_files, tmp_path):
 
     saved = json.load(open(os.path.join(run_dir, "config.json")))
     assert saved["hidden_dim"] == 64 and "git_commit" in saved and "torch_version" in saved
-    assert (saved["train_precision"], saved["eval_precision"]) == ("bfloat16", "float32")
-    assert (summary["train_precision"], summary["eval_precision"]) == ("bfloat16", "float32")
+    auto, why = train.amp_choice("auto", torch.device("cpu"))
+    assert (saved["train_precision"], saved["eval_precision"]) == (train.precision_name(auto), "float32")
+    assert (summary["train_precision"], summary["eval_precision"]) == (train.precision_name(auto), "float32")
+    assert saved["train_precision_reason"] == why and "bf16" in why
 
 
 def test_eval_amp_bf16_is_honoured_and_inherited_by_inference(iemocap_files, tmp_path):

@@ -163,8 +163,8 @@ def read_config_file(path):
 
 
 # What a run folder's config.json holds besides the settings (main.train_run): a run's config.json is a preset too.
-RUN_RECORD_KEYS = ("git_commit", "torch_version", "resolved_device", "train_precision", "eval_precision",
-                   "resolved_threads", "class_weights", "command", "resumes", "sweep")
+RUN_RECORD_KEYS = ("git_commit", "torch_version", "resolved_device", "train_precision", "train_precision_reason",
+                   "eval_precision", "resolved_threads", "class_weights", "command", "resumes", "sweep")
 
 
 def clip_dim_for(model_name):

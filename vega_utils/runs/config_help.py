@@ -59,7 +59,8 @@ CONFIG_HELP = {
     "save_last": "when last.pth (everything --resume needs) is written: every epoch, only at the end or on an "
                  "interrupt, or never; a finished run's last.pth drops the optimizer state",
     "device": "auto, cpu, cuda or cuda:N (auto: cuda when available)",
-    "amp": "training precision: auto = bf16 autocast on the CPU, fp16 autocast on CUDA; off = float32",
+    "amp": "training precision: auto = bf16 autocast on a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16), "
+           "float32 on other CPUs, fp16 autocast on CUDA; off = float32; bf16 forces it (slow where emulated)",
     "valid_ratio": "share of training dialogues held out to select the best epoch (0: select on the test set)",
     "eval_amp": "evaluation precision: auto = float32 on the CPU, fp16 autocast on CUDA; off = float32",
     "ablation": "the paper's ablation this run is (it sets other flags)",
