@@ -235,6 +235,13 @@ def test_checkpoint_without_record_and_missing_model(trained, tmp_path, capsys):
         os.rename(moved, trained["text"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"could not load text model {trained['text']!r}" in err
+    crowd = write(tmp_path / "crowd.vtt", VTT.replace("let me see them", "Cy: let me see them").replace(
+        "<v.loud Ben Smith>", "<v Dee>").replace("Ann: yeah", "Eve: yeah"))
+    code = inference.main(["--checkpoint", trained["best"], "--media", trained["mp4"], "--transcript", crowd,
+                           "--out", str(tmp_path / "o3"), "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == (f"error: recording talk: 4 speakers (Ann, Dee, Eve, Cy), but checkpoint "
+                                         f"{trained['best']} was trained on dialogues of at most 3")
 
 
 def test_transcribe_with_a_tiny_whisper(trained, tmp_path):

@@ -82,6 +82,21 @@ def transcribed(media, name, out, device, progress):
                                                                       + ".vtt")
 
 
+def check_speakers(utterances, settings, checkpoint):
+    """A checkpoint that numbered speakers per dialogue has a place for so many speakers in one dialogue: one
+    line naming the recording's speakers when it has more (the checks would name only the numbers)."""
+    if settings.speaker_ids != "dialogue" or not settings.speakers:
+        return
+    by_recording = {}
+    for u in utterances:
+        if u.broken is None:
+            by_recording.setdefault(u.dialogue_id, {}).setdefault(u.speaker, None)
+    for name, speakers in by_recording.items():
+        if len(speakers) > len(settings.speakers):
+            raise VegaError(f"recording {name}: {len(speakers)} speakers ({', '.join(speakers)}), but checkpoint "
+                            f"{checkpoint} was trained on dialogues of at most {len(settings.speakers)}")
+
+
 def recording_features(record, checkpoint, media, transcript, transcribe, out, work):
     """(path of the features, {utterance_id: Utterance} of every cue read). The extraction is the checkpoint's
     record replayed; `work` says how to run it (batching, device, errors, progress)."""
@@ -96,6 +111,7 @@ def recording_features(record, checkpoint, media, transcript, transcribe, out, w
         transcript = transcribed(media, transcribe, out, work.device, work.progress)
     utterances, counts = read_recordings(media, transcript)
     print(counts.describe())
+    check_speakers(utterances, settings, checkpoint)
     cues = {u.utterance_id: replace(u) for u in utterances if u.broken is None}   # copies: names as written
     features = os.path.join(out, FEATURES)
     if os.path.isfile(features):
