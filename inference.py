@@ -364,7 +364,10 @@ def from_media(args):
     model.to(device)
     ev = evaluate(model, cfg, args, device, amp_dtype)
     class_names = list(info_of(cfg).class_names)
-    for path in write_recording(args.out, cues, ev["named"]["utterance_id"], ev["probs"], class_names):
+    counts = predicted_counts(ev["preds"]["all"], class_names)
+    print(f"predicted {len(ev['preds']['all'])} utterances: " + ", ".join(f"{c} {n}" for c, n in counts.items() if n))
+    for path in write_recording(args.out, cues, ev["named"]["utterance_id"], ev["probs"], class_names,
+                                folder=os.path.isdir(args.media)):
         print(f"wrote {path}")
     return 0
 

@@ -50,10 +50,10 @@ def write_subtitles(path, rows, format_):
     atomic_write_text(path, subs.to_string(format_))
 
 
-def write_recording(out, cues, utterance_ids, probs, class_names):
+def write_recording(out, cues, utterance_ids, probs, class_names, folder=False):
     """predictions.csv, and per recording its subtitles and timeline: emotions.vtt, emotions.srt, timeline.png
-    for one recording, NAME.emotions.vtt, NAME.emotions.srt, NAME.timeline.png for each of several. Returns
-    the paths written."""
+    for one recording, NAME.emotions.vtt, NAME.emotions.srt, NAME.timeline.png for each of a folder of them
+    (folder True). Returns the paths written."""
     import os
 
     from vega_utils.insight.timeline import draw_timeline
@@ -63,7 +63,7 @@ def write_recording(out, cues, utterance_ids, probs, class_names):
     recordings = list(dict.fromkeys(r["dialogue_id"] for r in rows))
     for name in recordings:
         mine = [r for r in rows if r["dialogue_id"] == name]
-        prefix = os.path.join(out, "" if len(recordings) == 1 else f"{name}.")
+        prefix = os.path.join(out, f"{name}." if folder else "")
         for format_ in ("vtt", "srt"):
             written.append(f"{prefix}emotions.{format_}")
             write_subtitles(written[-1], mine, format_)
