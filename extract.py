@@ -5,6 +5,7 @@
     python extract.py --manifest talks.csv --out data/talks.npz --audio egemaps --frames 4
     python extract.py --like data/meld_own.json --manifest new.csv --out data/new.npz
     python extract.py --media talk.mp4 --transcript talk.vtt --out data/talk.npz
+    python extract.py --media recordings --transcribe openai/whisper-small --out data/recordings.npz
 
 docs/extract.md describes every extractor, the manifest, resuming and the errors.
 """
@@ -31,6 +32,9 @@ def parser():
                         "with --transcript (default: none)")
     source.add_argument("--transcript", metavar="FILE|DIR", help="its SRT, WebVTT or ASS transcript, or a folder "
                         "of them matched by file name (docs/extract.md, 'Transcripts'; default: none)")
+    source.add_argument("--transcribe", metavar="MODEL", help="no transcript: make the cues of --media with this "
+                        "Whisper model (a folder, or a hub name in the local cache), written to OUT.transcripts/ "
+                        "and kept; speakers are unknown (default: none)")
     source.add_argument("--like", metavar="JSON", help="repeat the extraction that wrote this dataset JSON "
                         "(same models, pooling, frames, audio set, classes and speakers; default: the flags below)")
     p.add_argument("--out", required=True, metavar="FILE.npz",
@@ -73,16 +77,27 @@ def read_source(args):
 
     from vega_utils.features.manifest import read_manifest
     from vega_utils.features.releases import read_iemocap, read_meld
-    if bool(args.manifest) + bool(args.layout) + bool(args.media or args.transcript) != 1:
+    if bool(args.manifest) + bool(args.layout) + bool(args.media or args.transcript or args.transcribe) != 1:
         raise VegaError("give one input: --manifest CSV, or --layout meld|iemocap with --root DIR, or --media "
-                        "with --transcript")
-    if args.media or args.transcript:
+                        "with --transcript or --transcribe")
+    if args.media or args.transcript or args.transcribe:
         from vega_utils.features.transcripts import read_recordings
-        if not (args.media and args.transcript):
-            raise VegaError("--media and --transcript go together (a recording and its transcript)")
-        utterances, counts = read_recordings(args.media, args.transcript)
+        if not args.media or bool(args.transcript) == bool(args.transcribe):
+            raise VegaError("--media goes with one of --transcript (its transcript) or --transcribe (a "
+                            "speech-recognition model)")
+        transcript = args.transcript
+        if args.transcribe:
+            import os
+
+            from vega_utils.common import resolve_device
+            from vega_utils.features.transcribe import transcribe_all
+            if not os.path.exists(args.media):
+                raise VegaError(f"recording {args.media} not found")
+            transcript = transcribe_all(args.media, args.transcribe, os.path.splitext(args.out)[0] + ".transcripts",
+                                        resolve_device(args.device), not args.no_progress)
+        utterances, counts = read_recordings(args.media, transcript)
         print(counts.describe())
-        return utterances, args.transcript, Counter(), "IEMOCAP", "name"
+        return utterances, transcript, Counter(), "IEMOCAP", "name"
     if args.manifest:
         return read_manifest(args.manifest), args.manifest, Counter(), "IEMOCAP", "name"
     if not args.root:

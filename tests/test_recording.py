@@ -259,6 +259,14 @@ def test_transcribe_with_a_tiny_whisper(trained, tmp_path):
         assert z["text"].shape[0] == len(rows) and np.abs(z["audio"]).sum() > 0
     assert os.path.isfile(out / "transcripts" / "talk.vtt") and os.path.isfile(out / "timeline.png")
     assert json.load(open(out / "recording.json"))["transcribe"] == whisper
+    # extract.py --transcribe: the transcript kept beside the features, the same cues
+    npz = str(tmp_path / "heard.npz")
+    assert extract.main(["--media", trained["mp4"], "--transcribe", whisper, "--out", npz, "--text_model",
+                         trained["text"], "--visual_model", trained["clip"], "--frames", "2", "--audio", "egemaps",
+                         "--no_progress"]) == 0
+    assert (tmp_path / "heard.transcripts" / "talk.vtt").read_text() == (out / "transcripts" / "talk.vtt").read_text()
+    with np.load(npz) as z:
+        assert list(z["sentence"]) == [r["text"] for r in rows]
 
 
 def test_skip_drops_the_bad_cues_and_lists_them(trained, tmp_path, capsys):

@@ -15,7 +15,8 @@ from dataclasses import replace
 from vega_utils.common import VegaError, atomic_write_text
 from vega_utils.features.like import recorded_settings
 from vega_utils.features.pipeline import extract, stamp
-from vega_utils.features.transcripts import EXTENSIONS, read_recordings
+from vega_utils.features.transcribe import transcribe_all
+from vega_utils.features.transcripts import read_recordings
 
 FEATURES = "features.npz"
 REQUEST = "recording.json"
@@ -68,20 +69,6 @@ def claim_folder(out, request):
     return False
 
 
-def transcribed(media, name, out, device, progress):
-    """The folder of transcripts that --transcribe made for the recording(s) under out/transcripts/."""
-    from vega_utils.features.transcribe import transcribe
-    folder = os.path.join(out, "transcripts")
-    for path in files_of(media):
-        if path.lower().endswith(EXTENSIONS):
-            continue
-        vtt = os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + ".vtt")
-        if not os.path.isfile(vtt):
-            transcribe(path, name, device, vtt, progress)
-    return folder if os.path.isdir(media) else os.path.join(folder, os.path.splitext(os.path.basename(media))[0]
-                                                                      + ".vtt")
-
-
 def check_speakers(utterances, settings, checkpoint):
     """A checkpoint that numbered speakers per dialogue has a place for so many speakers in one dialogue: one
     line naming the recording's speakers when it has more (the checks would name only the numbers)."""
@@ -108,7 +95,7 @@ def recording_features(record, checkpoint, media, transcript, transcribe, out, w
             raise VegaError(f"{what} {path} not found")
     claim_folder(out, request_of(media, transcript, transcribe, record))
     if transcribe:
-        transcript = transcribed(media, transcribe, out, work.device, work.progress)
+        transcript = transcribe_all(media, transcribe, os.path.join(out, "transcripts"), work.device, work.progress)
     utterances, counts = read_recordings(media, transcript)
     print(counts.describe())
     check_speakers(utterances, settings, checkpoint)

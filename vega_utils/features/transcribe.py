@@ -93,3 +93,20 @@ def probe_video(media):
     except Exception as e:
         raise VegaError(f"recording {media}: cannot open it ({type(e).__name__}: {str(e).strip()[:120]})") from None
 
+
+
+def transcribe_all(media, name, folder, device, progress=True, log=print):
+    """Transcribe a recording, or every recording of a folder, into folder/NAME.vtt; a transcript already there
+    is kept (an earlier run's, perhaps corrected by hand). Returns what --transcript would be: the file, or the
+    folder."""
+    from vega_utils.features.transcripts import EXTENSIONS
+    paths = [media] if not os.path.isdir(media) else [
+        os.path.join(media, f) for f in sorted(os.listdir(media)) if not f.startswith(".")
+        and os.path.isfile(os.path.join(media, f)) and not f.lower().endswith(EXTENSIONS)]
+    for path in paths:
+        vtt = os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + ".vtt")
+        if os.path.isfile(vtt):
+            log(f"transcript {vtt} is there already: it is used as it is")
+        else:
+            transcribe(path, name, device, vtt, progress, log)
+    return folder if os.path.isdir(media) else vtt
