@@ -11,13 +11,16 @@ docs/extract.md describes every extractor, the manifest, resuming and the errors
 """
 import argparse
 import sys
+from dataclasses import asdict
 
 from vega_utils.common import OneLineParser, VegaError, exit_on_error, read_json
+from vega_utils.features.finetune import Recipe
 from vega_utils.features.like import recorded_settings
 from vega_utils.features.pipeline import Settings, Work, extract
 from vega_utils.features.text import POOLINGS
 
 DEFAULTS = Settings()
+RECIPE = Recipe()
 
 
 def parser():
@@ -46,6 +49,25 @@ def parser():
                    help="preceding utterances of the dialogue read with each one (default: %(default)s)")
     p.add_argument("--max_length", type=int, default=DEFAULTS.max_length,
                    help="tokens per sequence; longer ones are truncated and counted (default: %(default)s)")
+    p.add_argument("--text_layers", type=int, default=DEFAULTS.text_layers,
+                   help="the pooled vector averaged over the last K hidden layers (default: %(default)s)")
+    tune = p.add_argument_group("fine-tuning the text model first (--text_finetune; defaults: COSMIC's recipe)")
+    tune.add_argument("--text_finetune", action="store_true",
+                      help="fine-tune --text_model for emotion classification on the labelled train utterances, "
+                           "keep the best epoch on valid, extract with it (default: off)")
+    for key, kind, help_text in (
+            ("epochs", int, "epochs"), ("lr", float, "peak learning rate"), ("batch_size", int, "utterances a batch"),
+            ("accumulation", int, "batches whose gradients make one update"),
+            ("warmup", float, "share of the updates with a rising learning rate"),
+            ("weight_decay", float, "AdamW's decoupled weight decay"),
+            ("dropout", float, "dropout of the head and of the encoder's hidden layers"),
+            ("beta2", float, "Adam's second beta (the first is 0.9)"), ("eps", float, "Adam's epsilon"),
+            ("seed", int, "seed of the head, the shuffling, dropout and a held-out valid set")):
+        tune.add_argument(f"--finetune_{key}", type=kind, default=getattr(RECIPE, key),
+                          help=f"{help_text} (default: %(default)s)")
+    tune.add_argument("--finetune_amp", choices=["auto", "bf16", "off"], default=RECIPE.amp,
+                      help="precision: auto = training's --amp auto (fp16 on CUDA; on the CPU bf16 only where it is "
+                           "native, else float32), bf16, off = float32 (default: %(default)s)")
     p.add_argument("--audio", default=DEFAULTS.audio,
                    help="is10, egemaps, compare or hf:MODEL (default: %(default)s)")
     p.add_argument("--sample_rate", type=int, default=DEFAULTS.sample_rate,
@@ -106,8 +128,9 @@ def read_source(args):
     return utterances, args.root, dropped, args.layout.upper(), "dialogue" if args.layout == "meld" else "name"
 
 
-RECORDED = ("text_model", "text_pooling", "text_context", "max_length", "audio", "sample_rate", "visual_model",
-            "frames", "faces", "classes", "speaker_ids")   # the flags --like takes from the record
+RECORDED = ("text_model", "text_pooling", "text_context", "max_length", "text_layers", "text_finetune", "audio",
+            "sample_rate", "visual_model", "frames", "faces", "classes", "speaker_ids",
+            *(f"finetune_{k}" for k in asdict(RECIPE)))   # the flags --like takes from the record
 
 
 def settings_of(args, preset, speaker_ids):
@@ -124,14 +147,18 @@ def settings_of(args, preset, speaker_ids):
     classes = args.classes.split(",") if args.classes else None
     if args.layout and not classes:
         classes = list((MELD_CLASSES if args.layout == "meld" else IEMOCAP_CLASSES).values())
+    recipe = asdict(Recipe(**{k: getattr(args, f"finetune_{k}") for k in asdict(RECIPE)}))
     return Settings(text_model=args.text_model, text_pooling=args.text_pooling, text_context=args.text_context,
-                    max_length=args.max_length, audio=args.audio, sample_rate=args.sample_rate,
+                    max_length=args.max_length, text_layers=args.text_layers,
+                    text_finetune=recipe if args.text_finetune else None, audio=args.audio,
+                    sample_rate=args.sample_rate,
                     visual_model=args.visual_model, frames=args.frames, faces=args.faces, classes=classes,
                     speaker_ids=args.speaker_ids or speaker_ids, preset=preset), None
 
 
 def command(args):
-    for flag in ("batch_size", "jobs", "shard_size", "frames", "max_length", "sample_rate"):
+    for flag in ("batch_size", "jobs", "shard_size", "frames", "max_length", "sample_rate", "text_layers",
+                 "finetune_epochs", "finetune_batch_size", "finetune_accumulation"):
         if getattr(args, flag) < 1:
             raise VegaError(f"--{flag} must be at least 1")
     if args.text_context < 0:
@@ -140,7 +167,7 @@ def command(args):
     settings, like = settings_of(args, preset, speaker_ids)
     work = Work(batch_size=args.batch_size, jobs=args.jobs, device=args.device, on_error=args.on_error,
                 shard_size=args.shard_size, progress=not args.no_progress)
-    expected = (args.like, like["extractors"]) if like else None
+    expected = (args.like, like) if like else None
     record = extract(utterances, settings, work, args.out, source, dropped, expected)
     c = record["counts"]
     print(f"wrote {args.out}: {c['dialogues']} dialogues, {c['utterances']} utterances; dataset JSON beside it")

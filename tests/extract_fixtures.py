@@ -97,3 +97,30 @@ def make_tiny_speech_model(folder, attention_mask=True, seed=0):
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=attention_mask).save_pretrained(folder)
     return str(folder)
+
+
+FILLERS = ("we went to the market then talked about the weather and a train that was late on monday while "
+           "my friend read his paper near an old window").split()
+KEYWORDS = {"joy": ("glad", "thrilled"), "anger": ("furious", "annoyed"), "sad": ("gloomy", "upset")}
+
+
+def keyword_rows(n_dialogues, per_dialogue=6, seed=0, predict=0):
+    """Manifest rows whose label is the class of one keyword hidden among eight random filler words: the
+    label is in one token, which a frozen random encoder's first token mixes with all the others. 60% of the
+    dialogues train, 15% valid, the rest test; then `predict` more dialogues of the split predict, labelled."""
+    rng = np.random.default_rng(seed)
+    classes, rows = sorted(KEYWORDS), []
+    for d in range(n_dialogues + predict):
+        split = ("train" if d < n_dialogues * 0.6 else "valid" if d < n_dialogues * 0.75 else
+                 "test" if d < n_dialogues else "predict")
+        for k in range(per_dialogue):
+            label = classes[rng.integers(len(classes))]
+            words = list(rng.choice(FILLERS, 8))
+            words.insert(int(rng.integers(9)), str(rng.choice(KEYWORDS[label])))
+            rows.append({"dialogue_id": f"d{d}", "speaker": "ab"[k % 2], "text": " ".join(words), "label": label,
+                         "split": split})
+    return rows
+
+
+def keyword_sentences():
+    return [" ".join(FILLERS)] + [w for pair in KEYWORDS.values() for w in pair]

@@ -18,16 +18,21 @@ SENTENCES = ["excuse me", "do you have your forms", "yeah", "let me see them", "
              "okay but i got here first", "oh god no", "i am so happy for you", "that is terrible news"]
 
 
-def save_tiny_text_model(folder, hidden=32, layers=2, seed=0):
-    """A BERT of a few layers and a word-piece tokenizer trained on SENTENCES, both saved in folder."""
+def save_tiny_text_model(folder, hidden=32, layers=2, seed=0, sentences=None):
+    """A BERT of a few layers and a word-piece tokenizer, both saved in folder: trained on SENTENCES, or given
+    sentences, a vocabulary of their words in sorted order (a trained one may order its ties differently from
+    one run to the next)."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted({w for s in sentences or [] for w in s.lower().split()})
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(special + words)} if sentences else None,
+                                     unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(SENTENCES * 3, trainers.WordPieceTrainer(vocab_size=200, special_tokens=special))
+    if not sentences:
+        tok.train_from_iterator(SENTENCES * 3, trainers.WordPieceTrainer(vocab_size=200, special_tokens=special))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

@@ -26,6 +26,8 @@ class Settings:
     text_pooling: str = "cls"
     text_context: int = 0
     max_length: int = 512
+    text_layers: int = 1                # the pooled vector averaged over the last K hidden layers
+    text_finetune: Optional[dict] = None   # finetune.Recipe's values: fine-tune the text model first; None: not
     audio: str = "is10"
     sample_rate: int = 16000
     visual_model: str = "openai/clip-vit-base-patch32"
@@ -85,13 +87,26 @@ def has_source(u, modality):
     return modality == "text" or bool(u.video)
 
 
-def build_extractors(settings, work):
+def text_encoder(utts, contexts, settings, work, out, like):
+    """(the folder or name the text model loads from, its name in the record, the fine-tune record or None):
+    with --text_finetune, the encoder fine-tuned here, or the one a --like record names (never trained again)."""
+    if not settings.text_finetune:
+        return settings.text_model, None, None
+    from vega_utils.features.finetune import fine_tuned_encoder, recorded_encoder
+    if like is not None:
+        return recorded_encoder(like[1], like[0]), like[1]["extractors"]["text"]["model"], like[1]["text_finetune"]
+    folder, record = fine_tuned_encoder(utts, contexts, settings, out, resolve_device(work.device), work.batch_size,
+                                        work.progress)
+    return folder, os.path.basename(folder), record
+
+
+def build_extractors(settings, work, text_model=None, text_name=None):
     from vega_utils.features.audio import AudioExtractor
     from vega_utils.features.text import TextExtractor
     from vega_utils.features.visual import VisualExtractor
     device = resolve_device(work.device)
-    return {"text": TextExtractor(settings.text_model, settings.text_pooling, settings.text_context,
-                                  settings.max_length, work.batch_size, device),
+    return {"text": TextExtractor(text_model or settings.text_model, settings.text_pooling, settings.text_context,
+                                  settings.max_length, work.batch_size, device, settings.text_layers, text_name),
             "audio": AudioExtractor(settings.audio, settings.sample_rate, work.jobs, device, work.batch_size),
             "visual": VisualExtractor(settings.visual_model, settings.frames, settings.faces, work.batch_size, device)}
 
@@ -122,8 +137,8 @@ def run_shard(modality, extractor, chunk, contexts, problems):
 
 
 def extract(utterances, settings, work, out, source, dropped_labels, expected=None):
-    """Write out (.npz) and its dataset JSON; returns the extraction record. expected: (the --like JSON, its
-    extractors' record), which the models found here must match."""
+    """Write out (.npz) and its dataset JSON; returns the extraction record. expected: (the --like JSON or None,
+    the extraction record it repeats), whose extractors the models found here must match."""
     from collections import Counter
 
     from tqdm import tqdm
@@ -143,10 +158,13 @@ def extract(utterances, settings, work, out, source, dropped_labels, expected=No
     if not work.progress:   # transformers draws its own bars while it loads weights
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-    extractors = build_extractors(settings, work)
+    contexts = contexts_of(utts, settings.text_context)
+    text_model, text_name, tuned = text_encoder(utts, contexts, settings, work, out, expected)
+    extractors = build_extractors(settings, work, text_model, text_name)
     described = {m: e.describe() for m, e in extractors.items()}
-    if expected is not None and expected[1] != described:
-        raise VegaError(f"--like {expected[0]}: the {', '.join(describe_change(expected[1], described))} model(s) "
+    if expected is not None and expected[1]["extractors"] != described:
+        changed = ", ".join(describe_change(expected[1]["extractors"], described))
+        raise VegaError(f"--like {expected[0]}: the {changed} model(s) "
                         f"found here differ from the recorded ones (weights or settings), so the extraction "
                         f"cannot be repeated")
     keys = [(u.row, u.dialogue_id, u.position, u.text, u.audio, u.video, u.start, u.end, stamp(u.audio),
@@ -154,7 +172,6 @@ def extract(utterances, settings, work, out, source, dropped_labels, expected=No
     plan = {"extractors": described, "shard_size": work.shard_size,
             "utterances": hashlib.sha256(json.dumps(keys).encode()).hexdigest()}
     parts = Parts(out, plan)
-    contexts = contexts_of(utts, settings.text_context)
     columns, counts = {}, Counter()
     failed = [""] * len(utts)
     try:
@@ -181,6 +198,8 @@ def extract(utterances, settings, work, out, source, dropped_labels, expected=No
     utts = renumber([utts[i] for i in keep])
     columns = {m: x[keep] for m, x in columns.items()}
     record = make_record(settings, described, utts, counts, missing, dropped_labels, problems.lines)
+    if tuned is not None:
+        record["text_finetune"] = tuned
     write_outputs(out, utts, columns, record)
     parts.remove()
     return record

@@ -1,6 +1,6 @@
 """Text features: a transformers encoder (AutoTokenizer + AutoModel), one vector per utterance.
 
-Pooling (--text_pooling) over the last hidden layer:
+Pooling (--text_pooling) over the last hidden layer, or the average of the last --text_layers K layers:
     cls   the first token's vector (RoBERTa's <s>, BERT's [CLS]);
     mean  the average over the target utterance's own tokens (special tokens and context left out).
 Context (--text_context N): the N preceding utterances of the same dialogue, joined by spaces, go in as the
@@ -20,11 +20,17 @@ from vega_utils.features.record import weights_sha256
 POOLINGS = ("cls", "mean")
 
 
-def load_text_model(name, device):
-    from transformers import AutoModel, AutoTokenizer
+def load_text_model(name, device, **config):
+    """(fast tokenizer, float32 encoder in eval mode); config sets those of its configuration's values that it
+    has (the dropout of fine-tuning)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModel.from_pretrained(name)
+        settings = AutoConfig.from_pretrained(name)
+        for key, value in config.items():
+            if hasattr(settings, key):
+                setattr(settings, key, value)
+        model = AutoModel.from_pretrained(name, config=settings)
     except Exception as e:   # offline and not cached, not a model folder, ...
         raise VegaError(f"could not load text model {name!r} ({type(e).__name__}: {str(e).strip()[:160]}); give "
                         f"a local folder saved with save_pretrained or a hub name in the local cache") from None
@@ -35,18 +41,24 @@ def load_text_model(name, device):
 
 
 class TextExtractor:
-    def __init__(self, name, pooling, context, max_length, batch_size, device):
+    """recorded: the model's name in the record when it differs from the folder it loads from (a fine-tuned
+    encoder is recorded by its folder's name, wherever that folder is found)."""
+
+    def __init__(self, name, pooling, context, max_length, batch_size, device, layers=1, recorded=None, **config):
         if pooling not in POOLINGS:
             raise VegaError(f"unknown text pooling {pooling!r}: one of {', '.join(POOLINGS)}")
         self.name, self.pooling, self.context = name, pooling, context
-        self.batch_size, self.device = batch_size, device
-        self.tokenizer, self.model = load_text_model(name, device)
-        self.max_length = max_length
+        self.batch_size, self.device, self.recorded = batch_size, device, recorded or name
+        self.tokenizer, self.model = load_text_model(name, device, **config)
+        depth = getattr(self.model.config, "num_hidden_layers", None)
+        if layers < 1 or (depth is not None and layers > depth):
+            raise VegaError(f"--text_layers {layers}: text model {name!r} has {depth} hidden layers")
+        self.max_length, self.layers = max_length, layers
         self.truncated = 0
 
     def describe(self):
-        return {"model": self.name, "weights_sha256": weights_sha256(self.name), "pooling": self.pooling,
-                "context": self.context, "max_length": self.max_length,
+        return {"model": self.recorded, "weights_sha256": weights_sha256(self.name), "pooling": self.pooling,
+                "context": self.context, "max_length": self.max_length, "layers": self.layers,
                 "dim": int(self.model.config.hidden_size)}
 
     def tokenize(self, targets, contexts, truncation):
@@ -97,13 +109,22 @@ class TextExtractor:
     def pool(self, encoded):
         batch, mask = encoded
         with torch.inference_mode():
-            hidden = self.model(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state.float().cpu()
-        if self.pooling == "cls":
-            return hidden[:, 0].numpy()                                   # (B, L, D) -> (B, D)
-        mask = mask | ~mask.any(dim=1, keepdim=True)                      # no token left: every position
-        mask = mask & batch["attention_mask"].bool()
-        weights = mask.float().unsqueeze(-1)                              # (B, L, 1)
-        return ((hidden * weights).sum(1) / weights.sum(1)).numpy()       # (B, L, D) -> (B, D)
+            out = self.model(**{k: v.to(self.device) for k, v in batch.items()}, output_hidden_states=self.layers > 1)
+            hidden = (out.last_hidden_state if self.layers == 1 else
+                      torch.stack(out.hidden_states[-self.layers:]).mean(0))   # (K, B, L, D) -> (B, L, D)
+        return pool_tokens(hidden.float().cpu(), mask, batch["attention_mask"], self.pooling).numpy()
+
+
+def pool_tokens(hidden, mask, attention_mask, pooling):
+    """(B, D) vectors of hidden states (B, L, D): the first token (cls), or the mean over the utterance's own
+    tokens (mean; mask (B, L) marks them; a sequence with none left averages all its tokens)."""
+    if pooling == "cls":
+        return hidden[:, 0]                                               # (B, L, D) -> (B, D)
+    mask = mask.to(hidden.device)
+    mask = mask | ~mask.any(dim=1, keepdim=True)                          # no token left: every position
+    mask = mask & attention_mask.to(hidden.device).bool()
+    weights = mask.to(hidden.dtype).unsqueeze(-1)                         # (B, L, 1)
+    return (hidden * weights).sum(1) / weights.sum(1)                     # (B, L, D) -> (B, D)
 
 
 def contexts_of(utterances, n):
