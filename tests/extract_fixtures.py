@@ -124,3 +124,18 @@ def keyword_rows(n_dialogues, per_dialogue=6, seed=0, predict=0):
 
 def keyword_sentences():
     return [" ".join(FILLERS)] + [w for pair in KEYWORDS.values() for w in pair]
+
+
+def make_tiny_vit(folder, classification=False, seed=0):
+    """A ViT of 2 layers (width 32, 32 px, patch 8) and its image processor; classification: saved as an image
+    classifier (a facial-expression ViT's kind), whose checkpoint holds no pooler weights."""
+    import torch
+    import transformers
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=7)
+    torch.manual_seed(seed)
+    (ViTForImageClassification if classification else ViTModel)(config).save_pretrained(folder)
+    processor_cls = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
+    processor_cls(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)

@@ -389,3 +389,29 @@ def test_a_rotated_video_is_read_upright_as_opencv_shows_it(tmp_path, rotation):
     ok, theirs = cv2.VideoCapture(path).read()                     # BGR, turned by OpenCV's FFmpeg backend
     assert ok and ours.shape == theirs.shape
     assert np.abs(ours.astype(int) - theirs[..., ::-1].astype(int)).mean() < 8
+
+
+@pytest.mark.parametrize("classification", [False, True])
+def test_any_vision_model_as_visual_model(setup, tmp_path, classification):
+    """A tiny ViT: its pooled output, or, saved as an image classifier (no pooler weights, which transformers
+    would fill at random), the mean of its last hidden state; the same on every load."""
+    from extract_fixtures import make_tiny_vit
+    from transformers import AutoImageProcessor, ViTModel
+    vit = make_tiny_vit(str(tmp_path / "vit"), classification)
+    clip = os.path.join(setup["meld"], "train_splits", "dia0_utt1.mp4")
+    rows = [{"dialogue_id": "a", "speaker": "x", "text": "yeah", "video": clip}]
+    manifest = make_manifest(str(tmp_path), rows)
+    outs = [str(tmp_path / f"v{k}.npz") for k in (0, 1)]
+    for out in outs:
+        run_extract(setup, "--manifest", manifest, "--out", out, "--visual_model", vit, "--audio", "egemaps")
+    frames = load_frames(Utterance("r", "d", 0, "s", "t", video=clip), 2)
+    model = ViTModel.from_pretrained(vit, add_pooling_layer=not classification).eval()
+    with torch.no_grad():
+        out = model(**AutoImageProcessor.from_pretrained(vit)(images=frames, return_tensors="pt"))
+    direct = (out.last_hidden_state.mean(1) if classification else out.pooler_output).mean(0)
+    z = load(outs[0])
+    assert z["visual"].shape == (1, 32)
+    np.testing.assert_allclose(z["visual"][0], direct.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(z["visual"], load(outs[1])["visual"])
+    pooling = json.load(open(outs[0][:-4] + ".json"))["extraction"]["extractors"]["visual"]["pooling"]
+    assert ("last hidden state" in pooling) == classification
