@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vega_utils.common import VegaError, atomic_torch_save, atomic_write_text
+from vega_utils.cpu import cpu_dtype
 from vega_utils.features.record import weights_sha256
 from vega_utils.features.text import TextExtractor, pool_tokens
 from vega_utils.runs.threads import CoreShare
@@ -56,24 +57,11 @@ class Recipe:
     amp: str = "auto"           # auto | bf16 | off
 
 
-def cpu_has_native_bf16():
-    """(whether this CPU computes bf16 natively, why): avx512_bf16 or AMX in /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return False, "no /proc/cpuinfo to read"
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    return bool(native), ("it has " + ", ".join(native)) if native else "it has neither avx512_bf16 nor AMX"
-
-
 def autocast_dtype(amp, device):
-    """The autocast dtype (None: float32) by training's --amp rule."""
-    if amp == "off":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.bfloat16 if amp == "bf16" or cpu_has_native_bf16()[0] else None
+    """(the autocast dtype or None for float32, why) by training's --amp rule (vega_utils/cpu.py on the CPU)."""
+    if device.type == "cuda" and amp != "off":
+        return (torch.bfloat16, "--finetune_amp bf16") if amp == "bf16" else (torch.float16, "CUDA: fp16 autocast")
+    return cpu_dtype(amp)
 
 
 class Classifier(nn.Module):
@@ -151,7 +139,7 @@ class Trainer:
 
     def __init__(self, model, recipe, n_train, device):
         self.model, self.recipe, self.device = model, recipe, device
-        self.dtype = autocast_dtype(recipe.amp, device)
+        self.dtype, self.why = autocast_dtype(recipe.amp, device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, recipe.beta2), eps=recipe.eps,
                                      weight_decay=recipe.weight_decay)
@@ -216,6 +204,7 @@ def train(settings, recipe, classes, train_items, valid_items, folder, device, b
     model = Classifier(ex.model, len(classes), recipe.dropout, settings.text_pooling).to(device)
     trainer = Trainer(model, recipe, len(train_set), device)
     name = "float32" if trainer.dtype is None else str(trainer.dtype).replace("torch.", "")
+    print(f"fine-tune precision: {name} ({trainer.why})")
     state_path, best_path = os.path.join(folder, "state.pt"), os.path.join(folder, "best.pt")
     epoch, history, best = 0, [], None
     if os.path.exists(state_path):
@@ -253,7 +242,7 @@ def train(settings, recipe, classes, train_items, valid_items, folder, device, b
         if share is not None:
             share.close()
     model.load_state_dict(torch.load(best_path, weights_only=True))
-    return model, ex, history, best, name
+    return model, ex, history, best, f"{name} ({trainer.why})"
 
 
 def encoder_folder(out):
@@ -299,7 +288,7 @@ def fine_tuned_encoder(utts, contexts, settings, out, device, batch_size, progre
                                                 batch_size, progress)
     test = [(u.text, c, u.label) for u, c in zip(utts, contexts) if u.split == "test" and u.label]  # read only now
     test_acc, test_f1 = evaluate(model, Texts(ex, test, classes), batch_size, device,
-                                 autocast_dtype(recipe.amp, device)) if test else (None, None)
+                                 autocast_dtype(recipe.amp, device)[0]) if test else (None, None)
     print(f"fine-tune: epoch {best['epoch']} chosen: valid accuracy {best['valid_accuracy']:.2f}, weighted F1 "
           f"{best['valid_weighted_f1']:.2f}" + (f"; test accuracy {test_acc:.2f}, weighted F1 {test_f1:.2f} (the "
                                                 f"text-only classifier)" if test else "; no labelled test rows"))

@@ -105,7 +105,7 @@ def recording_features(record, checkpoint, media, transcript, transcribe, out, w
         print(f"features: {features}, made by an earlier run of this command")
     else:
         extracted = extract(utterances, settings, work, features, transcript, Counter(),
-                            (checkpoint, record.get("extractors")))
+                            (checkpoint, record))
         print(f"features: {features}, {extracted['counts']['utterances']} utterances extracted as the checkpoint's "
               f"extraction record says")
         for line in extracted["skipped"]:
