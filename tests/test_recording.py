@@ -155,13 +155,15 @@ def trained(tmp_path_factory):
     data = str(root / "train.npz")
     assert extract.main(["--manifest", make_manifest(str(root), rows), "--out", data, "--text_model", text,
                          "--visual_model", clip, "--frames", "2", "--audio", "egemaps", "--speaker_ids", "dialogue",
-                         "--no_progress"]) == 0
+                         "--text_finetune", "--finetune_epochs", "1", "--finetune_batch_size", "4",
+                         "--finetune_accumulation", "1", "--no_progress"]) == 0
+    encoder = json.load(open(data[:-4] + ".json"))["extraction"]["text_finetune"]["encoder"]
     assert run.run(["--Dataset", data[:-4] + ".json", "--epochs", "1", "--hidden_dim", "32", "--no_clip_loss",
                     "--output_dir", str(root / "runs"), "--no_progress"]) == 0
     best = next((root / "runs").glob("*/*/BEST*.pth"))
     mp4 = write_mp4(str(root / "talk.mp4"), seconds=4.0, seed=3)
     return {"root": root, "best": str(best), "json": data[:-4] + ".json", "mp4": mp4, "text": text, "clip": clip,
-            "vtt": write(root / "talk.vtt", VTT)}
+            "encoder": encoder, "vtt": write(root / "talk.vtt", VTT)}
 
 
 def read_csv(path):
@@ -188,6 +190,8 @@ def test_one_command_equals_like_and_predict(trained, tmp_path):
     with np.load(by_hand) as a, np.load(out / "features.npz") as b:
         for m in ("text", "audio", "visual"):
             np.testing.assert_array_equal(a[m], b[m])
+        extraction = json.loads(str(b["extraction"]))
+    assert extraction["extractors"]["text"]["model"] == "train.text_encoder"   # the fine-tuned encoder replayed
     got, want = read_csv(out / "predictions.csv"), read_csv(expected)
     classes = [k for k in want[0] if k.startswith("p_")]
     assert [r["text"] for r in got] == [r["text"] for r in want] == [r["text"] for r in rows]
@@ -226,15 +230,16 @@ def test_checkpoint_without_record_and_missing_model(trained, tmp_path, capsys):
                            "--out", str(tmp_path / "o1"), "--no_progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "carries no extraction record" in err
-    moved = str(trained["text"]) + "_away"
-    os.rename(trained["text"], moved)
-    try:
-        code = inference.main(["--checkpoint", trained["best"], "--media", trained["mp4"], "--transcript",
-                               trained["vtt"], "--out", str(tmp_path / "o2"), "--no_progress"])
-    finally:
-        os.rename(moved, trained["text"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and f"could not load text model {trained['text']!r}" in err
+    for model, line in ((trained["encoder"], "the fine-tuned text encoder of"),
+                        (trained["clip"], f"could not load visual model {trained['clip']!r}")):
+        os.rename(model, model + "_away")
+        try:
+            code = inference.main(["--checkpoint", trained["best"], "--media", trained["mp4"], "--transcript",
+                                   trained["vtt"], "--out", str(tmp_path / os.path.basename(model)), "--no_progress"])
+        finally:
+            os.rename(model + "_away", model)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and line in err, err
     crowd = write(tmp_path / "crowd.vtt", VTT.replace("let me see them", "Cy: let me see them").replace(
         "<v.loud Ben Smith>", "<v Dee>").replace("Ann: yeah", "Eve: yeah"))
     code = inference.main(["--checkpoint", trained["best"], "--media", trained["mp4"], "--transcript", crowd,
