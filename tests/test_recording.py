@@ -291,6 +291,16 @@ def test_skip_drops_the_bad_cues_and_lists_them(trained, tmp_path, capsys):
     assert "cue 4" in record["skipped"][1] and "past the end of the recording" in record["skipped"][1]
 
 
+def test_a_mended_transcript_runs_in_the_same_folder(trained, tmp_path, capsys):
+    late = write(tmp_path / "talk.vtt", VTT + "\n00:00:03.900 --> 00:00:06.000\n<v Ann>too late\n")
+    out = str(tmp_path / "out")
+    command = ["--checkpoint", trained["best"], "--media", trained["mp4"], "--transcript", late, "--out", out,
+               "--no_progress"]
+    assert inference.main(command) == 2 and "past the end of the recording" in capsys.readouterr().err
+    write(tmp_path / "talk.vtt", VTT)
+    assert inference.main(command) == 0 and len(read_csv(os.path.join(out, "predictions.csv"))) == 4
+
+
 def test_a_folder_of_recordings_gets_subtitles_and_a_timeline_each(trained, tmp_path):
     import pysubs2
     for name in ("one", "two"):

@@ -4,11 +4,13 @@ extract.py --like), into the output folder, where they are kept for the next run
 
 The folder holds `recording.json` (what was asked: recordings, transcripts, model, extraction), `features.npz`
 and its dataset JSON, `transcripts/` when the cues were made by a speech-recognition model, and the outputs.
-A run with the same request reuses what is there (an interrupted extraction continues); a folder holding
-anything else is refused, so nothing written before is replaced.
+A run with the same request reuses what is there (an interrupted extraction continues); after a run that
+stopped before its features (a bad cue, since mended) the folder takes the new request; a folder holding
+anything else is refused, so no finished output is replaced.
 """
 import json
 import os
+import shutil
 from collections import Counter
 from dataclasses import replace
 
@@ -48,7 +50,9 @@ def request_of(media, transcript, transcribe, record):
 
 
 def claim_folder(out, request):
-    """Create the output folder, or accept one that holds the same request; refuse any other."""
+    """Create the output folder, or accept one that holds the same request, or one whose earlier request never
+    got its features (a run stopped by a bad cue, then the transcript mended): its unfinished shards are
+    dropped. A folder with the finished outputs of another request is refused."""
     path = os.path.join(out, REQUEST)
     if os.path.isfile(path):
         with open(path) as f:
@@ -56,10 +60,14 @@ def claim_folder(out, request):
                 held = json.load(f)
             except ValueError:
                 held = None
-        if held != request:
+        if held == request:
+            return True
+        if os.path.exists(os.path.join(out, FEATURES)):
             raise VegaError(f"--out {out} holds the outputs of another recording, transcript or extraction "
                             f"({REQUEST}); give another folder, or remove it to start afresh")
-        return True
+        shutil.rmtree(os.path.join(out, FEATURES + ".parts"), ignore_errors=True)
+        atomic_write_text(path, json.dumps(request, indent=1, sort_keys=True) + "\n")
+        return False
     if os.path.isdir(out) and os.listdir(out):
         raise VegaError(f"--out {out} is a folder with other files in it; give a new or empty folder")
     if os.path.exists(out) and not os.path.isdir(out):
