@@ -70,7 +70,7 @@ def batch_from_reference(ref, n_speakers):
 
 # ---------------------------------------------------------------- datasets, batches, loaders
 class DialogueDataset(Dataset):
-    """Dialogues as stored; with augment=True each read zeroes random feature dimensions (spec 1)."""
+    """Dialogues as stored; with augment=True each read zeroes random feature dimensions (docs/method.md, section 1)."""
 
     def __init__(self, records, augment, drop_prob=0.1):
         self.records = list(records)
@@ -135,7 +135,7 @@ def split_validation(train_ids, ratio, seed):
 
 
 def check_trainable(data, splits):
-    """Training needs train and test dialogues, every utterance of them labelled (README, 'Your own data')."""
+    """Training needs train and test dialogues, every utterance of them labelled (docs/own-data.md)."""
     for split, ids in splits.items():
         if not ids and split != "valid":
             raise VegaError(f"{data.path}: no dialogues in the {split} split, which training needs")

@@ -10,10 +10,12 @@
 docs/extract.md describes every extractor, the manifest, resuming and the errors.
 """
 import argparse
+import os
+import shlex
 import sys
 from dataclasses import asdict
 
-from vega_utils.common import OneLineParser, VegaError, exit_on_error, read_json
+from vega_utils.common import OneLineParser, VegaError, exit_on_error, read_json, script_cmd
 from vega_utils.features.finetune import Recipe
 from vega_utils.features.like import recorded_settings
 from vega_utils.features.pipeline import Settings, Work, extract
@@ -42,6 +44,8 @@ def parser():
                         "(same models, pooling, frames, audio set, classes and speakers; default: the flags below)")
     p.add_argument("--out", required=True, metavar="FILE.npz",
                    help="the features; the dataset JSON goes beside it (required)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished extraction at --out (default: refuse)")
     p.add_argument("--text_model", default=DEFAULTS.text_model, help="hub name or local folder (default: %(default)s)")
     p.add_argument("--text_pooling", choices=POOLINGS, default=DEFAULTS.text_pooling,
                    help="cls: first token; mean: the utterance's tokens (default: %(default)s)")
@@ -147,13 +151,15 @@ def settings_of(args, preset, speaker_ids):
     classes = args.classes.split(",") if args.classes else None
     if args.layout and not classes:
         classes = list((MELD_CLASSES if args.layout == "meld" else IEMOCAP_CLASSES).values())
+    from vega_utils.features.hub import resolved
+    audio = "hf:" + resolved(args.audio[3:]) if args.audio.startswith("hf:") else args.audio
     recipe = asdict(Recipe(**{k: getattr(args, f"finetune_{k}") for k in asdict(RECIPE)}))
-    return Settings(text_model=args.text_model, text_pooling=args.text_pooling, text_context=args.text_context,
-                    max_length=args.max_length, text_layers=args.text_layers,
-                    text_finetune=recipe if args.text_finetune else None, audio=args.audio,
-                    sample_rate=args.sample_rate,
-                    visual_model=args.visual_model, frames=args.frames, faces=args.faces, classes=classes,
-                    speaker_ids=args.speaker_ids or speaker_ids, preset=preset), None
+    return Settings(text_model=resolved(args.text_model), text_pooling=args.text_pooling,
+                    text_context=args.text_context, max_length=args.max_length, text_layers=args.text_layers,
+                    text_finetune=recipe if args.text_finetune else None, audio=audio,
+                    sample_rate=args.sample_rate, visual_model=resolved(args.visual_model), frames=args.frames,
+                    faces=args.faces, classes=classes, speaker_ids=args.speaker_ids or speaker_ids,
+                    preset=preset), None
 
 
 def command(args):
@@ -163,6 +169,8 @@ def command(args):
             raise VegaError(f"--{flag} must be at least 1")
     if args.text_context < 0:
         raise VegaError("--text_context must be 0 or more")
+    from vega_utils.features.output import check_out, counted
+    check_out(args.out, args.overwrite)
     utterances, source, dropped, preset, speaker_ids = read_source(args)
     settings, like = settings_of(args, preset, speaker_ids)
     work = Work(batch_size=args.batch_size, jobs=args.jobs, device=args.device, on_error=args.on_error,
@@ -170,7 +178,8 @@ def command(args):
     expected = (args.like, like) if like else None
     record = extract(utterances, settings, work, args.out, source, dropped, expected)
     c = record["counts"]
-    print(f"wrote {args.out}: {c['dialogues']} dialogues, {c['utterances']} utterances; dataset JSON beside it")
+    print(f"wrote {args.out}: {counted(c['dialogues'], 'dialogue')}, {counted(c['utterances'], 'utterance')}; "
+          f"dataset JSON beside it")
     print("counts: " + ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("utterances", "dialogues")))
     absent = record["classes_without_training_utterance"]
     if absent and len(absent) < len(record["settings"]["classes"]):     # training data, but not of every class
@@ -183,8 +192,24 @@ def command(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
-    return exit_on_error(lambda: command(args), args.debug)
+    try:
+        return exit_on_error(lambda: command(args), args.debug)
+    except KeyboardInterrupt:
+        print(interrupted(args, argv), file=sys.stderr, flush=True)
+        return 130
+
+
+def interrupted(args, argv):
+    """The one line of Ctrl-C: what is kept, and the command that continues."""
+    folder = f"{args.out}.parts"
+    shards = len([f for f in os.listdir(folder) if f.endswith(".npz")]) if os.path.isdir(folder) else 0
+    again = " ".join([script_cmd("extract.py"), *map(shlex.quote, argv)])
+    if shards:
+        return (f"interrupted: the {shards} finished shard(s) in {folder} are kept; to continue, run the same "
+                f"command: {again}")
+    return f"interrupted before any feature was written; to start again: {again}"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""VEGA (spec section 2) in plain PyTorch: an SDT-style multimodal fusion transformer, the VEGA visual-anchor
+"""VEGA (docs/method.md, section 2) in plain PyTorch: an SDT-style multimodal fusion transformer, the VEGA visual-anchor
 branch and the losses.
 
 This file computes what the reference computes, the straightforward way: every (dialogue, position) of the
@@ -36,7 +36,8 @@ def gelu_tanh(x):
 
 def make_mlp(n_layers, d_in, d_hidden, d_out, activation, drop):
     """Linear layers d_in -> d_hidden ... -> d_out with activation (+ dropout when drop > 0) between them.
-    Dropout modules exist only when drop > 0: that decides the index numbers in parameter names (spec 2.1.7)."""
+    Dropout modules exist only when drop > 0: that decides the index numbers in parameter names
+    (docs/method.md, section 2.1, item 7)."""
     layers, d = [], d_in
     for _ in range(n_layers - 1):
         layers += [nn.Linear(d, d_hidden), ACTIVATION_MODULES[activation]()]
@@ -204,7 +205,7 @@ class VEGA(nn.Module):
             self.register_parameter(f"{m}_cls_temp", nn.Parameter(torch.tensor(math.log(2.0))))
         for m in ("a", "v", "t"):
             self.register_parameter(f"{m}_clip_temp", nn.Parameter(torch.tensor(math.log(2.0))))
-        self.prob_gate_logit = nn.Parameter(torch.tensor(0.0))  # unused by predictions (spec 2.2), kept for checkpoints
+        self.prob_gate_logit = nn.Parameter(torch.tensor(0.0))  # unused by predictions, kept for checkpoints
         self.speaker_embeddings = nn.Embedding(cfg.n_speakers + 1, H, padding_idx=cfg.n_speakers)
         for name in ENCODER_NAMES:
             self.add_module(name, TransformerEncoder(H, cfg.n_head, cfg.dropout))
@@ -287,7 +288,7 @@ class VEGA(nn.Module):
         return logits
 
     def probability_mixes(self, cls_logit, clip_logit):
-        """The reference's two unused outputs (spec 2.2), kept so its outputs can be compared."""
+        """The reference's two unused outputs (docs/method.md, section 2.2), kept so its outputs can be compared."""
         p, q = torch.softmax(cls_logit.float(), -1), torch.softmax(clip_logit.float(), -1)  # (R, C)
         g = torch.sigmoid(self.prob_gate_logit)
         average = g * p + (1 - g) * q
@@ -296,7 +297,8 @@ class VEGA(nn.Module):
 
 
 def pick_anchors(bank, training, rand, rng=random):
-    """The (C, K) anchors of one forward pass, L2-normalised (spec 2.2). bank: vega_utils.anchors.bank.AnchorBank.
+    """The (C, K) anchors of one forward pass, L2-normalised (docs/method.md, section 2.2).
+    bank: vega_utils.anchors.bank.AnchorBank.
 
     Training: with probability `rand` one uniformly drawn image per class, otherwise the class centres.
     Evaluation always uses the centres (the reference also draws there; see README).

@@ -1,4 +1,5 @@
-"""One training epoch and one evaluation epoch (spec section 3); the losses are model.py's (spec 2.3)."""
+"""One training epoch and one evaluation epoch (docs/method.md, section 3); the losses are model.py's
+(docs/method.md, section 2.3)."""
 import contextlib
 import random
 import signal

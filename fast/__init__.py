@@ -5,7 +5,7 @@
 
 `accelerate` walks the module tree and swaps each plain module for its faster version (layers.SWAPS), the way
 timm swaps layers: the module object stays, with its parameters, buffers and hooks; only its class (its forward)
-changes. The rooms:
+changes. The modules:
 - layers.py: the faster modules;
 - layout.py: packed rows of the valid utterances and attention grids of similar-length dialogues;
 - cpu_kernels.py / cpu_kernels.c: the one-pass C kernels (dropout, activation + dropout, the gate, row scatter,

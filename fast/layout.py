@@ -184,7 +184,7 @@ def upload(tensors, device):
 
 def scatter_rows(rows, index, zero_rows, total, out=None):
     """out[index] = rows and out[zero_rows] = 0, out a new (total, W) tensor unless given: the whole-row C kernel
-    (vega_utils/cpu_kernels.py), or torch's index ops without it."""
+    (fast/cpu_kernels.py), or torch's index ops without it."""
     y = cpu_kernels.scatter_rows(rows, index, zero_rows, total, out=out)
     if y is not None:
         return y

@@ -53,7 +53,7 @@ class ShadowAdam(torch.optim.Optimizer):
 
     def __init__(self, model, lr, weight_decay, decoupled, betas=(0.9, 0.999), eps=1e-8):
         if cpu_kernels.kernel() is None:
-            raise RuntimeError("ShadowAdam needs the CPU kernels (vega_utils/cpu_kernels.py)")
+            raise RuntimeError("ShadowAdam needs the CPU kernels (fast/cpu_kernels.py)")
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.decoupled = decoupled

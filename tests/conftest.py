@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-# The reference implementation's numbers (spec section 6), copied from ../shared/reference so that a clone
+# The reference implementation's numbers (docs/method.md, section 5), copied from ../shared/reference so that a clone
 # anywhere, with nothing beside it, runs the whole suite. tests/fixtures/README.md says what they are.
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
@@ -27,7 +27,7 @@ def reference_file(name):
 
 
 def rel_err(a, b):
-    """Norm of the difference over norm of the reference (spec section 6)."""
+    """Norm of the difference over norm of the reference (docs/method.md, section 5)."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 

@@ -66,7 +66,7 @@ def test_cache_equals_direct_transformers_features(setup, built):
         expected = direct_features(clip_dir, made[c])
         got = saved["anchor_img_dict"][c]["feature"]
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-        # Centre = plain mean of the normalised features, not re-normalised (spec section 4).
+        # Centre = plain mean of the normalised features, not re-normalised (docs/method.md, section 4).
         torch.testing.assert_close(saved["anchor_center"][i], expected.mean(dim=0), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bank.banks[i], got)
     loaded = anchor_bank.load_anchor_cache(out, IEMOCAP, expected_dim=16)

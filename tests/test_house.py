@@ -1,5 +1,5 @@
-"""The house: every room imports, imports point down (no circle among modules or among rooms), each room says what
-lives in it."""
+"""The code's layout: every package imports, imports point down (no circle among modules or among packages), each
+package's docstring says what lives in it."""
 import ast
 import importlib
 import os
@@ -10,7 +10,7 @@ from conftest import ROOT
 
 import vega_utils
 
-ROOMS = ("data", "features", "anchors", "runs", "insight", "sweep")
+GROUPS = ("data", "features", "anchors", "runs", "insight", "sweep")
 
 
 def project_modules():
@@ -83,7 +83,7 @@ def find_cycle(graph):
     return None
 
 
-def room_of(module):
+def group_of(module):
     parts = module.split(".")
     return ".".join(parts[:2]) if parts[0] in ("vega_utils",) and len(parts) > 1 else parts[0]
 
@@ -93,12 +93,13 @@ def test_no_circular_imports_among_modules():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
-def test_no_circular_imports_among_rooms():
-    rooms = {}
+def test_no_circular_imports_among_packages():
+    groups = {}
     for module, targets in import_graph(project_modules()).items():
-        rooms.setdefault(room_of(module), set()).update(room_of(t) for t in targets if room_of(t) != room_of(module))
-    cycle = find_cycle(rooms)
-    assert cycle is None, "rooms import each other: " + " -> ".join(cycle)
+        group = group_of(module)
+        groups.setdefault(group, set()).update(group_of(t) for t in targets if group_of(t) != group)
+    cycle = find_cycle(groups)
+    assert cycle is None, "packages import each other: " + " -> ".join(cycle)
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -106,10 +107,10 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_every_room_imports_and_says_what_lives_there():
-    for room in ROOMS:
-        package = importlib.import_module(f"vega_utils.{room}")
-        assert package.__doc__ and len(package.__doc__.split()) > 15, room
+def test_every_group_imports_and_says_what_lives_there():
+    for group in GROUPS:
+        package = importlib.import_module(f"vega_utils.{group}")
+        assert package.__doc__ and len(package.__doc__.split()) > 15, group
     for info in pkgutil.walk_packages(vega_utils.__path__, "vega_utils."):
         importlib.import_module(info.name)
 

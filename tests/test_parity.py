@@ -1,4 +1,4 @@
-"""The reference's own numbers (tests/fixtures): outputs, losses and gradients, spec section 6."""
+"""The reference's own numbers (tests/fixtures): outputs, losses and gradients, docs/method.md, section 5."""
 import copy
 import json
 
@@ -46,7 +46,7 @@ def test_outputs_losses_grads_match_reference(fixture, kind):
 
 def check_against_reference(fx, cfg, model, batch, anchors, weights):
     """Outputs, losses and gradients of `model` (plain or accelerated, on any device, float32) against the
-    reference's, spec section 6."""
+    reference's, docs/method.md, section 5."""
     packed = is_accelerated(model)
     model.zero_grad()
     out = model(batch, anchors)

@@ -231,7 +231,7 @@ def test_checkpoint_without_record_and_missing_model(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "carries no extraction record" in err
     for model, line in ((trained["encoder"], "the fine-tuned text encoder of"),
-                        (trained["clip"], f"could not load visual model {trained['clip']!r}")):
+                        (trained["clip"], f"its visual model {trained['clip']}: no such folder")):
         os.rename(model, model + "_away")
         try:
             code = inference.main(["--checkpoint", trained["best"], "--media", trained["mp4"], "--transcript",

@@ -1,4 +1,5 @@
-"""Everything around the method, in rooms by job. Each arrow points down; nothing here imports a room above it.
+"""Everything around the method, one package per kind of job. Imports point down: no package here imports one
+listed above it.
 
 - common.py   the user-facing error and its exit, one-line argument errors, devices, seeds, atomic writes
 - data/       what a dataset is, reading and checking data files (pickle and open .npz), conversion, synthetic data

@@ -66,6 +66,8 @@ def read_json(path, what):
             return json.load(f)
     except FileNotFoundError:
         raise VegaError(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise VegaError(f"{what} {path} is a folder; give the JSON file") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VegaError(f"{what} {path}: cannot read it as JSON ({e})") from None
 

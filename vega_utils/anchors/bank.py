@@ -35,7 +35,7 @@ class AnchorBank:
 
 
 # =====================================================================================================
-# Everything below loads and checks the anchor cache (spec section 4); building one from images is
+# Everything below loads and checks the anchor cache (docs/method.md, section 4); building one from images is
 # images.py, whose imports (transformers, Pillow) happen only when a cache is built.
 #
 # Cache file, the reference's layout, so the published anchor/35_anchor.pt and caches built here are

@@ -1,5 +1,5 @@
-"""Building an anchor cache from emotion face images with CLIP (spec section 4): which image is which class's,
-the CLIP features, the cache file (its layout: bank.py). transformers, Pillow and tqdm are imported
+"""Building an anchor cache from emotion face images with CLIP (docs/method.md, section 4): which image is which
+class's, the CLIP features, the cache file (its layout: bank.py). transformers, Pillow and tqdm are imported
 inside the functions that need them.
 
 Which image belongs to which class (the reference searched the label word anywhere in the *absolute*
@@ -124,15 +124,15 @@ def load_clip(clip_model, device):
     except Exception as e:  # OSError offline/not found, ValueError wrong model type, safetensors errors...
         raise VegaError(f"could not load CLIP model {clip_model!r} ({type(e).__name__}: {first_line(e)}). Give "
                         f"a local folder saved with save_pretrained (model and preprocessor_config.json; see "
-                        f"README.md, 'CLIP offline') or a hub name that is already in the local cache or "
+                        f"docs/anchors.md, 'CLIP offline') or a hub name that is already in the local cache or "
                         f"reachable online") from e
     try:
         processor = processor_cls.from_pretrained(clip_model)
     except Exception as e:
         raise VegaError(f"CLIP model {clip_model!r} loaded, but its image processor did not ({type(e).__name__}: "
                         f"{first_line(e)}): a folder needs preprocessor_config.json too. Save the processor "
-                        f"beside the model: CLIPProcessor.from_pretrained(NAME).save_pretrained(FOLDER) (README.md, "
-                        f"'CLIP offline')") from e
+                        f"beside the model: CLIPProcessor.from_pretrained(NAME).save_pretrained(FOLDER) "
+                        f"(docs/anchors.md, 'CLIP offline')") from e
     # Some checkpoints load in half precision under transformers 5's dtype="auto"; anchors are float32.
     return model.float().to(device).eval(), processor
 

@@ -76,7 +76,7 @@ def dataset_info(name):
     if is_spec_path(name):
         return read_spec(name)
     raise VegaError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)} or give the path of a "
-                    f"dataset JSON (README.md, 'Your own data')")
+                    f"dataset JSON (docs/own-data.md)")
 
 
 def dataset_of(name, spec=None):

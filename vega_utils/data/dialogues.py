@@ -62,7 +62,7 @@ def utterance_names(data, dialogue_ids, utterance_index):
 
 
 def load_dialogues(path, dataset):
-    """Read a data file (the 7-tuple pickle of spec section 1, or the open .npz format) and check all of it;
+    """Read a data file (the 7-tuple pickle of docs/method.md, section 1, or the open .npz format) and check all of it;
     a problem raises a one-line VegaError. `dataset`: a name, a dataset JSON path or a DatasetInfo.
 
     A pickle is unpickled, so only load pickles you trust; an .npz is read without unpickling.

@@ -1,6 +1,6 @@
 """The open feature format: one .npz of row-aligned columns, read with allow_pickle=False (never runs code).
 
-One row per utterance (README, "Your own data", documents every column):
+One row per utterance (docs/own-data.md, "The open feature format", documents every column):
     dialogue_id  (U,) str or int     the dialogue the utterance belongs to
     position     (U,) int            its place in the dialogue, 0..n-1 (rows may come in any order)
     speaker      (U,) str or int     a speaker name (or id)

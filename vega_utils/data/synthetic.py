@@ -70,7 +70,7 @@ def _features(rng, labels, strength, protos):
 
 def make_synthetic_dataset(path, dataset="IEMOCAP", n_train=40, n_test=12, min_len=8, max_len=30,
                            seed=0, signal=1.0, text_as_3d=False):
-    """Write a pickle in the real 7-tuple layout (spec section 1) and return a short summary.
+    """Write a pickle in the real 7-tuple layout (docs/method.md, section 1) and return a short summary.
 
     text_as_3d stores text as [1, n_utt, 1024], as some IEMOCAP files do.
     """

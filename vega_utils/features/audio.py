@@ -8,22 +8,31 @@
               hidden layer averaged over the utterance's own frames (no padding enters the average). Batched
               (--batch_size, longest first, zero-padded with an attention mask) when its feature extractor
               returns attention masks; otherwise one utterance at a time, as padding would change the features
-openSMILE sets run in --jobs worker processes (decoding too); an hf encoder runs in this process.
+openSMILE sets run in --jobs worker processes (decoding too); an hf encoder runs in this process. The workers
+ignore Ctrl-C (the process that started them answers it and ends them), so an interrupt prints no trace per
+worker and leaves none behind.
 """
 import os
+import signal
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 
 import numpy as np
 import torch
 
 from vega_utils.common import VegaError
+from vega_utils.features.hub import reason
 from vega_utils.features.media import load_audio
 from vega_utils.features.record import weights_sha256
 from vega_utils.features.utterances import BadUtterance, bad
 
 SETS = ("is10", "egemaps", "compare")
+# Memory openSMILE holds while it computes one utterance's functionals, in MB per second of audio at 16 kHz
+# (measured: peak resident memory over 30 s and 120 s of noise, openSMILE 2.5 on x86-64). A set's functionals
+# are taken over the whole segment at once: cutting it into windows would give other features.
+MB_PER_SECOND = {"is10": 3.3, "egemaps": 0.6, "compare": 0.75}
+ANNOUNCED_MB = 1024
 
 
 def smile_config(name):
@@ -40,7 +49,29 @@ def make_smile(name):
     return opensmile.Smile(feature_set=smile_config(name), feature_level=opensmile.FeatureLevel.Functionals)
 
 
+def memory_note(utterances, kind, rate, jobs, duration_of):
+    """A `note:` line when an utterance's audio is long enough for openSMILE to hold over ANNOUNCED_MB MB at once,
+    naming the longest; '' otherwise. duration_of(u): seconds of the utterance's audio segment."""
+    if kind not in MB_PER_SECOND:
+        return ""
+    per_second = MB_PER_SECOND[kind] * rate / 16000
+    seconds = [(duration_of(u), u) for u in utterances]
+    long = [(s, u) for s, u in seconds if s * per_second > ANNOUNCED_MB]
+    if not long:
+        return ""
+    s, u = max(long, key=lambda x: x[0])
+    path = u.audio or u.video
+    return (f"note: {len(long)} utterance(s) hold long audio, the longest {u.where(path)} with {s / 60:.1f} min; "
+            f"openSMILE's {kind} holds about {per_second:.1f} MB per second of an utterance in memory, so about "
+            f"{s * per_second / 1024:.1f} GB for it (--jobs {jobs}: up to {jobs} at once); to use less, cut long "
+            f"recordings into utterances (start, end)")
+
+
 _WORKER = {}   # the Smile of this worker process
+
+
+def _ignore_interrupts():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _smile_job(job):
@@ -85,8 +116,15 @@ class AudioExtractor:
         if self.jobs <= 1:
             return [_smile_job(j) for j in jobs]
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"))
-        return list(self.pool.map(_smile_job, jobs))
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"), initializer=_ignore_interrupts)
+        # Workers start while Ctrl-C is ignored here, so they ignore it from their first instruction (Python keeps
+        # an inherited 'ignore'); the map submits every job, and so starts the workers, before it returns.
+        answer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            results = self.pool.map(_smile_job, jobs)
+        finally:
+            signal.signal(signal.SIGINT, answer)
+        return list(results)
 
     def batches(self):
         """True when the encoder takes zero-padded batches with an attention mask without changing the frames
@@ -134,9 +172,21 @@ class AudioExtractor:
         frames = self.model._get_feat_extract_output_lengths(torch.tensor([x.size for x in samples]))
         return [hidden[b, :int(n)].mean(0).numpy() for b, n in enumerate(frames)]   # (B, T, D) -> B x (D,)
 
-    def close(self):
-        if self.pool is not None:
+    def close(self, now=False):
+        """Wait for the workers to finish; now=True (an interrupt, an error): drop the queued jobs and end them."""
+        if self.pool is None:
+            return
+        if not now:
             self.pool.shutdown()
+            return
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for worker in active_children():
+            worker.terminate()
+        for worker in active_children():
+            worker.join(5)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(5)
 
 
 def load_speech_model(name, device):
@@ -144,5 +194,5 @@ def load_speech_model(name, device):
     try:
         return AutoFeatureExtractor.from_pretrained(name), AutoModel.from_pretrained(name).float().to(device).eval()
     except Exception as e:
-        raise VegaError(f"could not load speech model {name!r} ({type(e).__name__}: {str(e).strip()[:160]}); "
+        raise VegaError(f"could not load speech model {name!r} ({reason(e)}); "
                         f"give a local folder saved with save_pretrained (model and feature extractor)") from None

@@ -7,6 +7,7 @@
     label, split, utterance_id       optional (a row without a split is `predict`)
 """
 import csv
+import io
 import math
 import os
 
@@ -18,14 +19,24 @@ KNOWN = REQUIRED + ("position", "audio", "video", "start", "end", "label", "spli
 
 
 def read_manifest(path):
+    if os.path.isdir(path):
+        raise VegaError(f"manifest {path} is a folder; give the CSV file")
     if not os.path.isfile(path):
         raise VegaError(f"manifest {path} not found")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows, header = list(reader), reader.fieldnames or []
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise VegaError(f"manifest {path}: cannot read it as a UTF-8 CSV ({e})") from None
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8-sig")
+    except OSError as e:
+        raise VegaError(f"manifest {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise VegaError(f"manifest {path} row {row_at(raw, e.start)}: byte 0x{raw[e.start]:02x} is not UTF-8 "
+                        f"(save the manifest as UTF-8)") from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows, header = list(reader), reader.fieldnames or []
+    except csv.Error as e:
+        raise VegaError(f"manifest {path}: cannot read it as a CSV ({e})") from None
     for i, row in enumerate(rows):
         if None in row:   # csv puts the fields beyond the header under None
             raise VegaError(f"manifest {path} row {i + 2}: more fields than the header's {len(header)} (a text "
@@ -39,6 +50,14 @@ def read_manifest(path):
         raise VegaError(f"manifest {path}: unknown column(s) {', '.join(unknown)} (known: {', '.join(KNOWN)})")
     folder = os.path.dirname(os.path.abspath(path))
     return [row_utterance(row, f"{path} row {i + 2}", i, folder) for i, row in enumerate(rows)]
+
+
+def row_at(raw, offset):
+    """The CSV row (1: the header) that holds byte `offset` of the file: the rows csv reads before it, counted."""
+    before = raw[:offset].decode("utf-8-sig", errors="replace")
+    rows = list(csv.reader(io.StringIO(before, newline="")))
+    at_line_start = before == "" or before.endswith(("\n", "\r"))
+    return len(rows) + 1 if at_line_start else max(len(rows), 1)
 
 
 def row_utterance(row, where, index, folder):

@@ -35,6 +35,8 @@ def _probe(path):
 
 def check_media(u, path, need):
     """Check that the file exists, opens, has the stream `need` (audio or video) and holds the segment."""
+    if os.path.isdir(path):
+        raise bad(u, "this is a folder, not a media file", path)
     if not os.path.isfile(path):
         raise bad(u, "file not found", path)
     try:
@@ -47,7 +49,9 @@ def check_media(u, path, need):
     start, end = start or 0.0, duration if end is None else end
     if start < 0 or end > duration + 0.05:
         raise bad(u, f"segment {start:g}-{end:g} s lies outside the file ({duration:.3f} s)", path)
-    if end <= start:
+    if end < start:
+        raise bad(u, f"segment {start:g}-{end:g} s ends before it starts (start and end swapped?)", path)
+    if end == start:
         raise bad(u, f"segment {start:g}-{end:g} s has zero length", path)
 
 

@@ -11,8 +11,9 @@ import numpy as np
 
 from vega_utils.common import VegaError, atomic_write_text, resolve_device
 from vega_utils.data.openformat import write_npz
+from vega_utils.features.hub import require_models
 from vega_utils.features.media import check_media, probe
-from vega_utils.features.record import library_versions, to_json
+from vega_utils.features.record import differences, library_versions, to_json
 from vega_utils.features.shards import Parts
 from vega_utils.features.utterances import BadUtterance, Problems, bad, check_fields, renumber
 
@@ -58,8 +59,8 @@ def speakers_per_dialogue(utterances):
         u.speaker = str(names.setdefault(u.speaker, len(names)))
 
 
-def check_files(u, problems, missing):
-    """Check the utterance's media; count a modality it has no source for. False if it is dropped."""
+def check_files(u, problems):
+    """Check the utterance's media. False if it is dropped."""
     try:
         if u.audio:
             check_media(u, u.audio, "audio")
@@ -68,8 +69,6 @@ def check_files(u, problems, missing):
     except BadUtterance as e:
         problems.report(e)
         return False
-    for modality in ("audio", "visual"):
-        missing[modality] += not has_source(u, modality)
     return True
 
 
@@ -79,6 +78,34 @@ def stamp(path):
         return None
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
+
+
+def audio_seconds(u):
+    """Seconds of the utterance's audio segment (0 without an audio source)."""
+    if not has_source(u, "audio"):
+        return 0.0
+    start, end = u.segment("audio")
+    return (probe(u.audio or u.video)[0] if end is None else end) - (start or 0.0)
+
+
+def announce_memory(utts, settings, work):
+    from vega_utils.features.audio import memory_note
+    note = memory_note(utts, settings.audio, settings.sample_rate, work.jobs, audio_seconds)
+    if note:
+        print(note)
+
+
+def reads(modality, chunk, contexts):
+    """A hash of what one shard of a modality reads: its utterances' texts, or media files (with their size and
+    modification time) and segments; a resumed extraction computes a shard again when this changed."""
+    if modality == "text":
+        keys = [(u.dialogue_id, u.position, u.text, c) for u, c in zip(chunk, contexts)]
+    elif modality == "audio":
+        keys = [(u.dialogue_id, u.position, u.audio or u.video, u.segment("audio"), stamp(u.audio or u.video))
+                for u in chunk]
+    else:
+        keys = [(u.dialogue_id, u.position, u.video, u.start, u.end, stamp(u.video)) for u in chunk]
+    return hashlib.sha256(json.dumps(keys).encode()).hexdigest()
 
 
 def has_source(u, modality):
@@ -151,26 +178,26 @@ def extract(utterances, settings, work, out, source, dropped_labels, expected=No
         speakers_per_dialogue(utterances)
     known_speakers = settings.speakers if settings.classes is not None else None   # --like: fixed ones
     utts = check_fields(utterances, settings.classes, known_speakers, problems)
-    missing = Counter()
-    utts = renumber([u for u in utts if check_files(u, problems, missing)])
+    utts = renumber([u for u in utts if check_files(u, problems)])
     if not utts:
         raise VegaError(f"{source}: no utterance left to extract")
+    announce_memory(utts, settings, work)
     if not work.progress:   # transformers draws its own bars while it loads weights
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     contexts = contexts_of(utts, settings.text_context)
+    require_models(settings, expected[0] if expected else "", text=not (settings.text_finetune and expected))
     text_model, text_name, tuned = text_encoder(utts, contexts, settings, work, out, expected)
     extractors = build_extractors(settings, work, text_model, text_name)
     described = {m: e.describe() for m, e in extractors.items()}
     if expected is not None and expected[1]["extractors"] != described:
-        changed = ", ".join(describe_change(expected[1]["extractors"], described))
-        raise VegaError(f"--like {expected[0]}: the {changed} model(s) "
-                        f"found here differ from the recorded ones (weights or settings), so the extraction "
-                        f"cannot be repeated")
-    keys = [(u.row, u.dialogue_id, u.position, u.text, u.audio, u.video, u.start, u.end, stamp(u.audio),
-             stamp(u.video)) for u in utts]
+        said = differences(expected[1]["extractors"], described, "in the record")
+        raise VegaError(f"--like {expected[0]}: the extractors found here differ from the recorded ones "
+                        f"({'; '.join(said)}), so the extraction cannot be repeated")
+    chunks = range(0, len(utts), work.shard_size)
     plan = {"extractors": described, "shard_size": work.shard_size,
-            "utterances": hashlib.sha256(json.dumps(keys).encode()).hexdigest()}
+            "shards": {m: [reads(m, utts[lo:lo + work.shard_size], contexts[lo:lo + work.shard_size])
+                           for lo in chunks] for m in MODALITIES}}
     parts = Parts(out, plan)
     columns, counts = {}, Counter()
     failed = [""] * len(utts)
@@ -191,22 +218,21 @@ def extract(utterances, settings, work, out, source, dropped_labels, expected=No
             if m != "audio":                                                   # audio counts nothing
                 counts["truncated_text" if m == "text" else "visual_fallbacks"] += sum(s[2] for s in shards)
             failed = [a or b for a, b in zip(failed, [p for s in shards for p in s[1]])]
-    finally:
-        extractors["audio"].close()
+    except BaseException:       # an error or Ctrl-C: the audio workers are ended, not waited for
+        extractors["audio"].close(now=True)
+        raise
+    extractors["audio"].close()
     keep = [i for i, f in enumerate(failed) if not f]
     problems.lines += [f for f in failed if f]
     utts = renumber([utts[i] for i in keep])
     columns = {m: x[keep] for m, x in columns.items()}
+    missing = Counter({m: sum(not has_source(u, m) for u in utts) for m in ("audio", "visual")})   # of those kept
     record = make_record(settings, described, utts, counts, missing, dropped_labels, problems.lines)
     if tuned is not None:
         record["text_finetune"] = tuned
     write_outputs(out, utts, columns, record)
     parts.remove()
     return record
-
-
-def describe_change(old, new):
-    return [m for m in MODALITIES if old.get(m) != new.get(m)]
 
 
 def make_record(settings, described, utts, counts, missing, dropped_labels, skipped):

@@ -61,8 +61,29 @@ def require_same_extraction(trained, found, data_path):
         raise VegaError(f"{data_path} carries no extraction record, but the checkpoint was trained on features "
                         f"of extract.py ({describe(trained)}); extract these with extract.py --like")
     if trained.get("extractors") != found.get("extractors"):
-        raise VegaError(f"{data_path} holds features of another extraction ({describe(found)}) than the "
-                        f"checkpoint was trained on ({describe(trained)}); extract them with extract.py --like")
+        said = differences(trained.get("extractors", {}), found.get("extractors", {}), "in training")
+        raise VegaError(f"{data_path} holds features of another extraction than the checkpoint was trained on "
+                        f"({'; '.join(said)}); extract them with extract.py --like")
+
+
+def differences(old, new, where):
+    """Each setting that differs between two extractors' records, with both values: 'text pooling mean here, cls
+    in training' (where: how to name the old record's side)."""
+    said = []
+    for modality in sorted(set(old) | set(new)):
+        a, b = old.get(modality) or {}, new.get(modality) or {}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                said.append(f"{modality} {key.replace('_', ' ')} {show(b.get(key))} here, {show(a.get(key))} "
+                            f"{where}")
+    return said or ["the records differ"]
+
+
+def show(value):
+    if value is None:
+        return "(none)"
+    text = str(value)
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
 
 
 def describe(record):

@@ -1,7 +1,8 @@
 """Resumable work: every finished shard (one modality, one chunk of utterances) is written atomically under
-OUT.npz.parts/, beside a plan.json saying which extraction they belong to. Run the same command again after
-an interruption (Ctrl-C, kill -9) and the shards already there are read, not computed again; the folder is
-removed once OUT.npz is written.
+OUT.npz.parts/, beside a plan.json saying which extraction they belong to and what each shard read (a hash of its
+utterances and the size and time of their media files). Run the same command again after an interruption
+(Ctrl-C, kill -9) and the shards already there are read, not computed again; a shard whose utterances or files
+changed since (a damaged file repaired) is computed again, alone. The folder is removed once OUT.npz is written.
 """
 import json
 import os
@@ -18,20 +19,37 @@ KILL_AFTER = "VEGA_EXTRACT_KILL_AFTER_SHARDS"
 
 class Parts:
     def __init__(self, out_path, plan):
+        """plan: {"extractors": ..., "shard_size": n, "shards": {modality: [what shard k reads, a hash]}}."""
         self.folder = f"{out_path}.parts"
         self.saved = 0
         plan_path = os.path.join(self.folder, "plan.json")
-        text = json.dumps(plan, sort_keys=True, indent=1)
         if os.path.exists(plan_path):
             with open(plan_path) as f:
-                if f.read() != text:
-                    raise VegaError(f"{self.folder} holds the shards of another extraction (other models, "
-                                    f"settings, utterances or media files); remove that folder, or "
-                                    f"write to another --out")
-            print(f"resuming: the finished shards in {self.folder} are kept")
+                old = json.load(f)
+            if {k: v for k, v in old.items() if k != "shards"} != {k: v for k, v in plan.items() if k != "shards"} \
+                    or not isinstance(old.get("shards"), dict):
+                raise VegaError(f"{self.folder} holds the shards of another extraction (other models, settings "
+                                f"or shard size); remove that folder, or write to another --out")
+            kept, redone = self.keep_matching(old["shards"], plan["shards"])
+            print(f"resuming: {kept} finished shard(s) in {self.folder} are kept"
+                  + (f", {redone} whose utterances or media files changed are computed again" if redone else ""))
         else:
             os.makedirs(self.folder, exist_ok=True)
-            atomic_write_text(plan_path, text)
+        atomic_write_text(plan_path, json.dumps(plan, sort_keys=True, indent=1))
+
+    def keep_matching(self, old, new):
+        """Remove the shards that read other utterances or files than the plan's; (kept, removed) counts."""
+        kept = redone = 0
+        for modality, hashes in new.items():
+            for k, h in enumerate(hashes):
+                if not self.done(modality, k):
+                    continue
+                if k < len(old.get(modality, [])) and old[modality][k] == h:
+                    kept += 1
+                else:
+                    os.remove(self.path(modality, k))
+                    redone += 1
+        return kept, redone
 
     def path(self, modality, k):
         return os.path.join(self.folder, f"{modality}-{k:05d}.npz")

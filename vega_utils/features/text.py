@@ -8,13 +8,15 @@ first segment of a sequence pair and the utterance as the second (tokenizer(cont
 reads both, and mean pooling averages only the utterance's tokens. cls pooling reads the first token, which
 attends to the context too. With N = 0 the utterance is encoded alone.
 The utterances are tokenised once, in one call; batches are cut from them sorted by token length (longest
-first), so little padding is computed. A sequence longer than --max_length tokens is truncated (the longer
-segment first: the context, as a rule) and counted.
+first), so little padding is computed. A sequence longer than the limit is truncated (the longer segment first:
+the context, as a rule) and counted; the limit is --max_length or the number of positions the model has, whichever
+is smaller (a 512-position RoBERTa cannot read a 600-token sequence).
 """
 import numpy as np
 import torch
 
 from vega_utils.common import VegaError
+from vega_utils.features.hub import reason
 from vega_utils.features.record import weights_sha256
 
 POOLINGS = ("cls", "mean")
@@ -32,12 +34,22 @@ def load_text_model(name, device, **config):
                 setattr(settings, key, value)
         model = AutoModel.from_pretrained(name, config=settings)
     except Exception as e:   # offline and not cached, not a model folder, ...
-        raise VegaError(f"could not load text model {name!r} ({type(e).__name__}: {str(e).strip()[:160]}); give "
-                        f"a local folder saved with save_pretrained or a hub name in the local cache") from None
+        raise VegaError(f"could not load text model {name!r} ({reason(e)}); give a local folder saved with "
+                        f"save_pretrained or a hub name in the local cache") from None
     if not tokenizer.is_fast:
         raise VegaError(f"text model {name!r}: its tokenizer is not a fast tokenizer (needed to tell the "
                         f"utterance's tokens from the context's)")
     return tokenizer, model.float().to(device).eval()
+
+
+def positions_of(model):
+    """How many tokens the model reads at most (its position embeddings), None when it does not say. RoBERTa-like
+    models number positions from padding_idx + 1, so 514 embeddings read 512 tokens."""
+    embeddings = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+    if isinstance(embeddings, torch.nn.Embedding):
+        skipped = embeddings.padding_idx + 1 if embeddings.padding_idx is not None else 0
+        return embeddings.num_embeddings - skipped
+    return getattr(model.config, "max_position_embeddings", None)
 
 
 class TextExtractor:
@@ -54,6 +66,7 @@ class TextExtractor:
         if layers < 1 or (depth is not None and layers > depth):
             raise VegaError(f"--text_layers {layers}: text model {name!r} has {depth} hidden layers")
         self.max_length, self.layers = max_length, layers
+        self.limit = min(max_length, positions_of(self.model) or max_length)   # what is read (max_length: asked)
         self.truncated = 0
 
     def describe(self):
@@ -62,17 +75,17 @@ class TextExtractor:
                 "dim": int(self.model.config.hidden_size)}
 
     def tokenize(self, targets, contexts, truncation):
-        kw = dict(truncation=True, max_length=self.max_length) if truncation else {}
+        kw = dict(truncation=True, max_length=self.limit) if truncation else {}
         return self.tokenizer(contexts, targets, **kw) if self.context else self.tokenizer(targets, **kw)
 
     def encode_all(self, targets, contexts):
         """Every utterance tokenised once, in one call: (model input lists per utterance, the masks of the
-        utterance's own tokens); the sequences over max_length are tokenised again, truncated, and counted."""
+        utterance's own tokens); the sequences over the limit are tokenised again, truncated, and counted."""
         enc = self.tokenize(targets, contexts, truncation=False)
         target = 1 if self.context else 0
         rows = [{k: enc[k][i] for k in enc.keys()} for i in range(len(targets))]
         masks = [[s == target for s in enc.sequence_ids(i)] for i in range(len(targets))]
-        long = [i for i, r in enumerate(rows) if len(r["input_ids"]) > self.max_length]
+        long = [i for i, r in enumerate(rows) if len(r["input_ids"]) > self.limit]
         self.truncated += len(long)
         if long:
             cut = self.tokenize([targets[i] for i in long], [contexts[i] for i in long], truncation=True)

@@ -1,4 +1,5 @@
-"""One utterance to extract, and the checks every source shares (split, label, text, duplicates).
+"""One utterance to extract, and the checks every source shares (split, label, text, duplicate positions, and
+duplicate utterance ids inside a split: a split's predictions are matched back to the rows by them).
 
 A problem is one line naming the source row and, where there is one, the file. With on_error="skip" the
 utterance is dropped and its line kept for the extraction record instead.
@@ -58,7 +59,7 @@ class Problems:
 
 def check_fields(utterances, classes, speakers, problems):
     """The utterances whose fields are sound, in dialogue order with positions 0..n-1."""
-    seen, kept = set(), []
+    seen, ids, kept = set(), {}, []
     for u in utterances:
         try:
             if u.broken is not None:
@@ -74,7 +75,12 @@ def check_fields(utterances, classes, speakers, problems):
             key = (u.dialogue_id, u.position)
             if key in seen:
                 raise bad(u, f"duplicate position {u.position:g} in dialogue {u.dialogue_id!r}")
+            if u.utterance_id and (u.split, u.utterance_id) in ids:   # predictions are matched back by it
+                raise bad(u, f"utterance_id {u.utterance_id!r} is also that of {ids[u.split, u.utterance_id]} "
+                             f"(both in the {u.split} split); give each utterance its own id")
             seen.add(key)
+            if u.utterance_id:
+                ids[u.split, u.utterance_id] = u.row
         except BadUtterance as e:
             problems.report(e)
             continue

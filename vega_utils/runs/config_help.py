@@ -14,7 +14,7 @@ _HEADS = {"t": "text", "a": "audio", "v": "visual"}
 CONFIG_HELP = {
     "name": "run name: run folders go to <output_dir>/<name>/",
     "seed": "random seed of the run (weights, batches, anchor draws)",
-    "Dataset": "IEMOCAP, MELD, or the path of a dataset JSON (README.md, 'Your own data')",
+    "Dataset": "IEMOCAP, MELD, or the path of a dataset JSON (docs/own-data.md)",
     "num_workers": "DataLoader worker processes (0: load batches in the main process)",
     "epochs": "most epochs to train",
     "patience": "stop early after this many epochs without a better F1",

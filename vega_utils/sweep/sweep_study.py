@@ -5,7 +5,7 @@ mysql+pymysql://...) with a heartbeat: a worker records one every `heartbeat` se
 any worker that finds a RUNNING trial silent for `grace` seconds fails it and re-queues its parameters
 (RetryHeartbeatStaleTrialCallback), so a worker killed with `kill -9` costs one trial's time, not the study.
 `journal:PATH` is Optuna's JournalStorage on a file (a shared file system without a database server); Optuna
-has no heartbeat for it, so there a killed worker's trial stays RUNNING (see README, "Sweeps").
+has no heartbeat for it, so there a killed worker's trial stays RUNNING (see docs/sweeps.md).
 """
 import os
 import time

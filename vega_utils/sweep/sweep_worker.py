@@ -153,7 +153,8 @@ def work(study, objective, n_trials, heartbeat=True, log=print):
         counts = count_states(study)
         finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
         if finished >= n_trials:
-            log(f"sweep: the study holds {finished} finished trials (asked for {n_trials}): this worker stops")
+            trials = f"{finished} finished trial{'' if finished == 1 else 's'}"
+            log(f"sweep: the study holds {trials} (asked for {n_trials}): this worker stops")
             return finished
         if train.STOP.is_set():   # the study is not complete: the trials left are for the workers still there
             raise BetweenTrials("terminated (SIGTERM)")
