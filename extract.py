@@ -137,16 +137,19 @@ RECORDED = ("text_model", "text_pooling", "text_context", "max_length", "text_la
             *(f"finetune_{k}" for k in asdict(RECIPE)))   # the flags --like takes from the record
 
 
+def refuse_changes_to_like(args):
+    """One line when extractor flags come with --like, which takes them all from the record."""
+    given = [f"--{k}" for k in RECORDED if getattr(args, k) != parser().get_default(k)]
+    if args.like and given:
+        raise VegaError(f"--like repeats the extraction recorded in {args.like}; {', '.join(given)} cannot "
+                        f"change it (leave them out, or extract without --like)")
+
+
 def settings_of(args, preset, speaker_ids):
     if args.like:
         spec = read_json(args.like, "dataset file")
         record = spec.get("extraction") if isinstance(spec, dict) else None
-        settings = recorded_settings(record, f"--like {args.like}")
-        given = [f"--{k}" for k in RECORDED if getattr(args, k) != parser().get_default(k)]
-        if given:
-            raise VegaError(f"--like repeats the extraction recorded in {args.like}; {', '.join(given)} cannot "
-                            f"change it (leave them out, or extract without --like)")
-        return settings, record
+        return recorded_settings(record, f"--like {args.like}"), record
     from vega_utils.features.releases import IEMOCAP_CLASSES, MELD_CLASSES
     classes = args.classes.split(",") if args.classes else None
     if args.layout and not classes:
@@ -170,7 +173,8 @@ def command(args):
     if args.text_context < 0:
         raise VegaError("--text_context must be 0 or more")
     from vega_utils.features.output import check_out, counted
-    check_out(args.out, args.overwrite)
+    refuse_changes_to_like(args)
+    check_out(args.out, args.overwrite)          # before any model loads (--transcribe's too)
     utterances, source, dropped, preset, speaker_ids = read_source(args)
     settings, like = settings_of(args, preset, speaker_ids)
     work = Work(batch_size=args.batch_size, jobs=args.jobs, device=args.device, on_error=args.on_error,
