@@ -70,12 +70,13 @@ void dropout_f32(const float *x, float *y, int64_t n, uint64_t seed, uint32_t th
     FOR_EACH_ELEMENT(float v = x[i] * scale; y[i] = bits >= threshold ? v : 0.0f;)
 }
 
-/* ------------------------------------------------------------------ activation + dropout, bfloat16
+/* ------------------------------------------------------------------ activation + dropout
  * y = dropout(f(z)) for f = gelu (tanh form: the feed-forward's; erf form: the output heads') or elu (alpha 1,
  * the VEGA projections), and its backward dz = dy * keep * scale * f'(z). torch runs f, its derivative and the
  * dropout as separate passes (its gelu_tanh alone at ~0.9 ns an element); here each way is one pass. f is computed
  * in float32 to ~2e-7 absolute, far below bfloat16's rounding step (4e-3 relative), so y is torch's bf16 result to
- * within a bf16 step or two. The float32 path (the parity tests) keeps torch's ops.
+ * within a bf16 step or two. The float32 versions serve training only (dropout on), where the mask already differs
+ * from torch's; evaluation in float32 keeps torch's ops (the parity tests).
  */
 enum { ACT_GELU_TANH = 0, ACT_GELU_ERF = 1, ACT_ELU = 2 };
 
@@ -122,10 +123,15 @@ static inline void elu(float z, float *f, float *df) { /* alpha = 1; expm1 by it
     *df = z > 0.0f ? 1.0f : e;
 }
 
-#define ACT_FWD(F) float v = bf16_to_f32(z[i]), f, df; F(v, &f, &df); \
-                   y[i] = bits >= threshold ? f32_to_bf16(f * scale) : 0;
-#define ACT_BWD(F) float v = bf16_to_f32(z[i]), f, df; F(v, &f, &df); \
-                   float g = bf16_to_f32(dy[i]) * scale * df; dz[i] = bits >= threshold ? f32_to_bf16(g) : 0;
+/* One element of each way, for values stored as T with LOAD/STORE converting to and from float32 */
+#define ACT_FWD(F, LOAD, STORE) float f, df; F(LOAD(z[i]), &f, &df); y[i] = bits >= threshold ? STORE(f * scale) : 0;
+#define ACT_BWD(F, LOAD, STORE) float f, df; F(LOAD(z[i]), &f, &df); \
+                                float g = LOAD(dy[i]) * scale * df; dz[i] = bits >= threshold ? STORE(g) : 0;
+#define AS_F32(v) (v)
+#define ACT_FWD_bf16(F) ACT_FWD(F, bf16_to_f32, f32_to_bf16)
+#define ACT_BWD_bf16(F) ACT_BWD(F, bf16_to_f32, f32_to_bf16)
+#define ACT_FWD_f32(F) ACT_FWD(F, AS_F32, AS_F32)
+#define ACT_BWD_f32(F) ACT_BWD(F, AS_F32, AS_F32)
 
 /* FOR_EACH_ELEMENT with STEP(f) for the activation `act` (one loop per activation, so each vectorises) */
 #define FOR_EACH_ACTIVATION(STEP)                                                                        \
@@ -133,22 +139,24 @@ static inline void elu(float z, float *f, float *df) { /* alpha = 1; expm1 by it
     else if (act == ACT_GELU_ERF) { FOR_EACH_ELEMENT(STEP(gelu_erf)) }                                   \
     else { FOR_EACH_ELEMENT(STEP(elu)) }
 
-/* y = dropout(f(z)); threshold 0 and scale 1 give plain f. y may be z. */
-void act_dropout_bf16(const uint16_t *z, uint16_t *y, int64_t n, int act, uint64_t seed, uint32_t threshold,
-                      float scale, int threads) {
-    FOR_EACH_ACTIVATION(ACT_FWD)
-}
+/* y = dropout(f(z)); threshold 0 and scale 1 give plain f. y may be z. (T: uint16_t holds bfloat16 bits.) */
+#define DEFINE_ACT_DROPOUT(SUFFIX, T)                                                                    \
+    void act_dropout_##SUFFIX(const T *z, T *y, int64_t n, int act, uint64_t seed, uint32_t threshold,  \
+                              float scale, int threads) {                                                \
+        FOR_EACH_ACTIVATION(ACT_FWD_##SUFFIX)                                                            \
+    }                                                                                                    \
+    /* dz = dy * keep * scale * f'(z). dz may be dy. */                                                  \
+    void act_dropout_backward_##SUFFIX(const T *dy, const T *z, T *dz, int64_t n, int act, uint64_t seed, \
+                                       uint32_t threshold, float scale, int threads) {                   \
+        FOR_EACH_ACTIVATION(ACT_BWD_##SUFFIX)                                                            \
+    }
+DEFINE_ACT_DROPOUT(bf16, uint16_t)
+DEFINE_ACT_DROPOUT(f32, float)
 
-/* dz = dy * keep * scale * f'(z). dz may be dy. */
-void act_dropout_backward_bf16(const uint16_t *dy, const uint16_t *z, uint16_t *dz, int64_t n, int act,
-                               uint64_t seed, uint32_t threshold, float scale, int threads) {
-    FOR_EACH_ACTIVATION(ACT_BWD)
-}
-
-/* ------------------------------------------------------------------ the multimodal gate, bfloat16
+/* ------------------------------------------------------------------ the multimodal gate
  * y = sum_k softmax_k(l)_k s_k over the three modalities k (l = W s): one pass each way instead of torch's softmax
- * over a strided dimension, product and strided sum (4x faster forward). Computed in float32 from the bf16
- * inputs and rounded once. The float32 path keeps torch's ops.
+ * over a strided dimension, product and strided sum (4x faster forward). Computed in float32 (from bf16 inputs,
+ * rounded once); as for the activations, the float32 versions serve training only.
  */
 /* the loop that follows, split between the threads when its `work` (elements) is worth it */
 #define PARALLEL_IF_LARGE _Pragma("omp parallel for schedule(static) num_threads(threads) if (work > 32768)")
@@ -161,51 +169,48 @@ static inline void softmax3(float l0, float l1, float l2, float *w0, float *w1, 
     *w0 = e0 * inv; *w1 = e1 * inv; *w2 = e2 * inv;
 }
 
-/* l, s: (rows, 3, H); y: (rows, H) = sum_k softmax_k(l[:, k]) s[:, k] */
-void softmax_mix3_bf16(const uint16_t *l, const uint16_t *s, uint16_t *y, int64_t rows, int64_t H, int threads) {
-    const int64_t work = rows * H;
-    PARALLEL_IF_LARGE
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *lr = l + r * 3 * H, *sr = s + r * 3 * H;
-        for (int64_t j = 0; j < H; j++) {
-            float w0, w1, w2;
-            softmax3(bf16_to_f32(lr[j]), bf16_to_f32(lr[H + j]), bf16_to_f32(lr[2 * H + j]), &w0, &w1, &w2);
-            y[r * H + j] = f32_to_bf16(w0 * bf16_to_f32(sr[j]) + w1 * bf16_to_f32(sr[H + j]) +
-                                       w2 * bf16_to_f32(sr[2 * H + j]));
-        }
+/* The forward and backward for values stored as T, LOAD/STORE converting to and from float32. */
+#define DEFINE_SOFTMAX_MIX3(SUFFIX, T, LOAD, STORE)                                                      \
+    /* l, s: (rows, 3, H); y: (rows, H) = sum_k softmax_k(l[:, k]) s[:, k] */                           \
+    void softmax_mix3_##SUFFIX(const T *l, const T *s, T *y, int64_t rows, int64_t H, int threads) {     \
+        const int64_t work = rows * H;                                                                   \
+        PARALLEL_IF_LARGE                                                                                \
+        for (int64_t r = 0; r < rows; r++) {                                                             \
+            const T *lr = l + r * 3 * H, *sr = s + r * 3 * H;                                            \
+            for (int64_t j = 0; j < H; j++) {                                                            \
+                float w0, w1, w2;                                                                        \
+                softmax3(LOAD(lr[j]), LOAD(lr[H + j]), LOAD(lr[2 * H + j]), &w0, &w1, &w2);              \
+                y[r * H + j] = STORE(w0 * LOAD(sr[j]) + w1 * LOAD(sr[H + j]) + w2 * LOAD(sr[2 * H + j])); \
+            }                                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+    /* One row of the backward; restrict: no two arrays overlap (so it vectorises). */                   \
+    static inline void softmax_mix3_backward_row_##SUFFIX(                                               \
+            const T *restrict g_, const T *restrict l, const T *restrict s, T *restrict dl0,             \
+            T *restrict dl1, T *restrict dl2, T *restrict ds0, T *restrict ds1, T *restrict ds2, int64_t H) { \
+        for (int64_t j = 0; j < H; j++) {                                                                \
+            float w0, w1, w2, g = LOAD(g_[j]);                                                           \
+            float s0 = LOAD(s[j]), s1 = LOAD(s[H + j]), s2 = LOAD(s[2 * H + j]);                         \
+            softmax3(LOAD(l[j]), LOAD(l[H + j]), LOAD(l[2 * H + j]), &w0, &w1, &w2);                     \
+            float y = w0 * s0 + w1 * s1 + w2 * s2;                                                       \
+            ds0[j] = STORE(g * w0); ds1[j] = STORE(g * w1); ds2[j] = STORE(g * w2);                      \
+            dl0[j] = STORE(g * w0 * (s0 - y)); dl1[j] = STORE(g * w1 * (s1 - y));                        \
+            dl2[j] = STORE(g * w2 * (s2 - y));                                                           \
+        }                                                                                                \
+    }                                                                                                    \
+    /* dy (rows, H) -> ds_k = dy w_k, dl_k = dy w_k (s_k - y), y the float32 mix; dl, ds: (rows, 3, H) */ \
+    void softmax_mix3_backward_##SUFFIX(const T *dy, const T *l, const T *s, T *dl, T *ds, int64_t rows,  \
+                                        int64_t H, int threads) {                                        \
+        const int64_t work = rows * H;                                                                   \
+        PARALLEL_IF_LARGE                                                                                \
+        for (int64_t r = 0; r < rows; r++) {                                                             \
+            int64_t o = r * 3 * H;                                                                       \
+            softmax_mix3_backward_row_##SUFFIX(dy + r * H, l + o, s + o, dl + o, dl + o + H, dl + o + 2 * H, \
+                                               ds + o, ds + o + H, ds + o + 2 * H, H);                   \
+        }                                                                                                \
     }
-}
-
-/* One row of the backward; restrict parameters tell the compiler that no two arrays overlap (so it vectorises). */
-static inline void softmax_mix3_backward_row(const uint16_t *restrict g_, const uint16_t *restrict l,
-                                             const uint16_t *restrict s, uint16_t *restrict dl0,
-                                             uint16_t *restrict dl1, uint16_t *restrict dl2, uint16_t *restrict ds0,
-                                             uint16_t *restrict ds1, uint16_t *restrict ds2, int64_t H) {
-    for (int64_t j = 0; j < H; j++) {
-        float w0, w1, w2, g = bf16_to_f32(g_[j]);
-        float s0 = bf16_to_f32(s[j]), s1 = bf16_to_f32(s[H + j]), s2 = bf16_to_f32(s[2 * H + j]);
-        softmax3(bf16_to_f32(l[j]), bf16_to_f32(l[H + j]), bf16_to_f32(l[2 * H + j]), &w0, &w1, &w2);
-        float y = w0 * s0 + w1 * s1 + w2 * s2;
-        ds0[j] = f32_to_bf16(g * w0);
-        ds1[j] = f32_to_bf16(g * w1);
-        ds2[j] = f32_to_bf16(g * w2);
-        dl0[j] = f32_to_bf16(g * w0 * (s0 - y));
-        dl1[j] = f32_to_bf16(g * w1 * (s1 - y));
-        dl2[j] = f32_to_bf16(g * w2 * (s2 - y));
-    }
-}
-
-/* dy (rows, H) -> ds_k = dy w_k, dl_k = dy w_k (s_k - y), y the float32 mix; dl, ds: (rows, 3, H) */
-void softmax_mix3_backward_bf16(const uint16_t *dy, const uint16_t *l, const uint16_t *s, uint16_t *dl,
-                                uint16_t *ds, int64_t rows, int64_t H, int threads) {
-    const int64_t work = rows * H;
-    PARALLEL_IF_LARGE
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t o = r * 3 * H;
-        softmax_mix3_backward_row(dy + r * H, l + o, s + o, dl + o, dl + o + H, dl + o + 2 * H, ds + o, ds + o + H,
-                                  ds + o + 2 * H, H);
-    }
-}
+DEFINE_SOFTMAX_MIX3(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_SOFTMAX_MIX3(f32, float, AS_F32, AS_F32)
 
 /* ------------------------------------------------------------------ rows into attention grids
  * out[index[i]] = x[i] for rows of row_bytes bytes, and out[zero_rows[j]] = 0: every row of out written once.

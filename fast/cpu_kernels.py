@@ -3,8 +3,10 @@
 A training step of the default model draws 63 dropout masks; with torch's own CPU ops (a single-threaded
 generator, then compare, scale and multiply passes) they were ~15% of the step. The kernels do it in one
 multi-threaded pass and store no mask (the backward recomputes it from the seed); activation + dropout
-(gelu, gelu_tanh, elu; bfloat16) is one pass too, and so are the multimodal gate and the optimizer step of
-shadow_weights.py; rows go into attention grids as whole-row copies.
+(gelu, gelu_tanh, elu) is one pass too, and so are the multimodal gate and the optimizer step of
+shadow_weights.py; rows go into attention grids as whole-row copies. Each kernel has a bfloat16 and a float32
+version; in float32 the activation and gate kernels serve training only (evaluation keeps torch's ops, to the
+parity tolerance of the reference's float32 numbers).
 
 No compiler, a failed build, or VEGA_CPU_KERNELS=0 in the environment: `dropout` and `activation_dropout` return
 None, the model keeps torch's ops (same rate and scaling, a different random stream, slower) and training uses
@@ -23,7 +25,9 @@ import tempfile
 import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"] + \
+# -fno-trapping-math: no floating-point exceptions are ever read, so gcc may turn the kernels' conditional selects
+# into vector blends; without it the activation and gate loops stayed scalar (no value changes either way)
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"] + \
     (["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])   # gcc's x86-only flag
 _state = {"lib": None, "tried": False}
 
@@ -68,11 +72,11 @@ def _build(compiler):
     ptr, tail = ctypes.c_void_p, [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
     for fn in (lib.dropout_bf16, lib.dropout_f32):
         fn.argtypes, fn.restype = [ptr] * 2 + tail, None
-    for fn, pointers in ((lib.act_dropout_bf16, 2), (lib.act_dropout_backward_bf16, 3)):
-        fn.argtypes, fn.restype = [ptr] * pointers + [ctypes.c_int64, ctypes.c_int] + tail[1:], None
-    lib.softmax_mix3_bf16.argtypes = [ptr] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    lib.softmax_mix3_backward_bf16.argtypes = [ptr] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    lib.softmax_mix3_bf16.restype = lib.softmax_mix3_backward_bf16.restype = None
+    for t in ("bf16", "f32"):
+        for fn, pointers in ((getattr(lib, f"act_dropout_{t}"), 2), (getattr(lib, f"act_dropout_backward_{t}"), 3)):
+            fn.argtypes, fn.restype = [ptr] * pointers + [ctypes.c_int64, ctypes.c_int] + tail[1:], None
+        for fn, pointers in ((getattr(lib, f"softmax_mix3_{t}"), 3), (getattr(lib, f"softmax_mix3_backward_{t}"), 5)):
+            fn.argtypes, fn.restype = [ptr] * pointers + [ctypes.c_int64] * 2 + [ctypes.c_int], None
     lib.scatter_rows.argtypes = [ptr] * 3 + [ctypes.c_int64] * 2 + [ptr, ctypes.c_int64, ctypes.c_int]
     lib.scatter_rows.restype = None
     f32 = ctypes.c_float
@@ -115,6 +119,10 @@ def _mask_args(p):
     return round(p * 65536), 1.0 / (1.0 - p)
 
 
+def _suffix(x):
+    return "bf16" if x.dtype == torch.bfloat16 else "f32"
+
+
 def _seed():
     # one draw from torch's generator per mask: torch.manual_seed fixes every mask, and resuming restores them
     # 63 bits: a Python int that fits int64 (autograd's and the profiler's argument handling require it)
@@ -146,14 +154,14 @@ KERNEL_ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "elu": 2}   # the kernel's code
 
 
 class ActDropoutFn(torch.autograd.Function):
-    """dropout(f(z)) for bfloat16 z and f in KERNEL_ACTIVATIONS, one pass each way; saves z only."""
+    """dropout(f(z)) for bfloat16 or float32 z and f in KERNEL_ACTIVATIONS, one pass each way; saves z only."""
 
     @staticmethod
     def forward(ctx, z, act, p, seed):
         z = z.contiguous()
         y = empty(z.shape, z)
-        kernel().act_dropout_bf16(z.data_ptr(), y.data_ptr(), z.numel(), act, seed, *_mask_args(p),
-                                  torch.get_num_threads())
+        getattr(kernel(), f"act_dropout_{_suffix(z)}")(z.data_ptr(), y.data_ptr(), z.numel(), act, seed,
+                                                       *_mask_args(p), torch.get_num_threads())
         ctx.save_for_backward(z)
         ctx.act, ctx.p, ctx.seed = act, p, seed
         return y
@@ -163,8 +171,9 @@ class ActDropoutFn(torch.autograd.Function):
         (z,) = ctx.saved_tensors
         grad = grad.contiguous()
         dz = empty(z.shape, z)
-        kernel().act_dropout_backward_bf16(grad.data_ptr(), z.data_ptr(), dz.data_ptr(), z.numel(), ctx.act,
-                                           ctx.seed, *_mask_args(ctx.p), torch.get_num_threads())
+        getattr(kernel(), f"act_dropout_backward_{_suffix(z)}")(grad.data_ptr(), z.data_ptr(), dz.data_ptr(),
+                                                                z.numel(), ctx.act, ctx.seed, *_mask_args(ctx.p),
+                                                                torch.get_num_threads())
         return dz, None, None, None
 
 
@@ -190,9 +199,12 @@ def dropout(x, p):
 
 
 def activation_dropout(z, activation, p, training):
-    """dropout(activation(z)) (p applied only when training) for bfloat16 CPU z, activation a key of
-    KERNEL_ACTIVATIONS; None when the kernel cannot take it or torch's op is faster (then the caller uses torch's)."""
-    if activation not in KERNEL_ACTIVATIONS or not _usable(z, (torch.bfloat16,)):
+    """dropout(activation(z)) (p applied only when training) for CPU z, activation a key of KERNEL_ACTIVATIONS:
+    bfloat16, or float32 in training with dropout; None when the kernel cannot take it or torch's op is faster
+    (then the caller uses torch's)."""
+    f32_training = training and p > 0 and z.dtype == torch.float32
+    if activation not in KERNEL_ACTIVATIONS or not _usable(z, (torch.bfloat16, torch.float32)) \
+            or not (z.dtype == torch.bfloat16 or f32_training):
         return None
     if activation == "gelu" and not training:   # no dropout to fuse: torch's own bf16 gelu is 2.5x faster
         return None
@@ -201,15 +213,15 @@ def activation_dropout(z, activation, p, training):
 
 
 class SoftmaxMix3Fn(torch.autograd.Function):
-    """sum_k softmax_k(l)[:, k] * s[:, k] for bfloat16 l, s (N, 3, H) -> (N, H): one pass each way."""
+    """sum_k softmax_k(l)[:, k] * s[:, k] for bfloat16 or float32 l, s (N, 3, H) -> (N, H): one pass each way."""
 
     @staticmethod
     def forward(ctx, logits, stacked):
         logits, stacked = logits.contiguous(), stacked.contiguous()
         N, _, H = stacked.shape
         y = empty((N, H), stacked)
-        kernel().softmax_mix3_bf16(logits.data_ptr(), stacked.data_ptr(), y.data_ptr(), N, H,
-                                   torch.get_num_threads())
+        getattr(kernel(), f"softmax_mix3_{_suffix(stacked)}")(logits.data_ptr(), stacked.data_ptr(), y.data_ptr(),
+                                                              N, H, torch.get_num_threads())
         ctx.save_for_backward(logits, stacked)
         return y
 
@@ -219,15 +231,18 @@ class SoftmaxMix3Fn(torch.autograd.Function):
         grad = grad.contiguous()
         N, _, H = stacked.shape
         dl, ds = empty(logits.shape, logits), empty(stacked.shape, stacked)
-        kernel().softmax_mix3_backward_bf16(grad.data_ptr(), logits.data_ptr(), stacked.data_ptr(), dl.data_ptr(),
-                                            ds.data_ptr(), N, H, torch.get_num_threads())
+        getattr(kernel(), f"softmax_mix3_backward_{_suffix(stacked)}")(
+            grad.data_ptr(), logits.data_ptr(), stacked.data_ptr(), dl.data_ptr(), ds.data_ptr(), N, H,
+            torch.get_num_threads())
         return dl, ds
 
 
-def softmax_mix3(logits, stacked):
-    """(softmax(logits, dim=1) * stacked).sum(1) for bfloat16 CPU (N, 3, H) tensors, or None."""
+def softmax_mix3(logits, stacked, training=False):
+    """(softmax(logits, dim=1) * stacked).sum(1) for CPU (N, 3, H) tensors, bfloat16 or (in training) float32;
+    else None."""
     if logits.shape != stacked.shape or stacked.dim() != 3 or stacked.shape[1] != 3 \
-            or logits.dtype != stacked.dtype or not _usable(stacked, (torch.bfloat16,)):
+            or logits.dtype != stacked.dtype or not _usable(stacked, (torch.bfloat16, torch.float32)) \
+            or not (stacked.dtype == torch.bfloat16 or training):
         return None
     return SoftmaxMix3Fn.apply(logits, stacked)
 

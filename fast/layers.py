@@ -200,7 +200,7 @@ class FastMultimodalGate(MultimodalGate):
     written_against = {"mix": "5a0cc2bf1c0c"}
 
     def mix(self, logits, stacked):
-        y = cpu_kernels.softmax_mix3(logits, stacked)                              # bf16 CPU: one fused pass
+        y = cpu_kernels.softmax_mix3(logits, stacked, self.training)               # CPU: one fused pass
         return super().mix(logits, stacked) if y is None else y
 
 
@@ -242,11 +242,10 @@ class FastVEGA(VEGA):
 
     def layout(self, pad_mask, device=None):
         """The packed rows of the valid utterances (layout.py), for use on `device` (default: the mask's).
-        Under CPU autocast, grids of dialogues of similar lengths (cheaper products there); on CUDA one grid per
+        On the CPU, grids of dialogues of similar lengths (fewer padded attention positions); on CUDA one grid per
         batch: each extra grid costs ~135 kernel launches a step, and launches are what a GPU step waits on."""
         device = torch.device(device or pad_mask.device)
-        grouped = device.type == "cpu" and not (cpu_kernels.EMULATE_CUDA or self.single_grid) \
-            and torch.is_autocast_enabled("cpu")
+        grouped = device.type == "cpu" and not (cpu_kernels.EMULATE_CUDA or self.single_grid)
         return make_layout(pad_mask, grouped=grouped, max_position=MAX_LEN - 1).prepare(self.n_head)
 
 

@@ -135,3 +135,31 @@ def test_activation_dropout_kernel_matches_torch(path, activation):
         assert evaluation is None                                # torch's gelu is faster without a dropout
     else:
         assert torch.equal(evaluation, cpu_kernels.activation_dropout(z, activation, 0.0, training=True))
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_REFS))
+def test_float32_activation_dropout_kernel_in_training_only(path, activation):
+    """float32: the fused pass in training with dropout, to float32 accuracy of torch's activation and its
+    gradient; without dropout (evaluation, or rate 0) torch's own ops, so evaluation keeps the reference's numbers."""
+    if path != "kernel":
+        pytest.skip("the fused activation is the kernel's")
+    f = ACTIVATION_REFS[activation]
+    torch.manual_seed(6)
+    z = torch.randn(512, 768) * 3
+    z[0, :8] = torch.tensor([-100.0, -10.0, -1e-3, 0.0, 1e-3, 0.1, 10.0, 100.0])
+    assert cpu_kernels.activation_dropout(z, activation, 0.3, training=False) is None
+    assert cpu_kernels.activation_dropout(z, activation, 0.0, training=True) is None
+    torch.manual_seed(7)
+    kept = Dropout(0.3).train()(torch.ones(512, 768)) != 0
+    zg = z.clone().requires_grad_()
+    torch.manual_seed(7)
+    y = cpu_kernels.activation_dropout(zg, activation, 0.3, training=True)
+    assert y.dtype == torch.float32 and y.grad_fn.name() == "ActDropoutFnBackward"
+    z64 = z.double().requires_grad_()
+    ref = torch.where(kept, f(z64) / 0.7, torch.zeros_like(z64))
+    assert not y[~kept].any()                                   # the same mask as plain dropout
+    torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn(512, 768)
+    y.backward(g)
+    ref.backward(g.double())
+    torch.testing.assert_close(zg.grad.double(), z64.grad, rtol=1e-5, atol=1e-6)

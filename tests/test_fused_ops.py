@@ -60,6 +60,32 @@ def test_gate_takes_the_kernel_in_bf16_and_agrees_with_float32():
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)           # bf16 products and inputs
 
 
+@needs_kernels
+def test_float32_gate_kernel_in_training_only():
+    """float32: the gate's one-pass kernel in training, to float32 accuracy (forward and gradients); torch's ops
+    in evaluation, so evaluation keeps the reference's numbers exactly."""
+    torch.manual_seed(8)
+    logits, s = torch.randn(200, 3, 768) * 4, torch.randn(200, 3, 768)
+    assert cpu_kernels.softmax_mix3(logits, s) is None                       # evaluation: torch's ops
+    l_k, s_k = logits.clone().requires_grad_(), s.clone().requires_grad_()
+    y = cpu_kernels.softmax_mix3(l_k, s_k, training=True)
+    l64, s64 = logits.double().requires_grad_(), s.double().requires_grad_()
+    ref = (torch.softmax(l64, dim=1) * s64).sum(1)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn(200, 768)
+    y.backward(g)
+    ref.backward(g.double())
+    torch.testing.assert_close(s_k.grad.double(), s64.grad, rtol=1e-5, atol=1e-6)
+    # dl_k = g w_k (s_k - y): s_k - y cancels, so its error is relative to the terms, as torch's float32 is
+    scale = (g.double()[:, None] * s64.detach()).abs().amax(1, keepdim=True)
+    err = (l_k.grad.double() - l64.grad).abs()
+    assert (err <= 1e-5 * l64.grad.abs() + 1e-6 * scale).all()
+    gate = accelerate(MultimodalGate(64))
+    hs = [torch.randn(50, 64) for _ in range(3)]
+    assert gate.train()(*hs).grad_fn.name() == "SoftmaxMix3FnBackward"
+    assert gate.eval()(*hs).grad_fn.name() != "SoftmaxMix3FnBackward"
+
+
 @pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 def test_bf16_linear_is_addmm_without_the_bias_copy():
     torch.manual_seed(2)
