@@ -100,15 +100,20 @@ ACTIVATION_REFS = {"gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximat
                    "gelu": torch.nn.functional.gelu, "elu": torch.nn.functional.elu}
 
 
-@pytest.mark.parametrize("activation", sorted(ACTIVATION_REFS))
-def test_activation_dropout_kernel_matches_torch(path, activation):
+def activation_inputs(path, seed):
+    """(512, 768) float32 inputs with both tails, zero and small values in the first row (the kernel's path only)."""
     if path != "kernel":
         pytest.skip("the fused activation is the kernel's")
+    torch.manual_seed(seed)
+    z = torch.randn(512, 768) * 3
+    z[0, :8] = torch.tensor([-100.0, -10.0, -1e-3, 0.0, 1e-3, 0.1, 10.0, 100.0])
+    return z
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_REFS))
+def test_activation_dropout_kernel_matches_torch(path, activation):
     f = ACTIVATION_REFS[activation]
-    torch.manual_seed(4)
-    z32 = torch.randn(512, 768) * 3
-    z32[0, :8] = torch.tensor([-100.0, -10.0, -1e-3, 0.0, 1e-3, 0.1, 10.0, 100.0])
-    z = z32.bfloat16()
+    z = activation_inputs(path, 4).bfloat16()
     ref = f(z.float())                                          # float32 activation of the same bf16 inputs
     y = cpu_kernels.activation_dropout(z, activation, 0.0, training=True)    # rate 0: the activation alone
     assert y.dtype == torch.bfloat16
@@ -141,12 +146,8 @@ def test_activation_dropout_kernel_matches_torch(path, activation):
 def test_float32_activation_dropout_kernel_in_training_only(path, activation):
     """float32: the fused pass in training with dropout, to float32 accuracy of torch's activation and its
     gradient; without dropout (evaluation, or rate 0) torch's own ops, so evaluation keeps the reference's numbers."""
-    if path != "kernel":
-        pytest.skip("the fused activation is the kernel's")
     f = ACTIVATION_REFS[activation]
-    torch.manual_seed(6)
-    z = torch.randn(512, 768) * 3
-    z[0, :8] = torch.tensor([-100.0, -10.0, -1e-3, 0.0, 1e-3, 0.1, 10.0, 100.0])
+    z = activation_inputs(path, 6)
     assert cpu_kernels.activation_dropout(z, activation, 0.3, training=False) is None
     assert cpu_kernels.activation_dropout(z, activation, 0.0, training=True) is None
     torch.manual_seed(7)
