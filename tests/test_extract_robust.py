@@ -153,18 +153,23 @@ def test_refusals_name_the_setting_that_differs(models, tmp_path, capsys):
     assert "text weights sha256" in line and "here," in line and "in the record" in line
 
 
-def test_an_absent_hub_model_offline_is_one_line_at_once(tmp_path):
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no connection"])
+def test_an_absent_hub_model_offline_is_one_line_at_once(tmp_path, offline):
+    """A made-up hub name, not in the cache: with HF_HUB_OFFLINE=1, and without it where the hub cannot be
+    reached (the hub's address pointed at a closed local port)."""
     manifest = make_manifest(str(tmp_path), text_rows(["yeah"]))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update({"HF_HUB_OFFLINE": "1"} if offline == "HF_HUB_OFFLINE" else {"HF_ENDPOINT": "http://127.0.0.1:9"})
     started = time.monotonic()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "extract.py"), "--manifest", manifest, "--out",
                            str(tmp_path / "o.npz"), "--text_model", "made-up-org/made-up-model", "--no_progress"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     took = time.monotonic() - started
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert "--text_model made-up-org/made-up-model: not a folder and not in the local model cache" in err[0]
-    assert "HF_HUB_OFFLINE=1" in err[0] and "save_pretrained" in err[0]
+    why = "HF_HUB_OFFLINE=1" if offline == "HF_HUB_OFFLINE" else "no connection to 127.0.0.1"
+    assert why in err[0] and "save_pretrained" in err[0], err[0]
     assert took < 30, took          # the interpreter and its imports; the library's retries took about 50 s
 
 

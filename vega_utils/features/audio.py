@@ -14,6 +14,7 @@ worker and leaves none behind.
 """
 import os
 import signal
+import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import active_children, get_context
@@ -119,11 +120,13 @@ class AudioExtractor:
             self.pool = ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"), initializer=_ignore_interrupts)
         # Workers start while Ctrl-C is ignored here, so they ignore it from their first instruction (Python keeps
         # an inherited 'ignore'); the map submits every job, and so starts the workers, before it returns.
-        answer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        main = threading.current_thread() is threading.main_thread()   # only it may set a signal's handler
+        answer = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             results = self.pool.map(_smile_job, jobs)
         finally:
-            signal.signal(signal.SIGINT, answer)
+            if main:
+                signal.signal(signal.SIGINT, answer)
         return list(results)
 
     def batches(self):
