@@ -47,7 +47,7 @@ def require_model(name, what, shown=None):
     if why:
         raise VegaError(f"{what}: not a folder and not in the local model cache ({cache_folder()}), and "
                         f"the hub cannot be reached ({why}); download it on a machine with a network "
-                        f"(huggingface-cli download {name}) and copy the cache, or give a folder saved with "
+                        f"(hf download {name}) and copy the cache, or give a folder saved with "
                         f"save_pretrained")
 
 
