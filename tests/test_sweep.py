@@ -494,3 +494,13 @@ def test_a_trial_that_raises_fails_alone_and_the_worker_goes_on(files, tmp_path,
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert trials[0].user_attrs["error"] == reason and "setup_failure" not in trials[0].user_attrs
     assert f"## Failed trials\n\n- trial 0: {reason}\n" in captured.out
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_study_of_one_finished_trial_says_trial():
+    from vega_utils.sweep.sweep_worker import work
+    study = optuna.create_study()
+    study.tell(study.ask(), 0.1)
+    said = []
+    assert work(study, None, 1, heartbeat=False, log=said.append) == 1
+    assert said == ["sweep: the study holds 1 finished trial (asked for 1): this worker stops"]
