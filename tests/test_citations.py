@@ -122,3 +122,10 @@ def test_the_checks_find_what_they_check():
     assert ("README.md", "docs/method.md") in links()
     (path, section), = SECTION.findall("see README.md, 'A section that is not there'")
     assert path == "README.md" and plain(section) not in [plain(h) for h in headings(path)]
+
+
+def test_the_docs_speak_plainly_of_the_code_layout():
+    """Packages and modules are called that; words of an in-house metaphor ("rooms", "the house") are not."""
+    jargon = re.compile(r"\brooms\b|\bthe house\b|\broom by job\b", re.IGNORECASE)
+    found = sorted({where for where, text in TEXTS if jargon.search(text)})
+    assert not found, f"jargon for the code's layout in: {', '.join(found)}"
