@@ -87,7 +87,7 @@ def report_folder(cfg, study):
 
 def storage_of(args, cfg):
     """(the study storage's URL, the storage opened): --storage, else the sweep's SQLite file."""
-    from vega_utils.sweep import sweep_study
+    from vega_utils.sweep import study as sweep_study
     url = args.storage or sweep_study.default_storage(cfg.output_dir, cfg.name)
     return url, sweep_study.open_storage(url, args.heartbeat, args.grace)
 
@@ -95,9 +95,9 @@ def storage_of(args, cfg):
 def ready_study(args, cfg):
     """Check what every trial needs (data, anchors, output folder; vega_utils/sweep/preflight.py), then open the
     storage and the study: (its URL, the storage, the study). Nothing is drawn before all of it is there."""
-    from vega_utils.sweep import sweep_study
+    from vega_utils.sweep import study as sweep_study
     from vega_utils.sweep.preflight import check_trial_needs
-    from vega_utils.sweep.sweep_worker import trial_dir
+    from vega_utils.sweep.worker import trial_dir
     check_trial_needs(cfg, os.path.dirname(trial_dir(cfg, args.study, 0)))
     url, storage = storage_of(args, cfg)
     return url, storage, sweep_study.open_study(args.study, storage, args.sampler, args.pruner, cfg.seed, cfg.epochs)
@@ -105,7 +105,7 @@ def ready_study(args, cfg):
 
 def drawn_space(args, fixed):
     """The search space less the fixed keys; a sweep with nothing left to draw is refused."""
-    from vega_utils.sweep.sweep_space import load_space
+    from vega_utils.sweep.space import load_space
     space = {k: v for k, v in load_space(args.space).items() if k not in fixed}
     if not space:
         raise VegaError(f"every key of the search space {args.space} is fixed (by flags, --ablation, --demo or "
@@ -117,7 +117,8 @@ def work_here(args, cfg, fixed):
     """This process is one worker."""
     import optuna
 
-    from vega_utils.sweep import sweep_report, sweep_worker
+    from vega_utils.sweep import report as sweep_report
+    from vega_utils.sweep import worker as sweep_worker
     space = drawn_space(args, fixed)
     url, storage, study = ready_study(args, cfg)
     threads.apply_threads(threads.resolve_threads(cfg.threads))
@@ -193,7 +194,7 @@ def main(argv=None):
     try:
         return exit_on_error(lambda: sweep_command(argv, args), args.debug)
     except KeyboardInterrupt as e:
-        from vega_utils.sweep.sweep_worker import BetweenTrials
+        from vega_utils.sweep.worker import BetweenTrials
         what = "no trial of its was running" if isinstance(e, BetweenTrials) else "its trial is marked failed"
         print(f"sweep worker {args.worker_index} stopped ({e or 'interrupted'}); {what}, "
               f"the study goes on when a worker is started again", file=sys.stderr)
@@ -203,7 +204,8 @@ def main(argv=None):
 def sweep_command(argv, args):
     cfg, fixed = sweep_config(args)
     if args.report:
-        from vega_utils.sweep import sweep_report, sweep_study
+        from vega_utils.sweep import report as sweep_report
+        from vega_utils.sweep import study as sweep_study
         study = sweep_study.load_study(args.study, storage_of(args, cfg)[1])
         sweep_report.write_report(study, report_folder(cfg, args.study))
         return 0

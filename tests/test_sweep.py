@@ -156,7 +156,7 @@ def test_report_and_best_preset_reproduce_the_best_trial(files, tmp_path, capsys
 
 
 def sweep_storage(url):
-    from vega_utils.sweep.sweep_study import open_storage
+    from vega_utils.sweep.study import open_storage
     return open_storage(url)
 
 
@@ -420,7 +420,7 @@ def test_report_says_when_the_best_trials_folder_is_on_another_machine(files, tm
 
 
 class CountingObjective:
-    """Stands for sweep_worker.Objective: counts the trials it is asked to run."""
+    """Stands for worker.Objective: counts the trials it is asked to run."""
 
     def __init__(self):
         self.calls, self.last_number = 0, None
@@ -441,7 +441,7 @@ def sigterm():
 
 
 def test_sigterm_between_trials_stops_the_worker_before_its_next_trial(sigterm):
-    from vega_utils.sweep import sweep_worker
+    from vega_utils.sweep import worker as sweep_worker
     study = optuna.create_study(direction="maximize")
     objective = CountingObjective()
     sigterm()   # e.g. while the worker's trial was saving its last epoch
@@ -451,7 +451,7 @@ def test_sigterm_between_trials_stops_the_worker_before_its_next_trial(sigterm):
 
 
 def test_sigterm_ends_the_wait_for_other_workers_last_trials(sigterm):
-    from vega_utils.sweep import sweep_worker
+    from vega_utils.sweep import worker as sweep_worker
     study = optuna.create_study(direction="maximize")
     study.ask()   # the study's last trial, running in another worker
     objective, outcome = CountingObjective(), []

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from vega_utils.common import SetupError, VegaError
 from vega_utils.runs import keep
 from vega_utils.runs.config import resolve
-from vega_utils.sweep.sweep_space import suggest
+from vega_utils.sweep.space import suggest
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 2.0      # how often a worker with nothing to start looks at the study again
