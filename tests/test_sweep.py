@@ -498,7 +498,7 @@ def test_a_trial_that_raises_fails_alone_and_the_worker_goes_on(files, tmp_path,
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_study_of_one_finished_trial_says_trial():
-    from vega_utils.sweep.sweep_worker import work
+    from vega_utils.sweep.worker import work
     study = optuna.create_study()
     study.tell(study.ask(), 0.1)
     said = []
