@@ -14,6 +14,11 @@ the visual path's time goes: frame decoding, CLIP preprocessing, and the model a
     python bench/bench_extract.py
     python bench/bench_extract.py --threads 1
     python bench/bench_extract.py --utterances 48 --batch_size 16 --repeats 3
+
+--full_size measures the real model sizes instead (RoBERTa-large, CLIP ViT-B/32; extract_full_size.py):
+utterances/s, hours for MELD, and each model's time against its FLOPs at this CPU's matrix-product rate.
+
+    python bench/bench_extract.py --full_size
 """
 import argparse
 import os
@@ -118,9 +123,20 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="audio worker processes (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each side (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--full_size", action="store_true",
+                   help="RoBERTa-large and CLIP ViT-B/32 from their configs, on --utterances (default 256 here) "
+                        "and --visual_utterances (default: %(default)s)")
+    p.add_argument("--visual_utterances", type=int, default=64, help="utterances of the full-size visual "
+                   "measurement (default: %(default)s)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.full_size:
+        from extract_full_size import full_size
+        with tempfile.TemporaryDirectory() as root:
+            n = args.utterances if "--utterances" in (argv or sys.argv) else 256
+            full_size(root, n, args.visual_utterances, args.jobs, cpu_name())
+        return
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as root:
         for device in devices:

@@ -33,21 +33,23 @@ def write_wav(path, seconds=1.0, rate=16000, seed=0):
     return path
 
 
-def write_mp4(path, seconds=1.0, fps=10, size=64, rate=16000, seed=0):
-    """An MP4 with an H.264 video stream (moving coloured squares) and an AAC audio stream."""
+def write_mp4(path, seconds=1.0, fps=10, size=64, rate=16000, seed=0, height=None):
+    """An MP4 with an H.264 video stream (moving coloured squares; size x size pixels, or size wide and height
+    high) and an AAC audio stream."""
     import av
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rng = np.random.default_rng(seed)
+    height = height or size
     with av.open(path, "w") as c:
         video = c.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
-        video.width = video.height = size
+        video.width, video.height = size, height
         video.pix_fmt = "yuv420p"
         audio = c.add_stream("aac", rate=rate)
         audio.layout = "mono"
         base = rng.integers(0, 255, 3)
         for i in range(int(seconds * fps)):
-            img = np.full((size, size, 3), base, dtype=np.uint8)
-            x = (i * 5) % (size - 16)
+            img = np.full((height, size, 3), base, dtype=np.uint8)
+            x = (i * 5) % (min(size, height) - 16)
             img[x:x + 16, x:x + 16] = 255 - base
             for packet in video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 c.mux(packet)
