@@ -27,15 +27,24 @@ def matmul_rate(dtype, rows=2048, repeats=3):
     return 2 * rows * 1024 * 4096 / best
 
 
-BF16 = {}
+def paired(parts):
+    """parts: [(fn, its FLOPs)], each timed right after this CPU's float32 matrix-product rate is measured (other
+    processes share the CPU, and their load changes). (seconds in all, [each part's time over its floor])."""
+    seconds, ratios = 0.0, []
+    for fn, flops in parts:
+        rate = matmul_rate(torch.float32)
+        t = timed(fn)
+        seconds += t
+        ratios.append(t * rate / flops)
+    return seconds, ratios
 
 
-def rates_now():
-    """The matrix-product rates: float32 now, just before a measurement (other processes may share the CPU);
-    bf16 once, on fewer rows (without native bf16 it is emulated, and slow)."""
-    if not BF16:
-        BF16["rate"] = matmul_rate(torch.bfloat16, rows=128, repeats=1)
-    return {"float32": matmul_rate(torch.float32), "bf16": BF16["rate"]}
+def row(name, n, seconds, flops, ratios=None, bf16=None, hours=None):
+    """One line of the table: utterances/s, hours for MELD, GFLOP per utterance, time over the float32 floor (the
+    best and the median part), over the bf16 floor."""
+    return (name, n / seconds, hours if hours is not None else MELD_UTTERANCES * seconds / n / 3600, flops / n,
+            (min(ratios), float(np.median(ratios))) if ratios else None,
+            seconds * bf16 / flops if bf16 else None)
 
 
 def timed(fn):
@@ -85,41 +94,39 @@ def save_clip_b32(folder):
     return folder
 
 
-def text_rows(root, n, device):
+def text_rows(root, n, device, bf16):
     from tqdm import tqdm
 
-    from vega_utils.features.finetune import Recipe, Texts, Trainer
+    from vega_utils.features.finetune import Classifier, Recipe, Texts, Trainer
     from vega_utils.features.text import TextExtractor
     texts = utterance_texts(n)
     ex = TextExtractor(save_roberta_large(os.path.join(root, "roberta-large"), texts), "cls", 0, 512, 32, device,
                        layers=4)
     lengths = [len(ids) for ids in ex.tokenizer(texts)["input_ids"]]
-    flops = sum(encoder_flops(24, 1024, 4096, t) for t in lengths) / n
+    flops = [encoder_flops(24, 1024, 4096, t) for t in lengths]
     ex.features(texts[:32], [""] * 32)
-    rates = rates_now()
-    seconds = timed(lambda: ex.features(texts, [""] * n))
-    rows = [(f"text RoBERTa-large (4 layers' first token, {np.mean(lengths):.1f} tokens, batch 32)", n / seconds,
-             MELD_UTTERANCES * seconds / n, flops, rates)]
-    bf16 = min(n, 16)
+    parts = [(lambda lo=lo: ex.features(texts[lo:lo + 64], [""] * len(texts[lo:lo + 64])), sum(flops[lo:lo + 64]))
+             for lo in range(0, n, 64)]
+    seconds, ratios = paired(parts)
+    rows = [row(f"text RoBERTa-large (4 layers' first token, {np.mean(lengths):.1f} tokens, batch 32)", n, seconds,
+                sum(flops), ratios, bf16)]
+    k = min(n, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        slow = timed(lambda: ex.features(texts[:bf16], [""] * bf16))
-    rows.append((f"text, bf16 autocast ({bf16} utterances)", bf16 / slow, MELD_UTTERANCES * slow / bf16, flops,
-                 rates))
-    from vega_utils.features.finetune import Classifier
+        slow, slow_ratios = paired([(lambda: ex.features(texts[:k], [""] * k), sum(flops[:k]))])
+    rows.append(row(f"text, bf16 autocast ({k} utterances)", k, slow, sum(flops[:k]), slow_ratios, bf16))
     recipe = Recipe(batch_size=8, accumulation=4, epochs=1)
-    model = Classifier(ex.model, 7, recipe.dropout, "cls")
-    trainer = Trainer(model, recipe, 32, device)
-    data = Texts(ex, [(t, "", "a") for t in texts[:32]], ["a"])
-    trainer.epoch(Texts(ex, [(t, "", "a") for t in texts[32:40]], ["a"]), tqdm(disable=True))   # warm-up
-    rates = rates_now()
-    step = timed(lambda: trainer.epoch(data, tqdm(disable=True)))
-    tune_flops = 3 * sum(encoder_flops(24, 1024, 4096, t) for t in lengths[:32]) / 32   # forward + backward
-    hours = EPOCHS * (MELD_TRAIN * step / 32 + MELD_VALID * seconds / n)
-    rows.append(("fine-tuning update (4 batches of 8, AdamW), float32", 32 / step, hours, tune_flops, rates))
+    trainer = Trainer(Classifier(ex.model, 7, recipe.dropout, "cls"), recipe, 32, device)
+    data = [Texts(ex, [(t, "", "a") for t in texts[lo:lo + 32]], ["a"]) for lo in (0, 32, 64)]
+    trainer.epoch(data[0], tqdm(disable=True))                                                    # warm-up
+    tune = [3 * sum(flops[lo:lo + 32]) for lo in (32, 64)]                     # forward + backward: 3 forwards
+    step, step_ratios = paired([(lambda d=d: trainer.epoch(d, tqdm(disable=True)), f) for d, f in zip(data[1:], tune)])
+    hours = EPOCHS * (MELD_TRAIN * step / 64 + MELD_VALID * seconds / n) / 3600
+    rows.append(row("fine-tuning update (4 batches of 8, AdamW), float32", 64, step, sum(tune), step_ratios, bf16,
+                    hours))
     return rows
 
 
-def visual_rows(root, n, device):
+def visual_rows(root, n, device, bf16):
     from vega_utils.anchors.images import image_features
     from vega_utils.features.samples import write_mp4
     from vega_utils.features.utterances import Utterance
@@ -130,17 +137,17 @@ def visual_rows(root, n, device):
     ex = VisualExtractor(save_clip_b32(os.path.join(root, "clip")), 8, False, 32, device)
     frame = encoder_flops(12, 768, 3072, 50) + 2 * 3 * 32 * 32 * 768 * 49   # + the patch embedding
     ex.features(utts[:4])
-    whole_rates = rates_now()
-    whole = timed(lambda: ex.features(utts))
+    whole, whole_ratios = paired([(lambda lo=lo: ex.features(utts[lo:lo + 16]), 8 * frame * len(utts[lo:lo + 16]))
+                                  for lo in range(0, n, 16)])
     batch = utts[:32]
-    pixels = ex.processor(images=[f for u in batch for f in ex.decode(u)], return_tensors="pt")["pixel_values"]
-    image_features(ex.model, pixels, device)
-    rates = rates_now()
-    model = timed(lambda: image_features(ex.model, pixels, device)) * n / len(batch)   # (8 B, 3, 224, 224)
-    return [("visual CLIP ViT-B/32, 8 frames: model alone (batch 32)", n / model, MELD_UTTERANCES * model / n,
-             8 * frame, rates),
-            ("visual, whole path (decode 720p, preprocess, model)", n / whole, MELD_UTTERANCES * whole / n,
-             8 * frame, whole_rates)]
+    pixels = [ex.processor(images=[f for u in batch[lo:lo + 8] for f in ex.decode(u)], return_tensors="pt")[
+        "pixel_values"] for lo in range(0, len(batch), 8)]                      # (64, 3, 224, 224) each
+    image_features(ex.model, pixels[0], device)
+    model, model_ratios = paired([(lambda x=x: image_features(ex.model, x, device), frame * len(x)) for x in pixels])
+    return [row("visual CLIP ViT-B/32, 8 frames: model alone (batch 8)", len(batch), model, 8 * frame * len(batch),
+                model_ratios, bf16),
+            row("visual, whole path (decode 720p, preprocess, model; batch 16)", n, whole, 8 * frame * n,
+                whole_ratios, bf16)]
 
 
 def audio_row(root, n, jobs, device):
@@ -153,23 +160,24 @@ def audio_row(root, n, jobs, device):
     ex.features(utts[:4])
     seconds = timed(lambda: ex.features(utts))
     ex.close()
-    return (f"audio IS10 ({jobs} worker processes)", n / seconds, MELD_UTTERANCES * seconds / n, None, None)
+    return (f"audio IS10 ({jobs} worker processes)", n / seconds, MELD_UTTERANCES * seconds / n / 3600, None, None,
+            None)
 
 
 def full_size(root, n, n_visual, jobs, cpu):
     device = torch.device("cpu")
-    rows = text_rows(root, n, device) + visual_rows(root, n_visual, device)
+    bf16 = matmul_rate(torch.bfloat16, rows=128, repeats=1)   # without native bf16 it is emulated, and slow
+    rows = text_rows(root, n, device, bf16) + visual_rows(root, n_visual, device, bf16)
     rows.append(audio_row(root, n, jobs, device))
     print(f"\nfull size on the CPU ({cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}), "
-          f"{n} utterances ({n_visual} for visual)")
-    print(f"{'':<58}{'utt/s':>7}{'MELD h':>8}{'GFLOP/utt':>10}{'GFLOP/s f32, bf16':>18}{'x floor f32, bf16':>19}")
-    for name, rate, seconds, flops, r in rows:
-        if flops:
-            measured = f"{r['float32'] / 1e9:.1f}, {r['bf16'] / 1e9:.2f}"
-            floors = f"{r['float32'] / (flops * rate):.2f}x, {r['bf16'] / (flops * rate):.3f}x"
-        else:
-            measured = floors = "-"
-        print(f"{name:<58}{rate:>7.2f}{seconds / 3600:>8.2f}{(flops or 0) / 1e9:>10.1f}{measured:>18}{floors:>19}")
-    print("x floor: the measured time over the model's FLOPs at the matrix-product rate measured just before it "
-          "(1.00x: no time lost beyond the products); MELD h: hours for 13,708 utterances (fine-tuning: 30 "
-          "epochs of 9,989, with a validation pass each)")
+          f"{n} utterances ({n_visual} for visual); matrix products: float32 {matmul_rate(torch.float32) / 1e9:.1f} "
+          f"GFLOP/s now, bf16 {bf16 / 1e9:.2f} GFLOP/s")
+    print(f"{'':<66}{'utt/s':>7}{'MELD h':>8}{'GFLOP/utt':>10}{'x floor f32 best, median':>26}{'x floor bf16':>13}")
+    for name, rate, hours, flops, ratios, over_bf16 in rows:
+        f32 = f"{ratios[0]:.2f}x, {ratios[1]:.2f}x" if ratios else "-"
+        b16 = f"{over_bf16:.3f}x" if over_bf16 else "-"
+        print(f"{name:<66}{rate:>7.2f}{hours:>8.2f}{(flops or 0) / 1e9:>10.1f}{f32:>26}{b16:>13}")
+    print("x floor: a part's time over its FLOPs at the float32 matrix-product rate measured just before it (1.00x: "
+          "no time lost beyond the products), the best and the median part; bf16: the whole time over the FLOPs at "
+          "the bf16 rate. MELD h: hours for its 13,708 utterances (fine-tuning: 30 epochs of 9,989 with a "
+          "validation pass each)")

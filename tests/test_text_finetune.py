@@ -4,6 +4,7 @@ weights, an interrupted fine-tune (kill -9, Ctrl-C) resumes to the weights of an
 reuses the saved encoder without training."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -144,6 +145,21 @@ def test_like_reuses_the_saved_encoder_without_training(tiny, tuned, tmp_path, c
     first, again = record(tuned["tuned"]), record(new)
     assert again["extractors"] == first["extractors"] and again["text_finetune"] == first["text_finetune"]
     np.testing.assert_allclose(load(new)["text"], load(tuned["tuned"])["text"][:5], atol=1e-6)
+    # a data folder moved whole: the encoder is found beside the JSON; gone, it is named in one line
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copytree(first["text_finetune"]["encoder"], moved / "tuned.text_encoder")
+    spec = json.load(open(tuned["tuned"][:-4] + ".json"))
+    spec["extraction"]["text_finetune"]["encoder"] = str(tmp_path / "gone" / "tuned.text_encoder")
+    (moved / "tuned.json").write_text(json.dumps(spec))
+    assert extract.main(["--like", str(moved / "tuned.json"), "--manifest", manifest, "--out", str(moved / "n.npz"),
+                         "--no_progress"]) == 0
+    np.testing.assert_array_equal(load(str(moved / "n.npz"))["text"], load(new)["text"])
+    shutil.rmtree(moved / "tuned.text_encoder")
+    capsys.readouterr()
+    assert extract.main(["--like", str(moved / "tuned.json"), "--manifest", manifest, "--out", str(moved / "m.npz"),
+                         "--no_progress"]) == 2
+    assert "the fine-tuned text encoder of" in capsys.readouterr().err
     # a flag of the fine-tuning given with --like is refused, like every extractor flag
     assert extract.main(["--like", tuned["tuned"][:-4] + ".json", "--manifest", manifest, "--out", new,
                          "--finetune_epochs", "2"]) == 2
@@ -162,3 +178,17 @@ def test_text_layers_average_the_last_hidden_layers(tiny, tuned, tmp_path):
         states = model(**tok(rows[1]["text"], return_tensors="pt"), output_hidden_states=True).hidden_states
     np.testing.assert_allclose(load(out)["text"][1], (states[-1][0, 0] + states[-2][0, 0]).numpy() / 2, atol=1e-5)
     assert record(out)["extractors"]["text"]["layers"] == 2
+
+
+def test_without_valid_rows_a_seeded_tenth_of_the_training_dialogues_is_held_out(tiny, tmp_path):
+    rows = [r for r in keyword_rows(20) if r["split"] != "test"]
+    for r in rows:
+        r["split"] = "train"
+    out = str(tmp_path / "held.npz")
+    manifest = make_manifest(str(tmp_path), rows, "held.csv")
+    assert extract.main(common(tiny, manifest) + ["--out", out, "--text_finetune", *RECIPE[:3], "1"]) == 0
+    ft = record(out)["text_finetune"]
+    held = ft["valid_from"].split(": ")[1].split(", ")
+    assert ft["valid_from"].startswith("10% of the training dialogues held out (seed 0)") and len(held) == 2
+    assert ft["valid_utterances"] == 12 and ft["train_utterances"] == len(rows) - 12
+    assert ft["test_weighted_f1"] is None
