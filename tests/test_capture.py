@@ -15,6 +15,7 @@ import main
 import train
 from dataloader import load_dialogues, make_loaders
 from fast import capture as capture_module
+from fast import cpu_kernels
 from model import pick_anchors
 from vega_utils.anchors.bank import load_anchor_cache
 from vega_utils.data.datasets import dataset_info
@@ -70,6 +71,9 @@ def test_captured_step_equals_eager_step(files, tmp_path, monkeypatch):
     step = capture_module.capture(model, train.forward_losses, torch.device("cpu"))
     regions = Regions()
     monkeypatch.setattr(capture_module, "observer", regions)
+    # the eager step with the ops the capture traces, torch's own: in float32 training the C kernels' gate differs
+    # from torch's softmax in the last bit, which a small KL term turns into a relative 4e-6
+    monkeypatch.setattr(cpu_kernels, "EMULATE_CUDA", True)
     batches = list(loader)[:2]
     assert batches[0].pad_mask.shape != batches[1].pad_mask.shape
     for host_batch in batches:
