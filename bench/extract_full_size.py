@@ -110,9 +110,16 @@ def text_rows(root, n, device, bf16):
     seconds, ratios = paired(parts)
     rows = [row(f"text RoBERTa-large (4 layers' first token, {np.mean(lengths):.1f} tokens, batch 32)", n, seconds,
                 sum(flops), ratios, bf16)]
-    k = min(n, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        slow, slow_ratios = paired([(lambda: ex.features(texts[:k], [""] * k), sum(flops[:k]))])
+    ex.batch_size = 128
+    big, big_ratios = paired([(lambda lo=lo: ex.features(texts[lo:lo + 128], [""] * len(texts[lo:lo + 128])),
+                               sum(flops[lo:lo + 128])) for lo in range(0, n, 128)])
+    rows.append(row("text, batch 128", n, big, sum(flops), big_ratios, bf16))
+    ex.batch_size, k = 32, min(n, 16)
+
+    def in_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ex.features(texts[:k], [""] * k)
+    slow, slow_ratios = paired([(in_bf16, sum(flops[:k]))])
     rows.append(row(f"text, bf16 autocast ({k} utterances)", k, slow, sum(flops[:k]), slow_ratios, bf16))
     recipe = Recipe(batch_size=8, accumulation=4, epochs=1)
     trainer = Trainer(Classifier(ex.model, 7, recipe.dropout, "cls"), recipe, 32, device)
