@@ -1,7 +1,7 @@
 """Seconds per IEMOCAP-sized epoch: the reference's computation (a) against this project's paths, per CPU setting,
 each beside its floor (its matrix products at the measured matmul rates).
 
-    python bench/bench_epoch.py                  # (a), (o), (b), natively and narrowed to AVX2 (~25 min, 2 cores)
+    python bench/bench_epoch.py                  # (a), (o), (b), natively and narrowed to AVX2 (~20 min, 2 cores)
     python bench/bench_epoch.py --cpu native --variants a,b --reps 5
     python bench/bench_epoch.py --quick          # a few batches, a sanity check of the script itself
     python bench/bench_epoch.py --device cuda    # when a GPU is lent
