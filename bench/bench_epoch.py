@@ -19,6 +19,7 @@ each beside its floor (its matrix products at the measured matmul rates).
 (f) for reference only: `--amp bf16` forced (on a CPU without native bf16, what the default used to be: slow).
 (b0) for reference only: (b) with torch's default threads and no CoreShare (shared-machine thread handling off).
 (c) for reference only: (b) with --compile (fast/capture.py); its compilation happens in the untimed warm-up.
+(g) for reference only: (o) with attention on one grid per batch instead of grids of dialogues of similar length.
 
 CPU settings (--cpu): `native`, and `avx2`: the children run with ONEDNN_MAX_CPU_ISA=AVX2 and
 ATEN_CPU_CAPABILITY=avx2, so oneDNN and ATen behave as on an AVX2-only CPU (most laptops; no native bf16).
@@ -49,8 +50,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 VARIANTS = {"a": "(a) straightforward", "o": "(o) --amp off", "b": "(b) default", "f": "(f) --amp bf16 forced",
-            "b0": "(b0) (b), torch's threads", "c": "(c) (b) with --compile"}
-AMP = {"o": "off", "f": "bf16"}   # the fast variants' --amp; the others take the default, auto
+            "b0": "(b0) (b), torch's threads", "c": "(c) (b) with --compile", "g": "(g) (o), one grid a batch"}
+AMP = {"o": "off", "f": "bf16", "g": "off"}   # the fast variants' --amp; the others take the default, auto
 SETTINGS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 
 
@@ -149,6 +150,7 @@ def build_variant(args):
     bank = load_anchor_cache(cfg.anchor_path, info.class_names).to(device)
     loaders = make_loaders(data, cfg, pin_memory=device.type == "cuda")
     model = main.build_model(cfg, device) if fast else VEGA(cfg).to(device)   # (a): model.py as it is
+    model.single_grid = args.variant == "g"
     if args.variant != "b0" and fast and device.type == "cpu":
         CoreShare(torch.get_num_threads()).start()   # for the life of the process, as main.train_run's run
     class_weights = torch.tensor(info.class_weights, device=device)
